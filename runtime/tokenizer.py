@@ -1,0 +1,155 @@
+"""CLIP's text tokenizer for the runtime, on the `tokenizers` library alone (no torch, no transformers).
+
+Gives the ids of transformers' ``CLIPTokenizer`` (5.x, the class a diffusers pipeline loads) called with
+``padding="max_length", truncation=True``: NFC, whitespace runs to one space, lowercase; CLIP's word
+pattern; byte-level BPE with the ``</w>`` end-of-word suffix; ``bos ... eos``, padded to the context.
+"""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+# CLIP's words: its two special tokens, English contractions, letter runs, single digits, other symbol runs.
+CLIP_WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+END_OF_WORD = "</w>"
+DEFAULT_MAX_LENGTH = 77  # CLIP's context length, for a config that does not say
+MAX_CONTEXT = 4096  # far beyond any CLIP text encoder: a larger model_max_length is a config error
+# In the order transformers registers them: where roles share a token, the later role's flags win.
+DEFAULT_SPECIAL_TOKENS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
+TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder's context and lost its tail."""
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file's object, or {} where the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-export the engine bundle's tokenizer files") from e
+
+
+def _content(value: str | dict) -> str:
+    """A config entry's token text."""
+    return value if isinstance(value, str) else value["content"]
+
+
+def _special_token(value: str | dict) -> AddedToken:
+    """An AddedToken from a config entry: a bare string is matched verbatim (not normalized), as in transformers."""
+    if isinstance(value, str):
+        return AddedToken(value, special=True, normalized=False)
+    flags = {k: value[k] for k in TOKEN_FLAGS if k in value}
+    return AddedToken(value["content"], special=True, **{"normalized": False, **flags})
+
+
+def load_special_tokens(folder: Path) -> dict[str, AddedToken]:
+    """Role -> token, read the way transformers reads a CLIP tokenizer folder."""
+    config = _read_json(folder / "tokenizer_config.json")
+    entries = dict(DEFAULT_SPECIAL_TOKENS)
+    entries.update({r: config[r] for r in DEFAULT_SPECIAL_TOKENS if config.get(r) is not None})
+    declared = {t["content"]: t for t in config.get("added_tokens_decoder", {}).values()}
+    if declared:
+        # Newer configs declare each token's flags once; special_tokens_map.json is then legacy and unread.
+        entries = {r: declared.get(_content(v), v) for r, v in entries.items()}
+    else:
+        special_map = _read_json(folder / "special_tokens_map.json")
+        entries.update({r: special_map[r] for r in DEFAULT_SPECIAL_TOKENS if special_map.get(r) is not None})
+    return {role: _special_token(value) for role, value in entries.items()}
+
+
+def build_clip_bpe(vocab: Path, merges: Path, specials: dict[str, AddedToken]) -> Tokenizer:
+    """The CLIP pipeline, without truncation or padding (those are done per batch, to report what is cut)."""
+    model = BPE.from_file(str(vocab), str(merges), unk_token=str(specials["unk_token"]), end_of_word_suffix=END_OF_WORD)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(specials.values()))
+    bos, eos = str(specials["bos_token"]), str(specials["eos_token"])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))]
+    )
+    return tokenizer
+
+
+class ClipTokenizer:
+    """Prompts -> CLIP token ids, truncated and padded to the text encoder's context."""
+
+    def __init__(self, tokenizer: Tokenizer, specials: dict[str, AddedToken], max_length: int = DEFAULT_MAX_LENGTH):
+        if not 2 <= max_length <= MAX_CONTEXT:
+            # transformers writes 1e30 where no length was set; CLIP text encoders take 77.
+            raise ValueError(
+                f"max_length must be between 2 (bos + eos) and {MAX_CONTEXT}, got {max_length}; "
+                "set model_max_length in tokenizer_config.json to the text encoder's context (77 for CLIP)"
+            )
+        self._tokenizer = tokenizer
+        self.max_length = max_length
+        self.bos_id, self.eos_id, self.pad_id = (
+            self._token_id(specials[role]) for role in ("bos_token", "eos_token", "pad_token")
+        )
+
+    @classmethod
+    def from_dir(cls, path) -> "ClipTokenizer":
+        """Load vocab.json + merges.txt (+ tokenizer_config.json, special_tokens_map.json) from a folder."""
+        folder = Path(path)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(
+                    f"{folder / name} is missing: the tokenizer bundle is incomplete "
+                    "(it needs vocab.json and merges.txt); re-export the engine bundle"
+                )
+        specials = load_special_tokens(folder)
+        max_length = _read_json(folder / "tokenizer_config.json").get("model_max_length", DEFAULT_MAX_LENGTH)
+        return cls(build_clip_bpe(folder / "vocab.json", folder / "merges.txt", specials), specials, int(max_length))
+
+    def _token_id(self, token: AddedToken) -> int:
+        # A special token outside vocab.json would get a fresh id that the text encoder cannot embed.
+        token_id = self._tokenizer.token_to_id(str(token))
+        if token_id is None or token_id >= self._tokenizer.get_vocab_size(with_added_tokens=False):
+            raise ValueError(f"special token {str(token)!r} is not in the vocabulary; check the tokenizer config")
+        return token_id
+
+    def __call__(self, prompts: str | list[str]) -> np.ndarray:
+        """Token ids, int32 (batch, max_length): bos, the prompt's tokens, eos, then padding."""
+        batch = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(batch, (list, tuple)) or not all(isinstance(p, str) for p in batch):
+            raise TypeError(f"prompts must be a str or a list of str, got {prompts!r:.80}")
+        ids = np.full((len(batch), self.max_length), self.pad_id, dtype=np.int32)
+        for row, encoding in enumerate(self._tokenizer.encode_batch(batch)):
+            tokens = self._truncate(encoding.ids)
+            ids[row, : len(tokens)] = tokens
+        return ids
+
+    def _truncate(self, tokens: list[int]) -> list[int]:
+        """Keep bos, the first tokens that fit and eos; warn with the text that was cut."""
+        if len(tokens) <= self.max_length:
+            return tokens
+        dropped = tokens[self.max_length - 1 : -1]
+        text = self._tokenizer.decode(dropped).replace(END_OF_WORD, " ").strip()
+        warnings.warn(
+            f"{len(dropped)} prompt tokens were dropped: CLIP can only handle sequences up to {self.max_length} "
+            f"tokens, so the following part of the input was truncated: {text!r}",
+            PromptTruncatedWarning,
+            stacklevel=3,
+        )
+        return tokens[: self.max_length - 1] + [self.eos_id]
