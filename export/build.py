@@ -1,0 +1,209 @@
+"""python -m export.build: a diffusers model folder -> a verified engine bundle under engines/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime.manifest import SCHEMA, SCHEMA_VERSION, Component
+
+from . import onnx_export
+from .bundle import ENGINES, check_target, default_name, staging, write_manifest
+from .model import ModelError, SourceModel, load_model, write_tokenizer
+from .verify import FP16_MAX, VerificationError, activation_peak, compare, sample_inputs, torch_reference
+
+REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-ldm"
+PRECISIONS = ("fp32", "fp16")
+Log = Callable[[str], None]
+
+
+def resolve_backend(asked: str, log: Log) -> str:
+    """TensorRT engines are built where TensorRT exists; elsewhere the ONNX Runtime flavour, said in one line."""
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    if asked == "tensorrt":
+        raise SystemExit(
+            "error: --backend tensorrt needs TensorRT engine building, which this SDK version does not have yet "
+            f"({'TensorRT is installed' if has_trt else 'TensorRT is not installed: pip install tensorrt'}); "
+            "build the ONNX Runtime flavour with --backend onnxruntime"
+        )
+    if asked == "auto":
+        log("TensorRT engine building is not available here: building the ONNX Runtime flavour (--backend onnxruntime)")
+    return "onnxruntime"
+
+
+def image_size(model: SourceModel, height: int | None, width: int | None) -> tuple[int, int]:
+    """Default to the model's native size; sizes must survive the VAE and every UNet downsampling."""
+    native = model.unet.config.sample_size * model.vae_factor
+    height, width = height or native, width or native
+    multiple = model.vae_factor * 2 ** (len(model.unet.config.down_block_types) - 1)
+    for what, v in (("height", height), ("width", width)):
+        if v <= 0 or v % multiple:
+            raise ValueError(
+                f"--{what} {v} is not a positive multiple of {multiple} "
+                f"(the VAE's factor {model.vae_factor} times the UNet's downsampling); try {max(multiple, round(v / multiple) * multiple)}"
+            )
+    return height, width
+
+
+def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log) -> Component:
+    """Export one component, choose its precision, verify it against the fp32 module."""
+    feed = sample_inputs(spec, model)
+    reference = torch_reference(spec, feed)
+    target = work / spec.name / "model.onnx"
+    chosen, build_note = precision, ""
+    if precision == "fp16":
+        peak = activation_peak(spec, feed)
+        if peak > FP16_MAX / 2:
+            chosen, build_note = "fp32", f"kept fp32: activations reach {peak:.3g}, past half of fp16's range"
+    t0 = time.perf_counter()
+    if chosen == "fp16":
+        with tempfile.TemporaryDirectory(prefix="fp32-") as tmp:
+            fp32 = Path(tmp) / "model.onnx"
+            onnx_export.export_onnx(spec, feed, fp32)
+            onnx_export.convert_fp16(fp32, target)
+    else:
+        onnx_export.export_onnx(spec, feed, target)
+    import torch
+
+    component = Component(
+        name=spec.name,
+        file=str(target.relative_to(work)),
+        format="onnx",
+        precision=chosen,
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        build={
+            "exporter": "torch.onnx.export (TorchScript)",
+            "torch": torch.__version__,
+            "opset": onnx_export.OPSET,
+            "seconds": round(time.perf_counter() - t0, 2),
+            **({"note": build_note} if build_note else {}),
+        },
+    )
+    figures = compare(component, work, reference, feed)
+    size = sum(f.stat().st_size for f in onnx_export.onnx_files(target)) / 2**20
+    log(
+        f"  {spec.name:<13} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
+        + (f"  [{build_note}]" if build_note else "")
+    )
+    if not figures["passed"]:
+        raise VerificationError(
+            f"{spec.name}: the {chosen} ONNX differs from the fp32 torch module by {figures['rel_err']:.3g} "
+            f"(relative to its output range; the gate is {figures['tolerance']:g}); nothing was written. "
+            + ("Try --precision fp32." if chosen == "fp16" else "This is an export bug: please report it with the model's config.")
+        )
+    return Component(**{**component.__dict__, "verification": figures})
+
+
+def manifest_for(model: SourceModel, components: dict[str, Component], *, height: int, width: int, batch: int, precision: str, backend: str) -> dict[str, Any]:
+    te, vae = model.text_encoder, model.vae
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": model.name,
+            "family": {768: "sd1", 1024: "sd2"}.get(model.unet.config.cross_attention_dim, "custom"),
+            "prediction_type": model.scheduler_config.get("prediction_type", "epsilon"),
+            "source": str(model.path.resolve()),
+            "source_hashes": model.hashes,
+        },
+        "pipelines": ["txt2img"],
+        "scheduler": {"class_name": model.scheduler_class, "config": model.scheduler_config},
+        "vae": {
+            "scaling_factor": float(vae.config.scaling_factor),
+            "latent_channels": int(vae.config.latent_channels),
+            "downscale_factor": model.vae_factor,
+        },
+        "image": {"height": height, "width": width, "batch_size": batch},
+        "guidance": {"mode": "cfg", "unet_batch": 2 * batch},
+        "tokenizer": {"dir": "tokenizer", "max_length": int(te.config.max_position_embeddings)},
+        "backend": backend,
+        "precision": precision,
+        "components": {name: c.to_json() for name, c in components.items()},
+    }
+
+
+def build(
+    model_path: Path,
+    out: Path | None = None,
+    *,
+    precision: str = "fp16",
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    backend: str = "auto",
+    allow_pickle: bool = False,
+    force: bool = False,
+    log: Log = print,
+) -> Path:
+    """Export, verify and publish a bundle; returns its folder. Raises before writing anything on bad input."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)} (int8 needs the TensorRT path)")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    backend = resolve_backend(backend, log)
+    if out is not None:
+        check_target(out, force)
+    model = load_model(model_path, allow_pickle=allow_pickle)
+    height, width = image_size(model, height, width)
+    out = out or ENGINES / default_name(model.name, height, width, batch_size, precision, backend)
+    check_target(out, force)
+    log(f"building {out} from {model.path} ({height}x{width}, batch {batch_size}, {precision}, {backend})")
+    t0 = time.perf_counter()
+    with staging(out, force) as work:
+        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch_size)
+        components = {s.name: export_component(s, model, work, precision, log) for s in specs}
+        write_tokenizer(model.tokenizer_dir, work / "tokenizer")
+        write_manifest(work, manifest_for(model, components, height=height, width=width, batch=batch_size, precision=precision, backend=backend))
+    log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export.build",
+        description="Turn a local diffusers Stable Diffusion folder into a verified engine bundle (ONNX files, "
+        "manifest.json, tokenizer) that `python -m runtime` and `runtime.Pipeline.load` run without torch.",
+    )
+    p.add_argument("--model", type=Path, default=REFERENCE_MODEL, help="diffusers model folder (default: the shipped reference model, %(default)s)")
+    p.add_argument("--out", type=Path, help="bundle folder (default: engines/<model>-<H>x<W>-b<B>-<precision>-<backend>)")
+    p.add_argument("--precision", default="fp16", help="fp32 or fp16 (fp16 keeps a component in fp32 where it would overflow); default fp16")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call; the engines have static shapes (default 1)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="engine backend (default auto)")
+    p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.ckpt pickle weights (they can run code: trusted files only)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        build(
+            args.model,
+            args.out,
+            precision=args.precision,
+            height=args.height,
+            width=args.width,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            allow_pickle=args.allow_pickle,
+            force=args.force,
+        )
+    except (ModelError, FileExistsError, VerificationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

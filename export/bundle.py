@@ -1,0 +1,58 @@
+"""Writing an engine bundle: staged in a hidden folder, published by one rename once verified."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from runtime.manifest import MANIFEST, sha256_file
+
+ENGINES = Path("engines")
+
+
+def default_name(model: str, height: int, width: int, batch: int, precision: str, backend: str) -> str:
+    """engines/<model>-<H>x<W>-b<B>-<precision>-<backend>: what decides a bundle, readable at a glance."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
+    return f"{slug}-{height}x{width}-b{batch}-{precision}-{backend}"
+
+
+def check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it, or --out to choose another folder")
+
+
+@contextmanager
+def staging(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a hidden work folder; on success it replaces `out`, on failure it is removed.
+
+    A bundle is either complete (manifest written last, then one rename) or absent: never half-written.
+    """
+    check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        shutil.rmtree(old)
+    work.rename(out)
+
+
+def file_hashes(bundle: Path) -> dict[str, str]:
+    return {str(f.relative_to(bundle)): sha256_file(f) for f in sorted(bundle.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def write_manifest(bundle: Path, manifest: dict[str, Any]) -> None:
+    manifest = {**manifest, "files": file_hashes(bundle)}
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,128 @@
+"""Load a local diffusers Stable Diffusion folder: checked layout, safetensors unless pickle is allowed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.manifest import sha256_file
+
+REQUIRED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHTED = ("text_encoder", "unet", "vae")
+
+
+class ModelError(ValueError):
+    """The model folder is missing, incomplete or not loadable as asked."""
+
+
+@dataclass
+class SourceModel:
+    path: Path
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    tokenizer_dir: Path
+    hashes: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def check_layout(path: Path, allow_pickle: bool) -> dict[str, bool]:
+    """Validate the folder; return, per weighted component, whether to load safetensors."""
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist; pass --model with a local diffusers Stable Diffusion folder")
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{path} has no model_index.json: not a diffusers pipeline folder (save one with pipe.save_pretrained)")
+    missing = [c for c in REQUIRED if not (path / c).is_dir()]
+    if missing:
+        raise ModelError(f"{path} is incomplete: missing {', '.join(missing)}/ (a Stable Diffusion folder has {', '.join(REQUIRED)})")
+    use_safetensors = {}
+    for c in WEIGHTED:
+        files = [f for f in (path / c).iterdir() if f.is_file()]
+        safe = [f for f in files if f.name.endswith(".safetensors")]
+        pickled = [f for f in files if f.name.endswith(PICKLE_SUFFIXES)]
+        if not safe and not pickled:
+            raise ModelError(f"{path / c} has no weights (*.safetensors); the model folder is incomplete")
+        if not safe and not allow_pickle:
+            raise ModelError(
+                f"{path / c} has only pickle weights ({pickled[0].name}), which can run code when loaded; "
+                "convert them to safetensors, or pass --allow-pickle if you trust this file"
+            )
+        use_safetensors[c] = bool(safe)
+    return use_safetensors
+
+
+def source_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every config and weight file: what the bundle was built from."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in (".json", ".txt", ".safetensors") + PICKLE_SUFFIXES)
+    return {str(f.relative_to(path)): sha256_file(f) for f in files}
+
+
+def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
+    """Load text encoder, UNet and VAE in float32 eval mode from a local folder only."""
+    path = Path(path)
+    use_safetensors = check_layout(path, allow_pickle)
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    def load(cls: Any, sub: str, **kw: Any) -> Any:
+        try:
+            m = cls.from_pretrained(path / sub, use_safetensors=use_safetensors[sub], local_files_only=True, **kw)
+        except Exception as e:  # library errors vary by version; the user needs the file and the cause
+            raise ModelError(f"could not load {path / sub}: {e}") from e
+        return m.to(torch.float32).eval()
+
+    text_encoder = load(CLIPTextModel, "text_encoder", dtype=torch.float32)
+    unet = load(UNet2DConditionModel, "unet", torch_dtype=torch.float32)
+    vae = load(AutoencoderKL, "vae", torch_dtype=torch.float32)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise ModelError(f"{sched_file} is missing; the model folder is incomplete")
+    sched = json.loads(sched_file.read_text())
+    tok = path / "tokenizer"
+    has_bpe_files = all((tok / f).is_file() for f in ("vocab.json", "merges.txt"))
+    if not has_bpe_files and not (tok / "tokenizer.json").is_file():
+        raise ModelError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json: the CLIP tokenizer is missing")
+    return SourceModel(
+        path=path,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        scheduler_class=sched.get("_class_name", ""),
+        scheduler_config={k: v for k, v in sched.items() if not k.startswith("_")},
+        tokenizer_dir=tok,
+        hashes=source_hashes(path),
+    )
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_tokenizer(src: Path, dest: Path) -> None:
+    """Copy the CLIP BPE files the runtime reads; derive them from tokenizer.json where only that exists
+    (transformers 5 saves CLIP tokenizers that way)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+    if (dest / "vocab.json").is_file() and (dest / "merges.txt").is_file():
+        return
+    bpe = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    if bpe.get("type") != "BPE":
+        raise ModelError(f"{src / 'tokenizer.json'} is a {bpe.get('type')} tokenizer, not CLIP's BPE")
+    (dest / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -1,0 +1,148 @@
+"""Per-component ONNX export with static shapes, external data past 2 GB, and the fp16 step.
+
+I/O names follow the wider ONNX ecosystem (Optimum's Stable Diffusion exports), so other
+tools can open the files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime.manifest import TensorSpec
+
+OPSET = 17
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What to export: a torch callable and its static I/O."""
+
+    name: str
+    module: Any  # torch.nn.Module
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def _wrap(module: Any, fn: Callable[..., Any]) -> Any:
+    """A module whose forward is fn(module, *inputs): positional I/O for the exporter, weights registered."""
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args: Any) -> Any:
+            return fn(self.inner, *args)
+
+    return Wrapper().eval()
+
+
+def component_specs(model: Any, *, height: int, width: int, batch: int) -> list[ComponentSpec]:
+    """The four components with the bundle's static shapes (CFG: batch 2B for text encoder and UNet)."""
+    te, unet, vae = model.text_encoder, model.unet, model.vae
+    f = model.vae_factor
+    h, w, c = height // f, width // f, unet.config.in_channels
+    lc = vae.config.latent_channels
+    seq = te.config.max_position_embeddings
+    dim = te.config.hidden_size
+    b2 = 2 * batch
+    text = ComponentSpec(
+        "text_encoder",
+        _wrap(te, lambda m, ids: m(ids, return_dict=False)[:2]),
+        (TensorSpec("input_ids", (b2, seq), "int32"),),
+        (TensorSpec("last_hidden_state", (b2, seq, dim), "float32"), TensorSpec("pooler_output", (b2, dim), "float32")),
+    )
+    denoiser = ComponentSpec(
+        "unet",
+        _wrap(unet, lambda m, x, t, ctx: m(x, t, encoder_hidden_states=ctx, return_dict=False)[0]),
+        (
+            TensorSpec("sample", (b2, c, h, w), "float32"),
+            TensorSpec("timestep", (b2,), "float32"),
+            TensorSpec("encoder_hidden_states", (b2, seq, unet.config.cross_attention_dim), "float32"),
+        ),
+        (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),),
+    )
+    decoder = ComponentSpec(
+        "vae_decoder",
+        _wrap(vae, lambda m, z: m.decode(z, return_dict=False)[0]),
+        (TensorSpec("latent_sample", (batch, lc, h, w), "float32"),),
+        (TensorSpec("sample", (batch, vae.config.out_channels, height, width), "float32"),),
+    )
+    encoder = ComponentSpec(
+        "vae_encoder",
+        # the posterior's mean and log-variance, so the runtime can sample it with its own noise
+        _wrap(vae, lambda m, x: m.encode(x, return_dict=False)[0].parameters),
+        (TensorSpec("sample", (batch, vae.config.in_channels, height, width), "float32"),),
+        (TensorSpec("latent_parameters", (batch, 2 * lc, h, w), "float32"),),
+    )
+    return [text, denoiser, decoder, encoder]
+
+
+def torch_inputs(spec: ComponentSpec, arrays: dict[str, Any]) -> tuple[Any, ...]:
+    import torch
+
+    return tuple(torch.from_numpy(arrays[t.name]) for t in spec.inputs)
+
+
+def export_onnx(spec: ComponentSpec, sample: dict[str, Any], out: Path) -> None:
+    """torch -> ONNX at `out` (plus out.data where the model passes protobuf's 2 GB limit)."""
+    import onnx
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix=f"export-{spec.name}-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                spec.module,
+                torch_inputs(spec, sample),
+                str(raw),
+                dynamo=False,  # the TorchScript exporter: static graphs TensorRT's parser knows well
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(raw), load_external_data=True)
+        save_onnx(proto, out)
+
+
+def save_onnx(proto: Any, out: Path) -> list[Path]:
+    """Save as one file, or with external data past 2 GB; return the files written."""
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if size < PROTOBUF_LIMIT - (64 << 20):
+        onnx.save_model(proto, str(out))
+        return [out]
+    data = out.with_name(out.name + ".data")
+    onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+    return [out, data]
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """fp32 ONNX -> fp16 weights and compute, fp32 I/O kept so the contract does not change."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(src), load_external_data=True)
+    half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    save_onnx(half, dst)
+
+
+def onnx_files(out: Path) -> list[Path]:
+    data = out.with_name(out.name + ".data")
+    return [out, data] if data.exists() else [out]
+
+
+def move_onnx(src: Path, dst: Path) -> None:
+    """Move a model and its external data; the data location inside the file is a relative name."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for f in onnx_files(src):
+        shutil.move(str(f), str(dst.with_name(dst.name + f.name[len(src.name):])))

@@ -1,0 +1,1 @@
+"""Engine backends, each imported only when a bundle asks for it."""

@@ -1,0 +1,70 @@
+"""ONNX Runtime backend: CPU, CUDA or TensorRT execution provider behind the engine protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..engine import check_feed
+from ..errors import BundleError
+from ..manifest import Component
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BundleError(
+            "this bundle needs ONNX Runtime, which is not installed: `pip install onnxruntime` "
+            "(or onnxruntime-gpu for the CUDA and TensorRT execution providers)"
+        ) from None
+    return onnxruntime
+
+
+def resolve_providers(device: str | None) -> list[str]:
+    """'cpu' | 'cuda' | 'tensorrt' -> provider list; None takes CUDA where installed, else CPU."""
+    ort = _import_ort()
+    available = ort.get_available_providers()
+    if device is None:
+        device = "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if device not in PROVIDERS:
+        raise ValueError(f"unknown ONNX Runtime device {device!r}; choose one of {sorted(PROVIDERS)}")
+    wanted = PROVIDERS[device]
+    if wanted not in available:
+        raise BundleError(
+            f"ONNX Runtime here has no {wanted} (available: {', '.join(available)}); "
+            "install onnxruntime-gpu for cuda/tensorrt, or choose device 'cpu'"
+        )
+    return [wanted] if device == "cpu" else [wanted, PROVIDERS["cpu"]]
+
+
+class OrtEngine:
+    """One InferenceSession, created once; each call checks the feed against the manifest."""
+
+    def __init__(self, component: Component, path: Path, device: str | None = None, threads: int | None = None):
+        ort = _import_ort()
+        self.component = component
+        self.providers = resolve_providers(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as e:  # ORT raises its own untyped errors for unreadable models
+            raise BundleError(f"{component.name}: ONNX Runtime could not load {path}: {e}") from None
+        self._output_names: Sequence[str] = [t.name for t in component.outputs]
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feed(self.component, feed)
+        values = self.session.run(self._output_names, dict(feed))
+        return dict(zip(self._output_names, values))
