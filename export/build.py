@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from runtime.errors import BundleError
 from runtime.manifest import SCHEMA, SCHEMA_VERSION, Component
 
 from . import onnx_export
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_pickle=args.allow_pickle,
             force=args.force,
         )
-    except (ModelError, FileExistsError, VerificationError, ValueError) as e:
+    except (ModelError, FileExistsError, VerificationError, BundleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

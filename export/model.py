@@ -74,9 +74,17 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
     """Load text encoder, UNet and VAE in float32 eval mode from a local folder only."""
     path = Path(path)
     use_safetensors = check_layout(path, allow_pickle)
+    import diffusers
     import torch
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    # their per-weight progress bars and dtype notes would drown the build's own report
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     def load(cls: Any, sub: str, **kw: Any) -> Any:
         try:

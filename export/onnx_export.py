@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -97,7 +98,9 @@ def export_onnx(spec: ComponentSpec, sample: dict[str, Any], out: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix=f"export-{spec.name}-") as tmp:
         raw = Path(tmp) / "model.onnx"
-        with torch.no_grad():
+        # the tracer warns about every Python-level shape check in diffusers; static shapes make them moot
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 spec.module,
                 torch_inputs(spec, sample),
@@ -133,7 +136,26 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
     proto = onnx.load(str(src), load_external_data=True)
     half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    _restore_fp32_resize_params(half)
     save_onnx(half, dst)
+
+
+def _restore_fp32_resize_params(proto: Any) -> None:
+    """The converter also halves Constant nodes, but Resize's roi and scales must stay float32 (ONNX spec)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    constants = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
+    for node in proto.graph.node:
+        if node.op_type != "Resize":
+            continue
+        for name in node.input[1:3]:
+            const = constants.get(name)
+            if const is None:
+                continue
+            value = const.attribute[0]
+            if value.t.data_type == TensorProto.FLOAT16:
+                value.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(value.t).astype(np.float32), value.t.name))
 
 
 def onnx_files(out: Path) -> list[Path]:

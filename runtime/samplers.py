@@ -43,8 +43,9 @@ def sample_ddim(
     if eta and rng is None:
         raise ValueError("ddim with eta > 0 draws noise: pass rng=np.random.default_rng(seed)")
     acp = schedule.alphas_cumprod
+    timesteps = spaced_timesteps(schedule, steps)
     stride = schedule.num_train_timesteps // steps
-    for i, t in enumerate(spaced_timesteps(schedule, steps)):
+    for i, t in enumerate(timesteps):
         # diffusers steps back by a fixed stride, not to the next listed timestep
         prev = t - stride
         abar, abar_prev = acp[t], (acp[prev] if prev >= 0 else schedule.final_alpha_cumprod)

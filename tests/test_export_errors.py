@@ -1,0 +1,119 @@
+"""export.build refuses bad input with a message that names the problem, and never half-writes a bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from export import build as build_mod
+from export.build import build, main
+from export.model import ModelError
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    code, err = run_cli(capsys, "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b"))
+    assert code == 2 and "does not exist" in err and "--model" in err
+
+
+def test_incomplete_model_folder(tiny_model, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "unet")
+    code, err = run_cli(capsys, "--model", str(broken), "--out", str(tmp_path / "b"))
+    assert code == 2 and "incomplete" in err and "unet/" in err
+    (broken / "model_index.json").unlink()
+    code, err = run_cli(capsys, "--model", str(broken), "--out", str(tmp_path / "b"))
+    assert code == 2 and "model_index.json" in err
+
+
+def test_pickle_weights_need_allow_pickle(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    weights = pickled / "vae" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), pickled / "vae" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelError, match="only pickle weights.*--allow-pickle"):
+        build(pickled, tmp_path / "b", precision="fp32", log=lambda _: None)
+    assert not (tmp_path / "b").exists()
+    out = build(pickled, tmp_path / "b", precision="fp32", allow_pickle=True, log=lambda _: None)
+    assert (out / "manifest.json").is_file()
+
+
+def test_size_must_fit_the_vae_and_unet(tiny_model, tmp_path, capsys):
+    code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(tmp_path / "b"), "--height", "100")
+    assert code == 2 and "--height 100 is not a positive multiple of 64" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_precision(tiny_model, tmp_path, capsys):
+    code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(tmp_path / "b"), "--precision", "fp8")
+    assert code == 2 and "unknown precision 'fp8'" in err and "fp32, fp16" in err
+
+
+def test_tensorrt_backend_missing_is_refused(tiny_model, tmp_path):
+    with pytest.raises(SystemExit, match="--backend tensorrt.*--backend onnxruntime"):
+        build(tiny_model, tmp_path / "b", backend="tensorrt", log=lambda _: None)
+
+
+def test_existing_output_needs_force(bundle_fp32, tiny_model, capsys):
+    before = (bundle_fp32 / "manifest.json").read_text()
+    code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(bundle_fp32))
+    assert code == 2 and "already exists" in err and "--force" in err
+    assert (bundle_fp32 / "manifest.json").read_text() == before
+
+
+def test_failed_verification_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    """A build over its gate raises and leaves neither a bundle nor a staging folder behind."""
+    monkeypatch.setitem(build_mod.compare.__globals__["TOLERANCE"], "fp32", 0.0)
+    out = tmp_path / "engines" / "b"
+    with pytest.raises(build_mod.VerificationError, match="text_encoder: the fp32 ONNX differs"):
+        build(tiny_model, out, precision="fp32", log=lambda _: None)
+    assert list((tmp_path / "engines").iterdir()) == []
+
+
+def test_force_replaces_a_bundle(tiny_model, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    build(tiny_model, out, precision="fp32", force=True, log=lambda _: None)
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_manifest_contract(bundle_fp32, tiny_model):
+    m = json.loads((bundle_fp32 / "manifest.json").read_text())
+    assert m["schema"] == "ldm-deploy/bundle" and m["schema_version"] == 1
+    assert m["image"] == {"height": 64, "width": 64, "batch_size": 1}
+    assert m["guidance"] == {"mode": "cfg", "unet_batch": 2}
+    assert m["scheduler"]["class_name"] == "DDIMScheduler" and m["scheduler"]["config"]["steps_offset"] == 1
+    assert m["vae"]["downscale_factor"] == 8 and m["vae"]["latent_channels"] == 4
+    assert m["tokenizer"]["max_length"] == 77
+    unet = m["components"]["unet"]
+    assert [(t["name"], t["shape"]) for t in unet["inputs"]] == [
+        ("sample", [2, 4, 8, 8]),
+        ("timestep", [2]),
+        ("encoder_hidden_states", [2, 77, 32]),
+    ]
+    assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for name, c in m["components"].items():
+        assert c["verification"]["passed"] and c["verification"]["rel_err"] < 1e-4, name
+        assert c["file"] in m["files"]
+    assert {"tokenizer/vocab.json", "tokenizer/merges.txt"} <= set(m["files"])
+    assert "unet/diffusion_pytorch_model.safetensors" in m["model"]["source_hashes"]
+
+
+def test_default_bundle_name(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = build(tiny_model, precision="fp16", log=lambda _: None)
+    assert out == Path("engines") / "tiny-sd-64x64-b1-fp16-onnxruntime"
