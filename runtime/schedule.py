@@ -72,8 +72,6 @@ def noise_schedule(config: Mapping[str, Any]) -> NoiseSchedule:
     if config.get("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
     alphas_cumprod = np.cumprod(1.0 - betas)
-    if config.get("rescale_betas_zero_snr", False):
-        alphas_cumprod[-1] = 2.0**-24  # as diffusers: keeps 1/sqrt(abar) finite at the last step
     return NoiseSchedule(
         alphas_cumprod=alphas_cumprod,
         prediction_type=prediction_type,
