@@ -21,7 +21,7 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -206,7 +206,9 @@ def make_dataset(n: int, seed: int, workers: int | None = None) -> tuple[np.ndar
     if workers <= 1:
         chunks = [_make_chunk_args(t) for t in tasks]
     else:
-        with get_context("spawn").Pool(workers) as pool:
+        # fork, where there is one: spawn would re-import the caller's unguarded __main__.
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with get_context(method).Pool(workers) as pool:
             chunks = pool.map(_make_chunk_args, tasks, chunksize=1)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     attributes: list[Attributes] = []
