@@ -1,0 +1,334 @@
+"""The training recipe, phase by phase: data, VAE, latents, then text encoder + UNet jointly.
+
+``run`` drives them under one optional time limit and leaves a loadable folder after every
+phase that produces weights (the VAE alone, then the whole pipeline, refreshed periodically).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from diffusers import DDIMScheduler
+
+from reference.architecture import (
+    CLIP_DIR,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    scheduler_config,
+    size_report,
+)
+from reference.caption_bank import CaptionSampler, build_caption_bank, load_tokenizer
+from reference.dataset import make_dataset
+from reference.ema import EMA
+from reference.model_folder import save_pipeline, save_vae, weight_files, write_json
+from reference.pacing import PhaseClock, Ticker, learning_rate, say, time_shares
+from reference.presets import Recipe
+
+LOG_NAME = "training_log.json"
+LATENT_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and how a run trains."""
+
+    recipe: Recipe
+    out: Path
+    device: torch.device
+    amp: bool
+    tokenizer_dir: Path = CLIP_DIR
+
+
+class LossLog:
+    """Per-step losses, kept on the device and fetched in batches to avoid a sync per step."""
+
+    def __init__(self):
+        self.values: list[float] = []
+        self._pending: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._pending.append(loss.detach().float())
+
+    def flush(self) -> float:
+        """Fetch pending losses; return the mean of those fetched (nan when none)."""
+        if not self._pending:
+            return float("nan")
+        fetched = torch.stack(self._pending).cpu().tolist()
+        self._pending = []
+        self.values.extend(fetched)
+        return float(np.mean(fetched))
+
+
+class IndexStream:
+    """Fixed-size batches of dataset indices, each epoch a fresh permutation, drawn on the device."""
+
+    def __init__(self, n: int, batch_size: int, device: torch.device):
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self._queue = torch.empty(0, dtype=torch.long, device=device)
+
+    def next(self) -> torch.Tensor:
+        while self._queue.numel() < self.batch_size:
+            self._queue = torch.cat([self._queue, torch.randperm(self.n, device=self.device)])
+        batch, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
+        return batch
+
+
+def autocast(setup: Setup):
+    """bf16 autocast on the training device when enabled; master weights stay fp32."""
+    return torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.amp)
+
+
+def adamw(params: list[torch.nn.Parameter], recipe: Recipe, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; the fused CUDA kernel where available, since small models are launch-bound there."""
+    return torch.optim.AdamW(
+        params, lr=lr, betas=(0.9, 0.999), weight_decay=recipe.weight_decay, fused=device.type == "cuda"
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """(n, 64, 64, 3) uint8 -> (n, 3, 64, 64) float32 in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float, edge_weight: float):
+    """L1 + L1 of image gradients (keeps shape edges crisp) + KL, weighted per pixel like SD's VAE."""
+    l1 = (recon - target).abs().mean()
+    edges = (recon.diff(dim=-1) - target.diff(dim=-1)).abs().mean() + (
+        recon.diff(dim=-2) - target.diff(dim=-2)
+    ).abs().mean()
+    kl_per_pixel = kl.float().mean() / target[0].numel()
+    return l1 + edge_weight * edges + kl_weight * kl_per_pixel
+
+
+def make_images(setup: Setup) -> tuple[np.ndarray, list]:
+    """The training set, generated in ``recipe.workers`` processes."""
+    r = setup.recipe
+    workers = r.workers or os.cpu_count() or 1
+    say(f"[data] generating {r.n_images} images with {workers} workers")
+    return make_dataset(r.n_images, r.seed, workers=workers)
+
+
+def train_vae(setup: Setup, images: torch.Tensor, clock: PhaseClock) -> tuple[torch.nn.Module, LossLog, int]:
+    """Train the AutoencoderKL on reconstruction + KL; returns it, its losses and the steps taken."""
+    r, device = setup.recipe, setup.device
+    vae = build_vae().to(device).train()
+    optimizer = adamw(list(vae.parameters()), r, r.vae_lr, device)
+    batches = IndexStream(images.shape[0], r.vae_batch_size, device)
+    losses, ticker, step = LossLog(), Ticker(r.log_every_s), 0
+    while not clock.done(step):
+        lr = learning_rate(r.vae_lr, step, clock.progress(step), r.warmup_steps, r.min_lr_ratio)
+        set_lr(optimizer, lr)
+        x = to_unit_range(images[batches.next()])
+        with autocast(setup):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        loss = vae_loss(recon.float(), x, posterior.kl(), r.kl_weight, r.edge_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), r.grad_clip)
+        optimizer.step()
+        losses.add(loss)
+        step += 1
+        if ticker.due():
+            _progress("vae", step, clock, losses.flush(), lr)
+    losses.flush()
+    return vae.eval(), losses, step
+
+
+@torch.no_grad()
+def encode_latents(setup: Setup, vae: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Posterior mean and std of every image (fp32, on the device) and SD's scaling factor 1 / std(latents)."""
+    means, stds = [], []
+    for start in range(0, images.shape[0], LATENT_BATCH):
+        posterior = vae.encode(to_unit_range(images[start : start + LATENT_BATCH])).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    mean, std = torch.cat(means), torch.cat(stds)
+    sample = (mean + std * torch.randn_like(mean)).double()
+    return mean, std, float(1.0 / sample.std())
+
+
+def train_text_unet(
+    setup: Setup,
+    latents: tuple[torch.Tensor, torch.Tensor, float],
+    captions: CaptionSampler,
+    clock: PhaseClock,
+    checkpoint,
+) -> tuple[EMA, EMA, LossLog, int]:
+    """Train text encoder + UNet jointly on DDPM noise prediction; returns their EMAs, losses, steps.
+
+    ``checkpoint(text_ema, unet_ema)`` is called every ``recipe.checkpoint_every_s`` seconds.
+    """
+    r, device = setup.recipe, setup.device
+    mean, std, scale = latents
+    text_encoder = build_text_encoder().to(device).train()
+    unet = build_unet().to(device).train()
+    text_ema, unet_ema = EMA(text_encoder, r.ema_decay), EMA(unet, r.ema_decay)
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    optimizer = adamw(params, r, r.unet_lr, device)
+    abar = DDIMScheduler(**scheduler_config()).alphas_cumprod.to(device=device, dtype=torch.float32)
+    batches = IndexStream(mean.shape[0], r.batch_size, device)
+    losses, ticker, step = LossLog(), Ticker(r.log_every_s), 0
+    saver = Ticker(r.checkpoint_every_s) if r.checkpoint_every_s else None
+    while not clock.done(step):
+        lr = learning_rate(r.unet_lr, step, clock.progress(step), r.warmup_steps, r.min_lr_ratio)
+        set_lr(optimizer, lr)
+        index = batches.next()
+        z0 = (mean[index] + std[index] * torch.randn_like(mean[index])) * scale
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, abar.shape[0], (z0.shape[0],), device=device)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1.0 - a).sqrt() * noise
+        with autocast(setup):
+            context = text_encoder(input_ids=captions(index)).last_hidden_state
+            prediction = unet(zt, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
+        optimizer.step()
+        text_ema.update()
+        unet_ema.update()
+        losses.add(loss)
+        step += 1
+        if ticker.due():
+            _progress("unet", step, clock, losses.flush(), lr)
+        if saver is not None and saver.due():
+            checkpoint(text_ema, unet_ema)
+            say(f"[unet] checkpoint saved at step {step}")
+    losses.flush()
+    return text_ema, unet_ema, losses, step
+
+
+def run(setup: Setup, started: float) -> dict:
+    """Train every phase into ``setup.out`` and return the training log (also written beside the model)."""
+    r, out = setup.recipe, setup.out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(r.seed)
+    if setup.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    deadline = _deadline(started, r.time_limit)
+    log = _log_header(setup)
+    tokenizer = load_tokenizer(setup.tokenizer_dir)
+    for line in size_report().lines():
+        say(f"[model] {line}")
+
+    t = time.perf_counter()
+    images_np, attributes = make_images(setup)
+    images = torch.from_numpy(images_np).to(setup.device)
+    bank = build_caption_bank(tokenizer, attributes, r.captions_per_combination, r.seed + 1)
+    log["phases"]["data"] = {
+        "seconds": time.perf_counter() - t,
+        "n_images": len(attributes),
+        "distinct_captions": int(bank.token_ids.shape[0]),
+    }
+    say(f"[data] {len(attributes)} images, {bank.token_ids.shape[0]} distinct captions in {log['phases']['data']['seconds']:.1f}s")
+
+    vae_seconds = _share(deadline, (r.vae_time_share, r.unet_time_share), 0)
+    clock = PhaseClock(r.vae_steps, vae_seconds)
+    vae, vae_losses, vae_steps = train_vae(setup, images, clock)
+    log["phases"]["vae"] = _phase_log(clock, vae_steps, vae_losses, r.vae_steps)
+
+    t = time.perf_counter()
+    latents = encode_latents(setup, vae, images)
+    scale = latents[2]
+    save_vae(vae, scale, out)
+    log["phases"]["latents"] = {"seconds": time.perf_counter() - t, "scaling_factor": scale}
+    log["status"] = "vae saved"
+    write_json(out / LOG_NAME, _finish(log, out, started))
+    say(f"[vae] saved {out / 'vae'}; scaling_factor {scale:.4f}")
+    del images
+
+    def checkpoint(text_ema: EMA, unet_ema: EMA) -> None:
+        save_pipeline(vae, scale, text_ema.shadow, unet_ema.shadow, out, setup.tokenizer_dir)
+
+    clock = PhaseClock(r.unet_steps, _share(deadline, (1.0,), 0))
+    captions = CaptionSampler(bank, r.caption_dropout, setup.device)
+    text_ema, unet_ema, unet_losses, unet_steps = train_text_unet(setup, latents, captions, clock, checkpoint)
+    log["phases"]["unet"] = _phase_log(clock, unet_steps, unet_losses, r.unet_steps)
+    checkpoint(text_ema, unet_ema)
+    log["status"] = "complete"
+    log = _finish(log, out, started)
+    write_json(out / LOG_NAME, log)
+    for name, size in log["files"].items():
+        say(f"[saved] {name}: {size / 1e6:.2f} MB")
+    say(f"[saved] {out}: {log['total_weight_bytes'] / 1e6:.2f} MB of weights, {log['total_seconds']:.0f}s in all")
+    return log
+
+
+def _deadline(started: float, time_limit: float | None) -> float | None:
+    """When training must stop so the last save still lands inside the limit."""
+    if time_limit is None:
+        return None
+    save_reserve = min(15.0, 0.1 * time_limit)
+    return started + time_limit - save_reserve
+
+
+def _share(deadline: float | None, shares: tuple[float, ...], which: int) -> float | None:
+    if deadline is None:
+        return None
+    return time_shares(deadline - time.perf_counter(), shares)[which]
+
+
+def _progress(phase: str, step: int, clock: PhaseClock, loss: float, lr: float) -> None:
+    rate = step / max(clock.elapsed(), 1e-9)
+    budget = f"/{clock.seconds:.0f}s" if clock.seconds is not None else "s"
+    say(
+        f"[{phase}] step {step}/{clock.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+        f"{rate:.1f} it/s  {clock.elapsed():.0f}{budget}"
+    )
+
+
+def _phase_log(clock: PhaseClock, steps: int, losses: LossLog, max_steps: int) -> dict:
+    seconds = clock.elapsed()
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "max_steps": max_steps,
+        "time_budget_s": clock.seconds,
+        "stopped_by": clock.stopped_by(steps),
+        "steps_per_s": steps / max(seconds, 1e-9),
+        "losses": [round(v, 6) for v in losses.values],
+    }
+
+
+def _log_header(setup: Setup) -> dict:
+    device = setup.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report = size_report()
+    return {
+        "status": "started",
+        "device": f"{device.type} ({name})",
+        "amp_bf16": setup.amp,
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "recipe": setup.recipe.to_dict(),
+        "parameters": report.params,
+        "phases": {},
+    }
+
+
+def _finish(log: dict, out: Path, started: float) -> dict:
+    files = weight_files(out)
+    return {**log, "files": files, "total_weight_bytes": sum(files.values()), "total_seconds": time.perf_counter() - started}
