@@ -18,6 +18,8 @@ worker count.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -72,6 +74,22 @@ class Attributes:
 def canonical_caption(a: Attributes) -> str:
     """The full caption, e.g. 'a small red circle in the top left on a black background'."""
     return f"a {a.size} {a.color} {a.shape} in the {a.position} on a {a.background} background"
+
+
+def parse_caption(text: str) -> Attributes:
+    """The Attributes whose canonical caption is ``text`` (the inverse of ``canonical_caption``)."""
+    table = _canonical_table()
+    if text not in table:
+        raise ValueError(
+            f"{text!r} is not a canonical caption; expected the form {canonical_caption(next(iter(table.values())))!r}"
+        )
+    return table[text]
+
+
+@functools.cache
+def _canonical_table() -> dict[str, Attributes]:
+    every = itertools.product(BACKGROUNDS, COLORS, SHAPES, SIZES, POSITIONS)
+    return {canonical_caption(a): a for a in (Attributes(*values) for values in every)}
 
 
 def _article(word: str) -> str:

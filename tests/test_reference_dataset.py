@@ -188,6 +188,13 @@ def test_canonical_caption_is_exact():
     assert canonical_caption(a) == "a small red circle in the top left on a black background"
 
 
+def test_parse_caption_inverts_the_canonical_caption(sample):
+    for a in sample[1][:50]:
+        assert dataset.parse_caption(canonical_caption(a)) == a
+    with pytest.raises(ValueError, match="not a canonical caption"):
+        dataset.parse_caption("a red circle")
+
+
 def test_random_captions_always_name_colour_and_shape():
     rng = np.random.default_rng(0)
     a = Attributes("gray", "orange", "triangle", "large", "bottom right")
