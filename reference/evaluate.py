@@ -40,7 +40,7 @@ from reference.dataset import (
 REAL_SEED = 31337
 # A second real set, scored like a generated one, to show FID's small-sample floor.
 BASELINE_SEED = 31338
-METRICS = ("background", "color", "shape", "size", "position", "all", "classifier_all", "fid", "is", "sec_per_image")
+ACCURACIES = ("background", "color", "shape", "size", "position", "all", "classifier_all")
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def markdown_table(rows: list[tuple[Setting, dict[str, float]]], n: int, baselin
     header = "| scheduler | steps | guidance | bg | color | shape | size | position | all | clf all | FID | IS | sec/img |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for setting, m in rows:
-        accuracies = " | ".join(f"{100 * m[k]:.1f}" for k in METRICS[:7])
+        accuracies = " | ".join(f"{100 * m[k]:.1f}" for k in ACCURACIES)
         lines.append(
             f"| {setting.scheduler} | {setting.steps} | {setting.guidance:g} | {accuracies} "
             f"| {m['fid']:.2f} | {m['is']:.1f} | {m['sec_per_image']:.3f} |"
@@ -204,7 +204,8 @@ def markdown_table(rows: list[tuple[Setting, dict[str, float]]], n: int, baselin
 
 
 def summary_line(setting: Setting, m: dict[str, float]) -> str:
-    accuracies = " ".join(f"{k} {m[k]:.3f}" for k in METRICS[:7])
+    """One printable line of a setting's metrics."""
+    accuracies = " ".join(f"{k} {m[k]:.3f}" for k in ACCURACIES)
     return (
         f"{setting.scheduler} steps={setting.steps} guidance={setting.guidance:g}: {accuracies} | "
         f"FID {m['fid']:.2f} | IS {m['is']:.1f} | {m['sec_per_image']:.3f} s/img"
@@ -225,8 +226,8 @@ def evaluate(
     """Evaluate every setting on the same prompts; with ``out``, write results.md/.json and grids."""
     if not settings:
         raise ValueError("no settings to evaluate")
-    model = model or classifier.load()
-    real = real or real_statistics(model)
+    model = classifier.load() if model is None else model
+    real = real_statistics(model) if real is None else real
     prompts, attributes = prompt_set(n, seed)
     baseline = real_baseline_fid(model, real, n)
     log(f"real-vs-real FID at n={n}: {baseline:.2f}")
@@ -238,24 +239,34 @@ def evaluate(
         metrics, images = evaluate_setting(generate, setting, prompts, attributes, seed, model, real)
         rows.append((setting, metrics))
         log(summary_line(setting, metrics))
-        if out is not None and grid_n > 0:
-            caption_grid(images[:grid_n], prompts[:grid_n]).save(out / f"grid_{setting.slug}.png")
-    if out is not None:
-        (out / "results.md").write_text(markdown_table(rows, n, baseline))
-        records = [{"scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance, **m} for s, m in rows]
-        summary = {"n": n, "seed": seed, "real_baseline_fid": baseline, "results": records}
-        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out is not None:
+            # Rewritten after every setting so a long run that dies keeps what it finished.
+            write_results(out, rows, n, seed, baseline)
+            if grid_n > 0:
+                caption_grid(images[:grid_n], prompts[:grid_n]).save(out / f"grid_{setting.slug}.png")
     return rows
 
 
+def write_results(out: Path, rows: list[tuple[Setting, dict[str, float]]], n: int, seed: int, baseline: float) -> None:
+    """results.md (the table) and results.json (the same numbers, machine-readable) under ``out``."""
+    (out / "results.md").write_text(markdown_table(rows, n, baseline))
+    records = [{"scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance, **m} for s, m in rows]
+    summary = {"n": n, "seed": seed, "real_baseline_fid": baseline, "results": records}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(
         prog="python -m reference.evaluate",
         description=__doc__.split("\n\n")[0] + " Every combination of --scheduler, --steps and --guidance is one setting.",

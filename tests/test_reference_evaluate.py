@@ -218,3 +218,16 @@ def test_cli_rejects_too_few_images(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--bundle", "engines/x", "--n", "1"])
     assert "--n must be at least 2" in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_real_bundle(bundle_batch2, tmp_path, capsys):
+    # A random tiny model: this checks the runtime wiring (batching, padding, outputs), not quality.
+    out = tmp_path / "eval"
+    argv = ["--bundle", str(bundle_batch2), "--n", "3", "--guidance", "1", "4", "--steps", "2", "--out", str(out)]
+    evaluate.main(argv + ["--real-n", "50", "--grid-n", "2"])
+    printed = capsys.readouterr().out
+    assert "ddim steps=2 guidance=4:" in printed and f"wrote {out / 'results.md'}" in printed
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["steps"], r["guidance"]) for r in rows] == [(2, 1.0), (2, 4.0)]
+    assert all(0 <= r["all"] <= 1 and np.isfinite(r["fid"]) and r["sec_per_image"] > 0 for r in rows)
+    assert (out / "grid_ddim_2steps_g4.png").is_file()
