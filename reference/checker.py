@@ -55,7 +55,7 @@ def _background_rgb(image: np.ndarray) -> np.ndarray:
 
 def _neighbours_max(mask: np.ndarray) -> np.ndarray:
     """For each pixel, the maximum over its 3x3 neighbourhood (grayscale dilation)."""
-    padded = np.pad(mask, 1, constant_values=mask.min() if mask.dtype != bool else False)
+    padded = np.pad(mask, 1)  # zeros (False) outside: nothing spreads in from the frame
     h, w = mask.shape
     out = mask.copy()
     for dy in range(3):
