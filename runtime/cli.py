@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance strength; <= 1 turns it off (default %(default)s)")
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same image on every backend (default: random, printed)")
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), help="sampler (default: the one the model's scheduler config names)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like (default 0)")
+    p.add_argument("--eta", type=float, help="DDIM eta: 0 is deterministic DDIM (the default), 1 is DDPM-like")
     p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider (default: cuda where installed, else cpu)")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG file to write; with batch > 1, NAME-0.png, NAME-1.png, ... (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

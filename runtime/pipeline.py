@@ -121,7 +121,7 @@ class Pipeline:
         seed: int | None = None,
         latents: np.ndarray | None = None,
         scheduler: str | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         output_type: str = "pil",
         callback: Progress = None,
     ) -> Any:
@@ -129,6 +129,7 @@ class Pipeline:
 
         seed: initial latents are `np.random.default_rng(seed).standard_normal(shape, float32)`;
         latents: pass your own (B, C, H/f, W/f) instead. callback(step, total, t) -> False cancels.
+        eta: DDIM's stochasticity (0 deterministic); an error for samplers without it.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
@@ -145,7 +146,7 @@ class Pipeline:
             np.asarray(latents, dtype=np.float32),
             self.schedule,
             steps,
-            eta=eta,
+            **({} if eta is None else {"eta": eta}),
             rng=np.random.default_rng(None if seed is None else seed + 1),
             callback=_step_callback(callback, steps),
         )
