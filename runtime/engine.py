@@ -63,8 +63,12 @@ def load_engine(component: Component, bundle: Path, backend: str | None = None, 
 
         return OrtEngine(component, path, **options)  # type: ignore[arg-type]
     if kind == "tensorrt":
-        raise BundleError(
-            f"{component.name}: {path.name} is a TensorRT engine, and this runtime's TensorRT backend is not available yet; "
-            "build an ONNX Runtime bundle with `python -m export.build --backend onnxruntime`"
-        )
+        if component.format != "plan":
+            raise BundleError(
+                f"{component.name}: TensorRT runs .plan engines and {path.name} is {component.format}; open it with ONNX Runtime "
+                "(device='tensorrt' picks its TensorRT provider), or build engines with `python -m export.build --from-onnx BUNDLE`"
+            )
+        from .backends.tensorrt import TrtEngine
+
+        return TrtEngine(component, path, bundle=bundle, **options)  # type: ignore[arg-type]
     raise BundleError(f"{component.name}: unknown backend {kind!r} for format {component.format!r}")
