@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from runtime.manifest import SCHEMA, SCHEMA_VERSION, Component
 from . import onnx_export
 from .bundle import ENGINES, check_target, default_name, staging, write_manifest
 from .model import ModelError, SourceModel, load_model, write_tokenizer
+from .tensorrt import PRESETS, EngineBuildError, builder_settings, require_tensorrt, tensorrt_available
 from .verify import FP16_MAX, VerificationError, activation_peak, compare, sample_inputs, torch_reference
 
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-ldm"
@@ -26,16 +26,15 @@ Log = Callable[[str], None]
 
 
 def resolve_backend(asked: str, log: Log) -> str:
-    """TensorRT engines are built where TensorRT exists; elsewhere the ONNX Runtime flavour, said in one line."""
-    has_trt = importlib.util.find_spec("tensorrt") is not None
+    """TensorRT engines where TensorRT exists; `auto` elsewhere builds the ONNX Runtime flavour, said in one line."""
     if asked == "tensorrt":
-        raise SystemExit(
-            "error: --backend tensorrt needs TensorRT engine building, which this SDK version does not have yet "
-            f"({'TensorRT is installed' if has_trt else 'TensorRT is not installed: pip install tensorrt'}); "
-            "build the ONNX Runtime flavour with --backend onnxruntime"
-        )
+        require_tensorrt("--backend tensorrt", instead="or build the ONNX Runtime flavour with --backend onnxruntime")
+        return "tensorrt"
     if asked == "auto":
-        log("TensorRT engine building is not available here: building the ONNX Runtime flavour (--backend onnxruntime)")
+        if tensorrt_available():
+            log("TensorRT is installed: building TensorRT engines (--backend tensorrt)")
+            return "tensorrt"
+        log("TensorRT is not installed here: building the ONNX Runtime flavour (--backend onnxruntime)")
     return "onnxruntime"
 
 
@@ -144,13 +143,33 @@ def build(
     allow_pickle: bool = False,
     force: bool = False,
     log: Log = print,
+    builder_optimization_level: int | None = None,
+    workspace: int | None = None,
+    device_preset: str | None = None,
 ) -> Path:
-    """Export, verify and publish a bundle; returns its folder. Raises before writing anything on bad input."""
+    """Export, verify and publish a bundle; returns its folder. Raises before writing anything on bad input.
+
+    With the tensorrt backend the verified ONNX bundle is exported to a scratch folder first, then its
+    engines are built and verified as `--from-onnx` does; the TensorRT bundle keeps the ONNX files.
+    """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)} (int8 needs the TensorRT path)")
+        raise ValueError(
+            f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)} "
+            "(int8 engines are built with --from-onnx from a bundle whose UNet ONNX carries Q/DQ nodes)"
+        )
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    settings = builder_settings(device_preset, builder_optimization_level, workspace)
     backend = resolve_backend(backend, log)
+    if backend == "tensorrt":
+        from .from_onnx import build_from_onnx
+
+        if out is not None:
+            check_target(out, force)
+        with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:
+            onnx_options: dict[str, Any] = dict(precision=precision, height=height, width=width, batch_size=batch_size, allow_pickle=allow_pickle)
+            onnx_bundle = build(model_path, Path(tmp) / "onnx", backend="onnxruntime", log=log, **onnx_options)
+            return build_from_onnx(onnx_bundle, out, precision=precision, settings=settings, force=force, log=log)
     if out is not None:
         check_target(out, force)
     model = load_model(model_path, allow_pickle=allow_pickle)
@@ -176,31 +195,62 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", type=Path, default=REFERENCE_MODEL, help="diffusers model folder (default: the shipped reference model, %(default)s)")
     p.add_argument("--out", type=Path, help="bundle folder (default: engines/<model>-<H>x<W>-b<B>-<precision>-<backend>)")
-    p.add_argument("--precision", default="fp16", help="fp32 or fp16 (fp16 keeps a component in fp32 where it would overflow); default fp16")
+    p.add_argument(
+        "--precision",
+        help="fp32 or fp16 (fp16 keeps a component in fp32 where it would overflow); default fp16. "
+        "With --from-onnx also int8 (needs a UNet ONNX with Q/DQ nodes); default there: the bundle's own precision",
+    )
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=1, help="images per call; the engines have static shapes (default 1)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="engine backend (default auto)")
     p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.ckpt pickle weights (they can run code: trusted files only)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder; with TensorRT also keep an engine over its verification gate")
+    trt = p.add_argument_group("TensorRT engines (--backend tensorrt, --from-onnx)")
+    trt.add_argument(
+        "--from-onnx",
+        type=Path,
+        metavar="BUNDLE",
+        help="build TensorRT engines from an existing bundle's ONNX files, without torch (export on a workstation, "
+        "build on the target); writes a new bundle (default engines/<model>-<H>x<W>-b<B>-<precision>-tensorrt-<gpu>-<trt version>)",
+    )
+    trt.add_argument("--builder-optimization-level", type=int, metavar="N", help="TensorRT builder optimization level, 0 (fast build) to 5; default 3")
+    trt.add_argument("--workspace", type=int, metavar="MIB", help="limit of TensorRT's builder workspace memory pool, in MiB (default: the whole GPU)")
+    trt.add_argument("--device-preset", choices=sorted(PRESETS), help="builder limits for a device class, e.g. jetson-orin-nano: 1024 MiB workspace, one stream")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        build(
+def build_from_args(args: argparse.Namespace) -> Path:
+    """The CLI's two roads: a diffusers model folder, or --from-onnx an existing bundle."""
+    from .from_onnx import build_from_onnx
+
+    if args.from_onnx is None:
+        return build(
             args.model,
             args.out,
-            precision=args.precision,
+            precision=args.precision or "fp16",
             height=args.height,
             width=args.width,
             batch_size=args.batch_size,
             backend=args.backend,
             allow_pickle=args.allow_pickle,
             force=args.force,
+            builder_optimization_level=args.builder_optimization_level,
+            workspace=args.workspace,
+            device_preset=args.device_preset,
         )
-    except (ModelError, FileExistsError, VerificationError, BundleError, ValueError) as e:
+    clashes = [flag for flag, v in (("--height", args.height), ("--width", args.width), ("--backend onnxruntime", args.backend == "onnxruntime")) if v]
+    if clashes or args.batch_size != 1:
+        raise ValueError(f"--from-onnx builds the bundle's own shapes with TensorRT; drop {', '.join(clashes or ['--batch-size'])}")
+    settings = builder_settings(args.device_preset, args.builder_optimization_level, args.workspace)
+    return build_from_onnx(args.from_onnx, args.out, precision=args.precision, settings=settings, force=args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        build_from_args(args)
+    except (ModelError, FileExistsError, VerificationError, BundleError, EngineBuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

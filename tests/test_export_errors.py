@@ -61,8 +61,9 @@ def test_unknown_precision(tiny_model, tmp_path, capsys):
     assert code == 2 and "unknown precision 'fp8'" in err and "fp32, fp16" in err
 
 
+@pytest.mark.skipif(build_mod.tensorrt_available(), reason="TensorRT is installed here")
 def test_tensorrt_backend_missing_is_refused(tiny_model, tmp_path):
-    with pytest.raises(SystemExit, match="--backend tensorrt.*--backend onnxruntime"):
+    with pytest.raises(build_mod.EngineBuildError, match="--backend tensorrt needs TensorRT.*pip install tensorrt.*--backend onnxruntime"):
         build(tiny_model, tmp_path / "b", backend="tensorrt", log=lambda _: None)
 
 

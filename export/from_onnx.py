@@ -1,0 +1,278 @@
+"""An ONNX bundle -> a verified TensorRT bundle, without torch: export on a workstation, build on the target.
+
+`python -m export.build --from-onnx BUNDLE` lands here. Each component's ONNX is copied into
+the new bundle next to its engine (so the bundle can always be rebuilt, here or on another
+GPU), built with export.tensorrt, and verified against that ONNX run by ONNX Runtime on the
+CPU with fixed inputs. An engine over its gate is refused unless `force`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from runtime.compat import Device
+from runtime.engine import Engine, load_engine
+from runtime.errors import BundleError
+from runtime.manifest import Component, Manifest, TensorSpec, load_manifest, sha256_file
+
+from .bundle import ENGINES, check_target, default_name, staging, write_manifest
+from .onnx_export import onnx_files
+from .tensorrt import (
+    TIMING_CACHE_DIR,
+    BuilderSettings,
+    EngineBuildError,
+    Precision,
+    build_engine,
+    choose_precision,
+    has_qdq,
+    require_tensorrt,
+    timing_cache_path,
+)
+
+# Engine vs the ONNX it was built from, max |engine - onnx| / max(1, max |onnx|) per output.
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 1e-1}
+Log = Callable[[str], None]
+BuildFn = Callable[[str, Path, Sequence[TensorSpec], Precision, BuilderSettings, Path | None], bytes]
+OpenFn = Callable[[Component, Path], Engine]
+
+
+class VerificationFailed(EngineBuildError):
+    """A built engine is further from its ONNX than its precision's gate."""
+
+
+def onnx_component(component: Component) -> Component:
+    """The ONNX a component was (or will be) built from: itself for an ONNX bundle, `build.onnx` for a plan."""
+    if component.format == "onnx":
+        return component
+    recorded = component.build.get("onnx")
+    if not isinstance(recorded, dict):
+        raise BundleError(f"{component.name}: this TensorRT bundle does not carry the ONNX its engine was built from; rebuild from the ONNX bundle")
+    return Component.from_json(component.name, recorded)
+
+
+def check_source_files(bundle: Path, manifest: Manifest, needed: Sequence[str]) -> None:
+    """The files a rebuild reads (ONNX, tokenizer) must be unaltered; the old engines may be anything."""
+    for rel, digest in manifest.files.items():
+        if not any(rel == n or rel.startswith(n.rstrip("/") + "/") for n in needed):
+            continue
+        f = bundle / rel
+        if not f.is_file() or sha256_file(f) != digest:
+            state = "is missing" if not f.is_file() else "was altered or corrupted"
+            raise BundleError(f"{bundle}: {rel} {state}; re-export the ONNX bundle with `python -m export.build --backend onnxruntime --force`")
+
+
+def fixed_inputs(component: Component, manifest: Manifest, seed: int = 0) -> dict[str, np.ndarray]:
+    """Realistic fixed inputs: real token ids, unit-normal latents, a mid-schedule timestep, images in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for t in component.inputs:
+        value: np.ndarray
+        if t.name == "input_ids":
+            ids = np.full(t.shape, 49407, dtype=np.int64)  # <|endoftext|> padding, as SD 1.x
+            ids[:, 0] = 49406
+            ids[:, 1:6] = rng.integers(300, 40000, size=(t.shape[0], 5))
+            value = ids
+        elif t.name == "timestep":
+            value = np.full(t.shape, 499.0)
+        elif t.name == "latent_sample":
+            value = rng.standard_normal(t.shape) / manifest.vae_scaling_factor
+        elif t.name == "sample" and component.name == "vae_encoder":
+            value = rng.uniform(-1, 1, t.shape)
+        else:
+            value = rng.standard_normal(t.shape)
+        out[t.name] = value.astype(t.dtype)
+    return out
+
+
+def error_figures(got: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], tolerance: float) -> dict[str, Any]:
+    """Per-output max abs and relative error, the worst, and whether it is within the gate."""
+    figures: dict[str, Any] = {"tolerance": tolerance, "outputs": {}}
+    worst = 0.0
+    for name, ref in reference.items():
+        ref = np.asarray(ref, dtype=np.float32)
+        out = np.asarray(got[name], dtype=np.float32)
+        finite = bool(np.isfinite(out).all())
+        abs_err = float(np.abs(out - ref).max()) if finite else float("inf")
+        rel = abs_err / max(1.0, float(np.abs(ref).max()))
+        figures["outputs"][name] = {"max_abs_err": abs_err, "rel_err": rel, "ref_max_abs": float(np.abs(ref).max()), "finite": finite}
+        worst = max(worst, rel)
+    figures["rel_err"] = worst
+    figures["passed"] = worst <= tolerance
+    return figures
+
+
+def run_engine(open_engine: OpenFn, component: Component, path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    engine = open_engine(component, path)
+    try:
+        return engine(feed)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+
+
+def from_onnx_args(precision: str, settings: BuilderSettings) -> list[str]:
+    """The export.build flags that reproduce this build; the manifest keeps them for the rebuild command."""
+    args = ["--precision", precision]
+    if settings.preset:
+        args += ["--device-preset", settings.preset]
+    args += ["--builder-optimization-level", str(settings.optimization_level)]
+    if settings.workspace_mib is not None:
+        args += ["--workspace", str(settings.workspace_mib)]
+    return args
+
+
+def plan_precisions(manifest: Manifest, sources: Mapping[str, Component], bundle: Path, asked: str, major: int | None) -> dict[str, Precision]:
+    """Each component's engine precision; with major None only the checks that need no TensorRT run."""
+    onnx_bundle_precision = str(manifest.raw.get("onnx_precision", manifest.raw.get("precision", "fp32")))
+    plans = {}
+    for name, src in sources.items():
+        qdq = has_qdq(bundle / src.file)
+        kept = onnx_bundle_precision != "fp32" and src.precision == "fp32"
+        plans[name] = choose_precision(asked, name, src.precision, qdq, major if major is not None else 10, kept_fp32=kept)
+    return plans
+
+
+def build_from_onnx(
+    source: Path,
+    out: Path | None = None,
+    *,
+    precision: str | None = None,
+    settings: BuilderSettings = BuilderSettings(),
+    force: bool = False,
+    log: Log = print,
+    device: Device | None = None,
+    build: BuildFn = build_engine,
+    open_engine: OpenFn | None = None,
+    timing_cache_root: Path = TIMING_CACHE_DIR,
+) -> Path:
+    """Build, verify and publish a TensorRT bundle from SOURCE's ONNX files; returns its folder.
+
+    device/build/open_engine default to this machine's GPU, TensorRT's builder and the runtime's
+    TensorRT engine; tests pass their own to exercise everything around TensorRT.
+    """
+    source = Path(source)
+    manifest = load_manifest(source, verify_files=False)
+    sources = {name: onnx_component(c) for name, c in manifest.components.items()}
+    tokenizer_dir = str(manifest.raw["tokenizer"]["dir"])
+    check_source_files(source, manifest, [*(f for c in sources.values() for f in _onnx_rel_files(source, c)), tokenizer_dir])
+    asked = precision or str(manifest.raw.get("onnx_precision", manifest.raw.get("precision", "fp16")))
+    plan_precisions(manifest, sources, source, asked, None)  # int8 without Q/DQ is refused before TensorRT is needed
+    if device is None:
+        require_tensorrt()
+        from runtime.backends.tensorrt import current_device
+
+        device = current_device()
+    precisions = plan_precisions(manifest, sources, source, asked, int(device.tensorrt.split(".")[0]))
+    if out is not None:
+        check_target(out, force)
+    out = out or ENGINES / default_name(str(manifest.raw["model"]["name"]), manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}")
+    check_target(out, force)
+    cache = timing_cache_path(device, timing_cache_root)
+    args = from_onnx_args(asked, settings)
+    log(f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, optimization level {settings.optimization_level})")
+    opener = open_engine or _open_trt
+    t0 = time.perf_counter()
+    with staging(out, force) as work:
+        shutil.copytree(source / tokenizer_dir, work / tokenizer_dir)
+        components = {}
+        for name, src in sources.items():
+            components[name] = _build_component(
+                name, src, source, work, precisions[name], settings, device, cache, args, manifest, build, opener, force, log
+            )
+        write_manifest(work, _manifest(manifest, components, asked, device, settings, args))
+    log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
+    return out
+
+
+def _onnx_rel_files(bundle: Path, component: Component) -> list[str]:
+    return [str(f.relative_to(bundle)) for f in onnx_files(bundle / component.file)] or [component.file]
+
+
+def _open_trt(component: Component, path: Path) -> Engine:
+    from runtime.backends.tensorrt import TrtEngine
+
+    return TrtEngine(component, path, check_device=False)
+
+
+def _build_component(
+    name: str,
+    src: Component,
+    source: Path,
+    work: Path,
+    precision: Precision,
+    settings: BuilderSettings,
+    device: Device,
+    cache: Path,
+    args: list[str],
+    manifest: Manifest,
+    build: BuildFn,
+    open_engine: OpenFn,
+    force: bool,
+    log: Log,
+) -> Component:
+    """Copy the ONNX, build its engine, verify the engine against the ONNX through ONNX Runtime."""
+    for rel in _onnx_rel_files(source, src):
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, work / rel)
+    t0 = time.perf_counter()
+    plan = build(name, work / src.file, src.inputs, precision, settings, cache)
+    seconds = round(time.perf_counter() - t0, 2)
+    plan_file = str(Path(src.file).with_suffix(".plan"))
+    (work / plan_file).write_bytes(plan)
+    component = Component(
+        name=name,
+        file=plan_file,
+        format="plan",
+        precision=precision.name,
+        inputs=src.inputs,
+        outputs=src.outputs,
+        build={
+            "builder": "tensorrt",
+            **device.to_json(),
+            "flags": {**precision.flags(), **settings.to_json()},
+            "timing_cache": str(cache),
+            "seconds": seconds,
+            "from_onnx_args": args,
+            "onnx": src.to_json(),
+        },
+    )
+    feed = fixed_inputs(src, manifest)
+    reference = load_engine(src, work, backend="onnxruntime", device="cpu")(feed)
+    figures = error_figures(run_engine(open_engine, component, work / plan_file, feed), reference, TOLERANCE[precision.name])
+    figures["reference"] = f"the {src.precision} ONNX through ONNX Runtime (CPU), fixed inputs (seed 0)"
+    if src.verification:
+        figures["onnx_vs_fp32_torch"] = src.verification.get("rel_err")
+    log(
+        f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
+        + ("" if figures["passed"] else "  OVER THE GATE")
+    )
+    if not figures["passed"] and not force:
+        raise VerificationFailed(
+            f"{name}: the {precision.name} engine differs from its ONNX by {figures['rel_err']:.3g} (relative to the output "
+            f"range; the gate is {figures['tolerance']:g}); nothing was written. Try a higher precision "
+            f"(--precision fp32), or pass --force to keep it anyway (the manifest records the failure)"
+        )
+    return replace(component, verification=figures)
+
+
+def _manifest(
+    source: Manifest, components: dict[str, Component], precision: str, device: Device, settings: BuilderSettings, args: list[str]
+) -> dict[str, Any]:
+    raw = {k: v for k, v in source.raw.items() if k not in ("files", "components", "tensorrt")}
+    return {
+        **raw,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": "tensorrt",
+        "precision": precision,
+        "onnx_precision": source.raw.get("onnx_precision", source.raw.get("precision")),
+        "tensorrt": {**device.to_json(), "builder": settings.to_json(), "from_onnx_args": args},
+        "components": {name: c.to_json() for name, c in components.items()},
+    }
