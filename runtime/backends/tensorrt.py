@@ -40,9 +40,13 @@ T = TypeVar("T")
 def require_tensorrt() -> None:
     """Raise a BundleError naming the packages to install unless tensorrt and cuda-python import (no fallback)."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
+
+        version = getattr(tensorrt, "__version__", None)
     except ImportError:
-        raise BundleError(f"this bundle holds TensorRT engines, and TensorRT is not installed here: {INSTALL}") from None
+        version = None
+    if version is None:  # absent, or only tensorrt-stubs' folder of .pyi files (an empty namespace package)
+        raise BundleError(f"this bundle holds TensorRT engines, and TensorRT is not installed here: {INSTALL}")
     try:
         from cuda.bindings import runtime  # noqa: F401
     except ImportError:
