@@ -170,10 +170,20 @@ def verify_bundle_files(bundle: Path, manifest: Manifest) -> None:
     for rel, digest in manifest.files.items():
         f = bundle / rel
         if not f.is_file():
-            raise BundleError(f"bundle {bundle} is missing {rel}; rebuild it with `python -m export.build --force`")
+            raise BundleError(f"bundle {bundle} is missing {rel}; rebuild it with `{_rebuild_hint(bundle, manifest, rel)}`")
         actual = sha256_file(f)
         if actual != digest:
             raise BundleError(
                 f"bundle {bundle}: {rel} was altered or corrupted (sha256 {actual[:12]}..., manifest says {digest[:12]}...); "
-                "rebuild it with `python -m export.build --force`"
+                f"rebuild it with `{_rebuild_hint(bundle, manifest, rel)}`"
             )
+
+
+def _rebuild_hint(bundle: Path, manifest: Manifest, rel: str) -> str:
+    """A damaged TensorRT engine is rebuilt from the ONNX its bundle carries; anything else by a fresh export."""
+    plan = next((c for c in manifest.components.values() if c.format == "plan" and c.file == rel), None)
+    if plan is None:
+        return "python -m export.build --force"
+    from .compat import rebuild_command
+
+    return rebuild_command(bundle, plan, in_place=True)
