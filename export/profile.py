@@ -35,7 +35,9 @@ class EngineCommands:
 
     component: str
     onnx: str
-    engine: str
+    engine: str  # what the build line writes
+    timed: str  # what the time line loads: the bundle's own .plan, or the rebuilt engine
+    timing_cache: str
     build: list[str]
     time: list[str]
 
@@ -104,7 +106,7 @@ def commands_for(
     build = [trtexec, f"--onnx={onnx}", f"--saveEngine={rebuilt}", *profile, *precision_flags(engine_precision), *builder_flags(settings, timing_cache), "--skipInference"]
     timed = bundle / component.file if component.format == "plan" else rebuilt
     time = [trtexec, f"--loadEngine={timed}", f"--shapes={shape_spec(src.inputs)}", "--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
-    return EngineCommands(component.name, str(onnx), str(rebuilt), build, time)
+    return EngineCommands(component.name, str(onnx), str(rebuilt), str(timed), str(timing_cache), build, time)
 
 
 def _default_timing_cache(bundle: Path, component: Component) -> Path:
@@ -147,10 +149,8 @@ def run(commands: Sequence[EngineCommands], trtexec: str) -> int:
         raise FileNotFoundError(f"trtexec not found ({trtexec!r} is not on PATH): {TRTEXEC_HINT}")
     for c in commands:
         Path(c.engine).parent.mkdir(parents=True, exist_ok=True)
+        Path(c.timing_cache).parent.mkdir(parents=True, exist_ok=True)
         for argv in (c.build, c.time):
-            cache = next((a.split("=", 1)[1] for a in argv if a.startswith("--timingCacheFile=")), None)
-            if cache:
-                Path(cache).parent.mkdir(parents=True, exist_ok=True)
             print(f"$ {shlex.join(argv)}", flush=True)
             done = subprocess.run(argv, check=False)
             if done.returncode != 0:
