@@ -267,6 +267,102 @@ def test_onnx_component_cannot_be_forced_onto_tensorrt(bundle_fp32):
         load_engine(unet, bundle_fp32, backend="tensorrt")
 
 
+# -- the runtime engine's data path, on stand-ins for tensorrt and cudart --------------------
+
+
+@pytest.fixture
+def fake_gpu(trt_copy, monkeypatch):
+    """The TensorRT bundle's UNet with a fake engine behind it, on a fake Orin with TensorRT 10.3.0.30."""
+    from . import fake_tensorrt
+
+    unet = load_manifest(trt_copy, verify_files=False).components["unet"]
+    (trt_copy / unet.file).write_bytes(fake_tensorrt.FAKE_PLAN)
+    gpu = fake_tensorrt.Gpu()
+    tensors = {t.name: (t.shape, t.dtype) for t in (*unet.inputs, *unet.outputs)}
+    fake_tensorrt.install(monkeypatch, gpu, tensors)
+    return gpu, unet, trt_copy, tensors
+
+
+def unet_feed(unet, seed):
+    rng = np.random.default_rng(seed)
+    return {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in unet.inputs}
+
+
+def expected_unet(feed):
+    return 2 * feed["sample"] + feed["timestep"][:, None, None, None]
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_engine_copies_in_runs_and_copies_out(fake_gpu, cuda_graph):
+    from runtime.backends.tensorrt import TrtEngine
+
+    gpu, unet, bundle, _ = fake_gpu
+    with TrtEngine(unet, bundle / unet.file, bundle=bundle, cuda_graph=cuda_graph) as engine:
+        assert engine.uses_cuda_graph is cuda_graph
+        assert len(gpu.memory) == 2 * 4  # a device and a pinned host buffer per tensor, once
+        for seed in (1, 2):  # a new feed each call: a graph must replay copies from the same buffers
+            feed = unet_feed(unet, seed)
+            out = engine(feed)["out_sample"]
+            np.testing.assert_array_equal(out, expected_unet(feed))
+        out[...] = 0  # results are copies, not views of the pinned buffers
+        np.testing.assert_array_equal(engine(feed)["out_sample"], expected_unet(feed))
+        assert gpu.launches == (3 if cuda_graph else 0)
+        with pytest.raises(runtime.errors.FeedError, match="unet.timestep: dtype float64"):
+            engine({**feed, "timestep": feed["timestep"].astype(np.float64)})
+    assert gpu.memory == {}  # the context manager freed every buffer
+    with pytest.raises(BundleError, match="unet: this TensorRT engine was closed"):
+        engine(feed)
+    engine.close()
+
+
+def test_engine_through_load_engine_checks_the_device(fake_gpu):
+    gpu, unet, bundle, _ = fake_gpu
+    with load_engine(unet, bundle) as engine:
+        np.testing.assert_array_equal(engine(unet_feed(unet, 0))["out_sample"], expected_unet(unet_feed(unet, 0)))
+    gpu.name = b"NVIDIA GeForce RTX 4090"
+    with pytest.raises(BundleError, match=r"built on a Orin, this GPU is a NVIDIA GeForce RTX 4090.*`python -m export.build --from-onnx"):
+        load_engine(unet, bundle)
+    assert gpu.memory == {}
+
+
+def test_corrupt_and_empty_plans_name_the_file_and_the_rebuild(fake_gpu):
+    from runtime.backends.tensorrt import TrtEngine
+
+    _, unet, bundle, _ = fake_gpu
+    plan = bundle / unet.file
+    plan.write_bytes(b"\x00garbage")
+    with pytest.raises(BundleError) as e:
+        TrtEngine(unet, plan, bundle=bundle)
+    assert f"{plan} could not be deserialised by TensorRT 10.3.0.30 (a corrupt or truncated .plan" in str(e.value)
+    assert "magic tag does not match" in str(e.value)
+    assert f"`python -m export.build --from-onnx {bundle} --out {bundle} --force --precision fp32 --builder-optimization-level 3`" in str(e.value)
+    plan.write_bytes(b"")
+    with pytest.raises(BundleError, match="model.plan is missing or empty: not a TensorRT engine; rebuild it with `python -m export.build --from-onnx"):
+        TrtEngine(unet, plan, bundle=bundle)
+
+
+def test_engine_that_disagrees_with_the_manifest_is_refused(fake_gpu, monkeypatch):
+    from runtime.backends.tensorrt import TrtEngine
+
+    from . import fake_tensorrt
+
+    gpu, unet, bundle, tensors = fake_gpu
+    fake_tensorrt.install(monkeypatch, gpu, {**tensors, "sample": ((2, 4, 8, 8), "float16")})
+    with pytest.raises(BundleError, match=r"tensor sample is float16 \(2, 4, 8, 8\) in the engine but float32 \(2, 4, 8, 8\) in the manifest"):
+        TrtEngine(unet, bundle / unet.file, bundle=bundle)
+    assert gpu.memory == {}
+
+
+def test_out_of_gpu_memory_frees_what_was_allocated(fake_gpu):
+    from runtime.backends.tensorrt import CudaError, TrtEngine
+
+    gpu, unet, bundle, _ = fake_gpu
+    gpu.fail_malloc_after = 3
+    with pytest.raises(CudaError, match="allocating .* failed: cudaErrorMemoryAllocation; free GPU memory"):
+        TrtEngine(unet, bundle / unet.file, bundle=bundle)
+    assert gpu.memory == {}
+
+
 # -- builder settings, precision policy, ONNX inspection -----------------------------------
 
 

@@ -1,0 +1,214 @@
+"""Stand-ins for `tensorrt` and cuda-python's cudart, for driving the TensorRT code paths on a CPU.
+
+Only the calls export/tensorrt.py and runtime/backends/tensorrt.py make, with the documented
+shapes of their results (cudart: (error, *values) tuples). "Device memory" is host memory here;
+a stream records nothing and runs at once, except while capturing, when copies and engine runs
+are recorded into the "graph" and replayed by cudaGraphLaunch, as CUDA does. The fake engine
+computes out = 2 * sample + timestep (per batch item) for a UNet-shaped component.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+FAKE_PLAN = b"FAKEPLAN"
+DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64"}
+
+
+class cudaError_t(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
+    cudaErrorStreamCaptureInvalidated = 901
+
+
+class cudaMemcpyKind(enum.IntEnum):
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+
+
+class cudaStreamCaptureMode(enum.IntEnum):
+    cudaStreamCaptureModeGlobal = 0
+
+
+@dataclass
+class Gpu:
+    """The fake machine: its name, its memory, what is captured, and knobs to make calls fail."""
+
+    name: bytes = b"Orin"
+    major: int = 8
+    minor: int = 7
+    memory: dict[int, Any] = field(default_factory=dict)
+    capturing: list[Callable[[], None]] | None = None
+    fail_malloc_after: int | None = None
+    launches: int = 0
+
+    def alloc(self, size: int) -> tuple[cudaError_t, int]:
+        if self.fail_malloc_after is not None and len(self.memory) >= self.fail_malloc_after:
+            return cudaError_t.cudaErrorMemoryAllocation, 0
+        buf = ctypes.create_string_buffer(size)
+        self.memory[ctypes.addressof(buf)] = buf
+        return cudaError_t.cudaSuccess, ctypes.addressof(buf)
+
+    def free(self, ptr: int) -> tuple[cudaError_t]:
+        return (cudaError_t.cudaSuccess if self.memory.pop(ptr, None) is not None else cudaError_t.cudaErrorInvalidValue,)
+
+    def run(self, op: Callable[[], None]) -> None:
+        if self.capturing is not None:
+            self.capturing.append(op)
+        else:
+            op()
+
+
+def view(ptr: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_uint8 * n).from_address(ptr), dtype=dtype).reshape(shape)
+
+
+def make_cudart(gpu: Gpu) -> types.ModuleType:
+    ok = cudaError_t.cudaSuccess
+    m = types.ModuleType("cuda.bindings.runtime")
+    m.cudaError_t, m.cudaMemcpyKind, m.cudaStreamCaptureMode = cudaError_t, cudaMemcpyKind, cudaStreamCaptureMode
+    m.cudaGetErrorName = lambda err: (ok, cudaError_t(err).name.encode())
+    m.cudaGetDeviceCount = lambda: (ok, 1)
+    m.cudaSetDevice = lambda index: (ok,)
+    m.cudaGetDeviceProperties = lambda index: (ok, types.SimpleNamespace(name=gpu.name, major=gpu.major, minor=gpu.minor))
+    m.cudaStreamCreate = lambda: (ok, Stream())
+    m.cudaStreamDestroy = lambda stream: (ok,)
+    m.cudaStreamSynchronize = lambda stream: (ok,)
+    m.cudaMalloc = gpu.alloc
+    m.cudaMallocHost = gpu.alloc
+    m.cudaFree = gpu.free
+    m.cudaFreeHost = gpu.free
+
+    def memcpy(dst: int, src: int, count: int, kind: cudaMemcpyKind, stream: Any) -> tuple[cudaError_t]:
+        gpu.run(lambda: ctypes.memmove(dst, src, count))
+        return (ok,)
+
+    def begin(stream: Any, mode: cudaStreamCaptureMode) -> tuple[cudaError_t]:
+        gpu.capturing = []
+        return (ok,)
+
+    def end(stream: Any) -> tuple[cudaError_t, list[Callable[[], None]]]:
+        graph, gpu.capturing = gpu.capturing or [], None
+        return ok, graph
+
+    def launch(graph: list[Callable[[], None]], stream: Any) -> tuple[cudaError_t]:
+        gpu.launches += 1
+        for op in graph:
+            op()
+        return (ok,)
+
+    m.cudaMemcpyAsync = memcpy
+    m.cudaStreamBeginCapture, m.cudaStreamEndCapture = begin, end
+    m.cudaGraphInstantiate = lambda graph, flags: (ok, graph)
+    m.cudaGraphLaunch = launch
+    m.cudaGraphExecDestroy = m.cudaGraphDestroy = lambda graph: (ok,)
+    return m
+
+
+class Stream:
+    def __int__(self) -> int:
+        return 1234
+
+
+class DataType:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class FakeEngine:
+    """A UNet-shaped engine over the manifest's tensors: out_sample = 2 * sample + timestep."""
+
+    def __init__(self, gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        self.gpu, self.tensors = gpu, tensors
+        self.num_io_tensors = len(tensors)
+
+    def get_tensor_name(self, i: int) -> str:
+        return list(self.tensors)[i]
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][0]
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return DataType(DTYPE_NAMES[self.tensors[name][1]])
+
+    def create_execution_context(self) -> "FakeContext":
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine, self.addresses = engine, {}
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.engine.tensors[name][0]
+
+    def set_input_shape(self, name: str, shape: Any) -> bool:
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        t, a = self.engine.tensors, self.addresses
+
+        def compute() -> None:
+            sample = view(a["sample"], *t["sample"])
+            timestep = view(a["timestep"], *t["timestep"])
+            view(a["out_sample"], *t["out_sample"])[...] = 2 * sample + timestep[:, None, None, None]
+
+        self.engine.gpu.run(compute)
+        return True
+
+
+def make_tensorrt(gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30") -> types.ModuleType:
+    m = types.ModuleType("tensorrt")
+    m.__version__ = version
+
+    class Severity(enum.IntEnum):
+        INTERNAL_ERROR = 0
+        ERROR = 1
+        WARNING = 2
+        INFO = 3
+
+    class ILogger:
+        def __init__(self) -> None:
+            pass
+
+    ILogger.Severity = Severity
+
+    class Runtime:
+        def __init__(self, logger: ILogger) -> None:
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, plan: bytes) -> FakeEngine | None:
+            if not plan.startswith(FAKE_PLAN):
+                self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (magic tag does not match)")
+                return None
+            return FakeEngine(gpu, tensors)
+
+    m.ILogger, m.Runtime = ILogger, Runtime
+    m.Dims = tuple
+    return m
+
+
+def install(monkeypatch: Any, gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30") -> None:
+    """Make `import tensorrt` and `from cuda.bindings import runtime` return the fakes for one test."""
+    cudart = make_cudart(gpu)
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = bindings
+    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(gpu, tensors, version))
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
