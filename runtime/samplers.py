@@ -1,80 +1,95 @@
-"""Samplers: pure functions `sample_x(model, x, schedule, steps, ...) -> x`.
+"""Samplers: pure functions `sample_x(model, x, schedule, steps, *, rng=None, callback=None, **options) -> x`.
 
-`model(x, t)` returns the network's raw output (epsilon, v or x0, per the schedule's
-prediction_type); guidance is the model wrapper's business, not the sampler's.
-`callback(i, t, x)` runs after every step. Noise comes only from the `rng` passed in.
+Each one is step for step the diffusers scheduler of the same family, reading the model's
+scheduler config as `ThatScheduler.from_config(config)` would.
+`model(x, t)` returns the network's raw output (epsilon, v or x0, per the config's
+prediction_type) for latents x at timestep t; guidance is the model wrapper's business.
+`x` comes in as unit-variance noise: the sampler scales it by diffusers' init_noise_sigma,
+and scales the model's input where diffusers' scale_model_input does.
+`callback(i, t, x)` runs after every step (one per requested step, however many model calls
+it took); noise comes only from the `rng` passed in, and only where a sampler draws it.
+The returned x is the final denoised latent, ready for the VAE.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+import inspect
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .schedule import NoiseSchedule, spaced_timesteps
+from .sampling.common import Callback, Model, to_x0_eps
+from .sampling.consistency import sample_lcm, sample_tcd
+from .sampling.discrete import sample_ddim, sample_ddpm, sample_pndm
+from .sampling.karras import sample_euler, sample_euler_a, sample_heun
+from .sampling.multistep import sample_dpmpp_2m, sample_dpmpp_2m_karras, sample_unipc
 
-Model = Callable[[np.ndarray, float], np.ndarray]
-Callback = Optional[Callable[[int, float, np.ndarray], None]]
+__all__ = [
+    "Model", "Callback", "to_x0_eps", "SAMPLERS", "DEFAULT_FOR_CLASS", "default_sampler", "get_sampler", "sampler_options",
+    "sample_ddpm", "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_a", "sample_heun",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_karras", "sample_unipc", "sample_lcm", "sample_tcd",
+]  # fmt: skip
 
+SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "pndm": sample_pndm,
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m_karras,
+    "unipc": sample_unipc,
+    "lcm": sample_lcm,
+    "tcd": sample_tcd,
+}
 
-def to_x0_eps(output: np.ndarray, x: np.ndarray, abar: float, prediction_type: str) -> tuple[np.ndarray, np.ndarray]:
-    """Recover (x0, epsilon) from a model output of any prediction type (Salimans & Ho 2022 for v)."""
-    a, s = abar**0.5, (1.0 - abar) ** 0.5
-    if prediction_type == "epsilon":
-        return (x - s * output) / a, output
-    if prediction_type == "v_prediction":
-        return a * x - s * output, a * output + s * x
-    if prediction_type == "sample":
-        return output, (x - a * output) / s
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
-def sample_ddim(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    eta: float = 0.0,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
-    """DDIM (Song et al. 2020, arXiv:2010.02502), step for step as diffusers' DDIMScheduler."""
-    if eta and rng is None:
-        raise ValueError("ddim with eta > 0 draws noise: pass rng=np.random.default_rng(seed)")
-    acp = schedule.alphas_cumprod
-    timesteps = spaced_timesteps(schedule, steps)
-    stride = schedule.num_train_timesteps // steps
-    for i, t in enumerate(timesteps):
-        # diffusers steps back by a fixed stride, not to the next listed timestep
-        prev = t - stride
-        abar, abar_prev = acp[t], (acp[prev] if prev >= 0 else schedule.final_alpha_cumprod)
-        x0, eps = to_x0_eps(model(x, float(t)), x, abar, schedule.prediction_type)
-        if schedule.clip_sample:
-            r = schedule.clip_sample_range
-            x0 = np.clip(x0, -r, r)  # eps stays unclipped, as diffusers' default step()
-        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
-        x = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
-        if sigma > 0:
-            x = x + sigma * rng.standard_normal(x.shape, dtype=np.float32)  # type: ignore[union-attr]
-        x = x.astype(np.float32, copy=False)
-        if callback is not None:
-            callback(i, float(t), x)
-    return x
+# The diffusers scheduler class a model's config names -> the sampler that reproduces it.
+DEFAULT_FOR_CLASS = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
+}
 
 
-SAMPLERS: dict[str, Callable[..., np.ndarray]] = {"ddim": sample_ddim}
+def default_sampler(class_name: str | None, config: Mapping[str, Any] | None = None) -> str:
+    """The sampler a model's scheduler_config names; DDIM for classes we do not reproduce."""
+    name = DEFAULT_FOR_CLASS.get(class_name or "", "ddim")
+    if name == "dpmpp_2m" and (config or {}).get("use_karras_sigmas"):
+        return "dpmpp_2m_karras"
+    return name
 
-# The diffusers scheduler class a model's config names -> our sampler for it.
-DEFAULT_FOR_CLASS = {"DDIMScheduler": "ddim"}
 
-
-def default_sampler(class_name: str | None) -> str:
-    """The sampler a model's scheduler_config names; DDIM where we have no exact match yet."""
-    return DEFAULT_FOR_CLASS.get(class_name or "", "ddim")
+def sampler_options(name: str) -> tuple[str, ...]:
+    """The keyword options a sampler takes besides rng and callback (e.g. ddim: eta)."""
+    params = inspect.signature(_lookup(name)).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("rng", "callback"))
 
 
 def get_sampler(name: str) -> Callable[..., np.ndarray]:
+    """The sampler called `name`, refusing options it does not have with a ValueError that lists its own."""
+    sampler, options = _lookup(name), sampler_options(name)
+
+    @functools.wraps(sampler)
+    def checked(model: Model, x: np.ndarray, schedule: Any, steps: int, **kwargs: Any) -> np.ndarray:
+        unknown = sorted(set(kwargs) - set(options) - {"rng", "callback"})
+        if unknown:
+            have = f"its options are {', '.join(options)}" if options else "it takes no options"
+            raise ValueError(f"sampler {name!r} has no option {', '.join(unknown)}; {have} (plus rng, callback)")
+        return sampler(model, x, schedule, steps, **kwargs)
+
+    return checked
+
+
+def _lookup(name: str) -> Callable[..., np.ndarray]:
     try:
         return SAMPLERS[name]
     except KeyError:

@@ -1,39 +1,157 @@
 """Noise schedules and timestep spacings, read from a diffusers scheduler_config.json.
 
-Everything is computed once per generation in float64; samplers cast at the boundary.
+A model ships one scheduler config, but any sampler may run on it: each sampler reads the
+config as its diffusers class would (`SomeScheduler.from_config(config)`): the model's value
+for every option that class has, the class's own default for the rest. Everything is
+computed once per generation in float64; samplers cast at the boundary.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")
+
+_BETAS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None)
+_THRESHOLDING = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+_SIGMA_SPACINGS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+_FLOW = dict(use_flow_sigmas=False, flow_shift=1.0, use_dynamic_shifting=False, time_shift_type="exponential")
+_CONSISTENCY = dict(
+    _BETAS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", original_inference_steps=50,
+    clip_sample=False, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+    **_THRESHOLDING, timestep_spacing="leading", timestep_scaling=10.0, rescale_betas_zero_snr=False,
+)  # fmt: skip
+
+# Every __init__ option of each diffusers (0.42) scheduler class we follow, with its default.
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDPMScheduler": dict(
+        _BETAS, variance_type="fixed_small", clip_sample=True, prediction_type="epsilon", **_THRESHOLDING,
+        clip_sample_range=1.0, timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False,
+    ),
+    "DDIMScheduler": dict(
+        _BETAS, clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon", **_THRESHOLDING,
+        clip_sample_range=1.0, timestep_spacing="leading", rescale_betas_zero_snr=False,
+    ),
+    "PNDMScheduler": dict(
+        _BETAS, skip_prk_steps=False, set_alpha_to_one=False, prediction_type="epsilon", timestep_spacing="leading",
+        steps_offset=0,
+    ),
+    "EulerDiscreteScheduler": dict(
+        _BETAS, prediction_type="epsilon", interpolation_type="linear", **_SIGMA_SPACINGS, sigma_min=None,
+        sigma_max=None, timestep_spacing="linspace", timestep_type="discrete", steps_offset=0,
+        rescale_betas_zero_snr=False, final_sigmas_type="zero",
+    ),
+    "EulerAncestralDiscreteScheduler": dict(
+        _BETAS, prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,
+    ),
+    "HeunDiscreteScheduler": dict(
+        _BETAS, beta_start=0.00085, beta_end=0.012, prediction_type="epsilon", **_SIGMA_SPACINGS, clip_sample=False,
+        clip_sample_range=1.0, timestep_spacing="linspace", steps_offset=0,
+    ),
+    "DPMSolverMultistepScheduler": dict(
+        _BETAS, solver_order=2, prediction_type="epsilon", **_THRESHOLDING, algorithm_type="dpmsolver++",
+        solver_type="midpoint", lower_order_final=True, euler_at_final=False, **_SIGMA_SPACINGS, use_lu_lambdas=False,
+        **_FLOW, final_sigmas_type="zero", lambda_min_clipped=-math.inf, variance_type=None,
+        timestep_spacing="linspace", steps_offset=0, rescale_betas_zero_snr=False,
+    ),
+    "UniPCMultistepScheduler": dict(
+        _BETAS, solver_order=2, prediction_type="epsilon", **_THRESHOLDING, predict_x0=True, solver_type="bh2",
+        lower_order_final=True, disable_corrector=[], solver_p=None, **_SIGMA_SPACINGS, **_FLOW,
+        timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero", rescale_betas_zero_snr=False,
+        sigma_min=None, sigma_max=None, shift_terminal=None,
+    ),
+    "LCMScheduler": dict(_CONSISTENCY),
+    "TCDScheduler": dict(_CONSISTENCY),
+}  # fmt: skip
+
+# diffusers' sigma-space schedulers clamp the zero-SNR terminal alpha-bar to 2**-24 so sigma_max stays finite.
+TERMINAL_ALPHA_FLOOR = {
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """The training-time schedule: alphas_cumprod over num_train_timesteps, float64."""
+    """A model's scheduler config as one diffusers class reads it, and its training alphas_cumprod (float64)."""
 
-    alphas_cumprod: np.ndarray
-    prediction_type: str
-    timestep_spacing: str
-    steps_offset: int
-    set_alpha_to_one: bool
-    clip_sample: bool
-    clip_sample_range: float
+    class_name: str
+    config: Mapping[str, Any]  # every option of class_name: the model's value, else the class default
+    source: Mapping[str, Any]  # the model's config as given (plus overrides), to be read again by another class
+    alphas_cumprod: np.ndarray = field(repr=False)
 
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
     @property
+    def prediction_type(self) -> str:
+        return self.config["prediction_type"]
+
+    @property
+    def timestep_spacing(self) -> str:
+        return self.config["timestep_spacing"]
+
+    @property
+    def steps_offset(self) -> int:
+        return int(self.config["steps_offset"])
+
+    @property
+    def clip_sample(self) -> bool:
+        return bool(self.config.get("clip_sample", False))
+
+    @property
+    def clip_sample_range(self) -> float:
+        return float(self.config.get("clip_sample_range", 1.0))
+
+    @property
     def final_alpha_cumprod(self) -> float:
-        """The alpha-bar DDIM steps to past t=0 (diffusers' `set_alpha_to_one`)."""
-        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
+        """The alpha-bar a step past t=0 lands on (diffusers' `set_alpha_to_one`)."""
+        return 1.0 if self.config.get("set_alpha_to_one", True) else float(self.alphas_cumprod[0])
+
+    def hidden(self, key: str) -> Any:
+        """An option read the way diffusers' `hasattr(self.config, key)` does: the class's, else the model's raw one."""
+        return self.config[key] if key in self.config else self.source.get(key)
+
+    def as_class(self, class_name: str, **overrides: Any) -> "NoiseSchedule":
+        """This model's config as `class_name.from_config(config, **overrides)` would read it."""
+        if class_name == self.class_name and all(self.config.get(k) == v for k, v in overrides.items()):
+            return self
+        return noise_schedule(self.source, class_name, **overrides)
+
+    def require(self, sampler: str, **supported: tuple[Any, ...]) -> None:
+        """Refuse config options this sampler does not implement, naming the option and what works."""
+        for key, ok in supported.items():
+            if key in self.config and self.config[key] not in ok:
+                raise ValueError(
+                    f"{sampler}: scheduler config {key}={self.config[key]!r} is not supported "
+                    f"(supported: {', '.join(map(repr, ok))}); change it in the model's scheduler config or pick another sampler"
+                )
+
+
+def noise_schedule(config: Mapping[str, Any], class_name: str = "DDIMScheduler", **overrides: Any) -> NoiseSchedule:
+    """What `class_name.from_config(config, **overrides)` builds: shared options kept, class defaults for the rest."""
+    if class_name not in CLASS_DEFAULTS:
+        raise ValueError(f"scheduler class {class_name!r} is not one of {', '.join(CLASS_DEFAULTS)}")
+    source = {**{k: v for k, v in config.items() if not k.startswith("_")}, **overrides}
+    defaults = CLASS_DEFAULTS[class_name]
+    resolved = {k: source.get(k, default) for k, default in defaults.items()}
+    prediction_type = resolved["prediction_type"]
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler config: prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+    betas = betas_for(resolved)
+    rescale = bool(resolved.get("rescale_betas_zero_snr", False))
+    if rescale:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    if rescale and class_name in TERMINAL_ALPHA_FLOOR:
+        alphas_cumprod[-1] = 2.0**-24
+    return NoiseSchedule(class_name, MappingProxyType(resolved), MappingProxyType(source), alphas_cumprod)
 
 
 def betas_for(config: Mapping[str, Any]) -> np.ndarray:
@@ -63,39 +181,45 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
-def noise_schedule(config: Mapping[str, Any]) -> NoiseSchedule:
-    """Build the schedule a diffusers scheduler would build from the same config."""
-    prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler config: prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
-    betas = betas_for(config)
-    if config.get("rescale_betas_zero_snr", False):
-        betas = rescale_zero_terminal_snr(betas)
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    return NoiseSchedule(
-        alphas_cumprod=alphas_cumprod,
-        prediction_type=prediction_type,
-        timestep_spacing=config.get("timestep_spacing", "leading"),
-        steps_offset=int(config.get("steps_offset", 0)),
-        set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
-        clip_sample=bool(config.get("clip_sample", False)),
-        clip_sample_range=float(config.get("clip_sample_range", 1.0)),
-    )
-
-
-def spaced_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
-    """The inference timesteps, descending, per timestep_spacing (Lin et al. 2023, Table 2)."""
+def check_steps(schedule: NoiseSchedule, steps: int) -> None:
     n = schedule.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ValueError(f"steps must be a whole number, got {steps!r}")
     if not 1 <= steps <= n:
         raise ValueError(f"steps must be between 1 and the model's {n} training timesteps, got {steps}")
+
+
+def spaced_timesteps(schedule: NoiseSchedule, steps: int, *, discrete: bool = True) -> np.ndarray:
+    """The inference timesteps, descending, per timestep_spacing (Lin et al. 2023, Table 2).
+
+    discrete=False keeps linspace's fractional timesteps, as diffusers' Euler and Heun do.
+    """
+    check_steps(schedule, steps)
+    n = schedule.num_train_timesteps
     spacing = schedule.timestep_spacing
     if spacing == "leading":
-        ratio = n // steps
-        ts = (np.arange(steps) * ratio).round()[::-1] + schedule.steps_offset
+        ts = (np.arange(steps) * (n // steps)).round()[::-1] + schedule.steps_offset
     elif spacing == "trailing":
         ts = np.round(np.arange(n, 0, -n / steps)) - 1
     elif spacing == "linspace":
-        ts = np.linspace(0, n - 1, steps).round()[::-1]
+        ts = np.linspace(0, n - 1, steps)[::-1]
+        if discrete:
+            ts = ts.round()
     else:
-        raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not one of leading, trailing, linspace")
-    return ts.astype(np.int64)
+        raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+    return ts.astype(np.int64) if discrete else ts.astype(np.float64)
+
+
+def consistency_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
+    """LCM/TCD's timesteps: `steps` evenly skipped from the original_inference_steps distillation grid."""
+    check_steps(schedule, steps)
+    n, original = schedule.num_train_timesteps, int(schedule.config["original_inference_steps"])
+    if not 1 <= original <= n:
+        raise ValueError(f"scheduler config: original_inference_steps must be between 1 and {n}, got {original}")
+    if steps > original:
+        raise ValueError(
+            f"steps ({steps}) cannot exceed the scheduler config's original_inference_steps ({original}): "
+            "the timesteps are a subset of that distillation grid"
+        )
+    grid = (np.arange(1, original + 1) * (n // original) - 1)[::-1]
+    return grid[np.floor(np.linspace(0, original, steps, endpoint=False)).astype(np.int64)]

@@ -1,0 +1,66 @@
+"""What every sampler shares: the model contract, prediction-type conversions, noise, per-step reporting."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..schedule import NoiseSchedule
+
+# model(x, t) -> the network's raw output (epsilon, v or x0, per the schedule's prediction_type)
+Model = Callable[[np.ndarray, float], np.ndarray]
+Callback = Optional[Callable[[int, float, np.ndarray], None]]
+
+
+def evaluate(model: Model, x: np.ndarray, t: float) -> np.ndarray:
+    """One network call: float32 latents in, as diffusers feeds them; float64 out, so each step's arithmetic is float64."""
+    return np.asarray(model(np.asarray(x, dtype=np.float32), float(t)), dtype=np.float64)
+
+
+def to_x0_eps(output: np.ndarray, x: np.ndarray, abar: float, prediction_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """Recover (x0, epsilon) from a model output of any prediction type (Salimans & Ho 2022 for v)."""
+    a, s = abar**0.5, (1.0 - abar) ** 0.5
+    if prediction_type == "epsilon":
+        return (x - s * output) / a, output
+    if prediction_type == "v_prediction":
+        return a * x - s * output, a * output + s * x
+    if prediction_type == "sample":
+        return output, (x - a * output) / s
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def threshold(x0: np.ndarray, ratio: float, max_value: float) -> np.ndarray:
+    """Dynamic thresholding (Saharia et al. 2022, arXiv:2205.11487): clip each sample at its |x0| quantile."""
+    flat = x0.reshape(len(x0), -1)
+    s = np.clip(np.quantile(np.abs(flat), ratio, axis=1), 1.0, max_value)[:, None]
+    return (np.clip(flat, -s, s) / s).reshape(x0.shape)
+
+
+def clean_x0(x0: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+    """Thresholding, else clip_sample, wherever the scheduler class has them and the config turns them on."""
+    config = schedule.config
+    if config.get("thresholding"):
+        return threshold(x0, float(config["dynamic_thresholding_ratio"]), float(config["sample_max_value"]))
+    if config.get("clip_sample"):
+        return np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+    return x0
+
+
+def require_rng(rng: np.random.Generator | None, sampler: str) -> np.random.Generator:
+    if rng is None:
+        raise ValueError(f"{sampler} draws noise: pass rng=np.random.default_rng(seed)")
+    return rng
+
+
+def noise(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
+    """The one way samplers draw noise: float32 standard normal of x's shape from the caller's generator."""
+    return rng.standard_normal(like.shape, dtype=np.float32)
+
+
+def step_done(x: np.ndarray, i: int, t: float, callback: Callback) -> np.ndarray:
+    """End of step i at timestep t: latents back to float32, then the caller hears about them."""
+    x = np.asarray(x, dtype=np.float32)
+    if callback is not None:
+        callback(i, float(t), x)
+    return x
