@@ -43,12 +43,6 @@ def learning_rate(base: float, step: int, progress: float, warmup_steps: int, mi
     return base * warm * cosine
 
 
-def time_shares(seconds_left: float, shares: tuple[float, ...]) -> list[float]:
-    """Split ``seconds_left`` between the remaining phases in proportion to their shares."""
-    total = sum(shares)
-    return [max(0.0, seconds_left) * s / total for s in shares]
-
-
 class Ticker:
     """Says when ``every_s`` seconds have passed since it last said so."""
 

@@ -31,11 +31,12 @@ from reference.caption_bank import CaptionSampler, build_caption_bank, load_toke
 from reference.dataset import make_dataset
 from reference.ema import EMA
 from reference.model_folder import save_pipeline, save_vae, weight_files, write_json
-from reference.pacing import PhaseClock, Ticker, learning_rate, say, time_shares
+from reference.pacing import PhaseClock, Ticker, learning_rate, say
 from reference.presets import Recipe
 
 LOG_NAME = "training_log.json"
 LATENT_BATCH = 512
+SAVE_RESERVE_S = 15.0  # kept free at the end of a time-limited run for the final save
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """(n, 64, 64, 3) uint8 -> (n, 3, 64, 64) float32 in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
 def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float, edge_weight: float):
@@ -219,53 +220,41 @@ def run(setup: Setup, started: float) -> dict:
     """Train every phase into ``setup.out`` and return the training log (also written beside the model)."""
     r, out = setup.recipe, setup.out
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(r.seed)
-    if setup.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    deadline = _deadline(started, r.time_limit)
-    log = _log_header(setup)
+    deadline = None if r.time_limit is None else started + r.time_limit - min(SAVE_RESERVE_S, 0.1 * r.time_limit)
     tokenizer = load_tokenizer(setup.tokenizer_dir)
-    for line in size_report().lines():
-        say(f"[model] {line}")
-
+    # Data first: the generator's worker processes are forked, best before CUDA is initialised.
     t = time.perf_counter()
     images_np, attributes = make_images(setup)
-    images = torch.from_numpy(images_np).to(setup.device)
     bank = build_caption_bank(tokenizer, attributes, r.captions_per_combination, r.seed + 1)
-    log["phases"]["data"] = {
-        "seconds": time.perf_counter() - t,
-        "n_images": len(attributes),
-        "distinct_captions": int(bank.token_ids.shape[0]),
-    }
-    say(f"[data] {len(attributes)} images, {bank.token_ids.shape[0]} distinct captions in {log['phases']['data']['seconds']:.1f}s")
+    data_log = {"seconds": time.perf_counter() - t, "n_images": len(attributes), "distinct_captions": len(bank.token_ids)}
+    say(f"[data] {len(attributes)} images, {len(bank.token_ids)} distinct captions in {data_log['seconds']:.1f}s")
 
-    vae_seconds = _share(deadline, (r.vae_time_share, r.unet_time_share), 0)
-    clock = PhaseClock(r.vae_steps, vae_seconds)
+    _configure_torch(setup)
+    log = _log_header(setup)
+    log["phases"]["data"] = data_log
+    images = torch.from_numpy(images_np).to(setup.device)
+
+    clock = PhaseClock(r.vae_steps, _seconds_left(deadline, r.vae_time_share))
     vae, vae_losses, vae_steps = train_vae(setup, images, clock)
-    log["phases"]["vae"] = _phase_log(clock, vae_steps, vae_losses, r.vae_steps)
-
+    log["phases"]["vae"] = _phase_log(clock, vae_steps, vae_losses)
     t = time.perf_counter()
     latents = encode_latents(setup, vae, images)
     scale = latents[2]
+    del images
     save_vae(vae, scale, out)
     log["phases"]["latents"] = {"seconds": time.perf_counter() - t, "scaling_factor": scale}
-    log["status"] = "vae saved"
-    write_json(out / LOG_NAME, _finish(log, out, started))
+    write_json(out / LOG_NAME, _finish(log, "vae saved", out, started))
     say(f"[vae] saved {out / 'vae'}; scaling_factor {scale:.4f}")
-    del images
 
     def checkpoint(text_ema: EMA, unet_ema: EMA) -> None:
         save_pipeline(vae, scale, text_ema.shadow, unet_ema.shadow, out, setup.tokenizer_dir)
 
-    clock = PhaseClock(r.unet_steps, _share(deadline, (1.0,), 0))
+    clock = PhaseClock(r.unet_steps, _seconds_left(deadline, 1.0))
     captions = CaptionSampler(bank, r.caption_dropout, setup.device)
     text_ema, unet_ema, unet_losses, unet_steps = train_text_unet(setup, latents, captions, clock, checkpoint)
-    log["phases"]["unet"] = _phase_log(clock, unet_steps, unet_losses, r.unet_steps)
+    log["phases"]["unet"] = _phase_log(clock, unet_steps, unet_losses)
     checkpoint(text_ema, unet_ema)
-    log["status"] = "complete"
-    log = _finish(log, out, started)
+    log = _finish(log, "complete", out, started)
     write_json(out / LOG_NAME, log)
     for name, size in log["files"].items():
         say(f"[saved] {name}: {size / 1e6:.2f} MB")
@@ -273,18 +262,19 @@ def run(setup: Setup, started: float) -> dict:
     return log
 
 
-def _deadline(started: float, time_limit: float | None) -> float | None:
-    """When training must stop so the last save still lands inside the limit."""
-    if time_limit is None:
-        return None
-    save_reserve = min(15.0, 0.1 * time_limit)
-    return started + time_limit - save_reserve
+def _configure_torch(setup: Setup) -> None:
+    torch.manual_seed(setup.recipe.seed)
+    if setup.device.type == "cuda":
+        # Fixed shapes throughout, so cuDNN's autotuning pays off; TF32 for what runs outside autocast.
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
 
 
-def _share(deadline: float | None, shares: tuple[float, ...], which: int) -> float | None:
+def _seconds_left(deadline: float | None, share: float) -> float | None:
+    """``share`` of the time until ``deadline`` (None without a deadline)."""
     if deadline is None:
         return None
-    return time_shares(deadline - time.perf_counter(), shares)[which]
+    return max(0.0, deadline - time.perf_counter()) * share
 
 
 def _progress(phase: str, step: int, clock: PhaseClock, loss: float, lr: float) -> None:
@@ -296,12 +286,12 @@ def _progress(phase: str, step: int, clock: PhaseClock, loss: float, lr: float) 
     )
 
 
-def _phase_log(clock: PhaseClock, steps: int, losses: LossLog, max_steps: int) -> dict:
+def _phase_log(clock: PhaseClock, steps: int, losses: LossLog) -> dict:
     seconds = clock.elapsed()
     return {
         "seconds": seconds,
         "steps": steps,
-        "max_steps": max_steps,
+        "max_steps": clock.max_steps,
         "time_budget_s": clock.seconds,
         "stopped_by": clock.stopped_by(steps),
         "steps_per_s": steps / max(seconds, 1e-9),
@@ -313,6 +303,8 @@ def _log_header(setup: Setup) -> dict:
     device = setup.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = size_report()
+    for line in report.lines():
+        say(f"[model] {line}")
     return {
         "status": "started",
         "device": f"{device.type} ({name})",
@@ -329,6 +321,6 @@ def _log_header(setup: Setup) -> dict:
     }
 
 
-def _finish(log: dict, out: Path, started: float) -> dict:
+def _finish(log: dict, status: str, out: Path, started: float) -> dict:
     files = weight_files(out)
-    return {**log, "files": files, "total_weight_bytes": sum(files.values()), "total_seconds": time.perf_counter() - started}
+    return {**log, "status": status, "files": files, "total_weight_bytes": sum(files.values()), "total_seconds": time.perf_counter() - started}

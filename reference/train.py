@@ -15,8 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
-# Only light imports up here: make_dataset's worker processes re-import this module, and
-# should not each pay for torch and diffusers.
+# Only light imports up here: where make_dataset has to spawn its workers they re-import this
+# module, and should not each pay for torch and diffusers.
 from reference.architecture import CLIP_DIR
 from reference.presets import PRESETS, resolve_recipe
 
@@ -35,14 +35,14 @@ def _time_limit(text: str) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, with every preset setting overridable."""
+    presets = "\n".join(
+        f"  {name:>5}: {r.n_images} images; VAE {r.vae_steps} steps x {r.vae_batch_size}; "
+        f"text encoder + UNet {r.unet_steps} steps x {r.batch_size}; time limit {r.time_limit or 'none'}"
+        for name, r in PRESETS.items()
+    )
     p = argparse.ArgumentParser(
         prog="python -m reference.train",
-        description=__doc__.split("\n\n")[0] + " Presets: "
-        + "; ".join(
-            f"{name}: {r.n_images} images, VAE {r.vae_steps}x{r.vae_batch_size}, UNet {r.unet_steps}x{r.batch_size}, "
-            f"time limit {r.time_limit or 'none'}"
-            for name, r in PRESETS.items()
-        ),
+        description=__doc__ + "\npresets (step counts are ceilings; a time limit may end a phase sooner):\n" + presets,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write the diffusers model into")
@@ -96,27 +96,35 @@ def recipe_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def resolve_device(choice: str):
+    """The torch device for --device: "auto" means CUDA when torch sees one."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu or a CUDA build of torch")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, check it, and train."""
     started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
     # Heavy imports only now (see the note at the top).
-    import torch
-
-    from reference.phases import Setup, run
     from reference.caption_bank import load_tokenizer
+    from reference.phases import Setup, run
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device; use --device cpu or a CUDA build of torch")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
     try:
+        device = resolve_device(args.device)
         preset = pick_preset(args.preset, args.quick, device.type)
         recipe = resolve_recipe(preset, **recipe_overrides(args))
         load_tokenizer(args.tokenizer_dir)
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} exists and is not a folder; pick another path")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} exists and is not a folder; pick another path")
     amp = device.type == "cuda" if args.amp is None else args.amp
     print(f"training preset {preset!r} on {device} (bf16 autocast {'on' if amp else 'off'}) into {args.out}", flush=True)
     run(Setup(recipe=recipe, out=args.out, device=device, amp=amp, tokenizer_dir=args.tokenizer_dir), started)

@@ -19,7 +19,7 @@ from reference.architecture import (
 )
 from reference.caption_bank import EMPTY, CaptionSampler, build_caption_bank, load_tokenizer
 from reference.dataset import Attributes, canonical_caption
-from reference.pacing import PhaseClock, learning_rate, time_shares
+from reference.pacing import PhaseClock, learning_rate
 from reference.presets import PRESETS, resolve_recipe
 from reference.train import main, pick_preset
 
@@ -62,8 +62,6 @@ def test_phase_clock_stops_on_steps_or_time():
     assert not clock.done(9) and clock.done(10) and clock.stopped_by(10) == "steps"
     clock = PhaseClock(max_steps=10, seconds=5.0, start=clock.start - 6.0)
     assert clock.done(1) and clock.progress(1) == 1.0 and clock.stopped_by(1) == "time"
-    assert time_shares(90.0, (0.25, 0.5)) == [30.0, 60.0]
-    assert time_shares(-5.0, (1.0,)) == [0.0]
 
 
 def test_presets_resolve_and_reject_nonsense():
