@@ -22,6 +22,7 @@ from .verify import FP16_MAX, VerificationError, activation_peak, compare, sampl
 
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-ldm"
 PRECISIONS = ("fp32", "fp16")
+GUIDANCE_MODES = ("cfg", "none", "embedded")
 Log = Callable[[str], None]
 
 
@@ -50,6 +51,18 @@ def image_size(model: SourceModel, height: int | None, width: int | None) -> tup
                 f"(the VAE's factor {model.vae_factor} times the UNet's downsampling); try {max(multiple, round(v / multiple) * multiple)}"
             )
     return height, width
+
+
+def resolve_guidance(model: SourceModel, asked: str) -> str:
+    """auto: a guidance embedding where the UNet takes one (LCM), else classifier-free guidance."""
+    takes_embedding = model.unet.config.time_cond_proj_dim is not None
+    if asked == "auto":
+        return "embedded" if takes_embedding else "cfg"
+    if asked not in GUIDANCE_MODES:
+        raise ValueError(f"unknown guidance mode {asked!r}: choose one of auto, {', '.join(GUIDANCE_MODES)}")
+    if asked == "embedded" and not takes_embedding:
+        raise ValueError("--guidance embedded needs a UNet with time_cond_proj_dim (an LCM-distilled UNet); this one has none: use cfg or none")
+    return asked
 
 
 def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log) -> Component:
@@ -102,8 +115,13 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
     return Component(**{**component.__dict__, "verification": figures})
 
 
-def manifest_for(model: SourceModel, components: dict[str, Component], *, height: int, width: int, batch: int, precision: str, backend: str) -> dict[str, Any]:
+def manifest_for(
+    model: SourceModel, components: dict[str, Component], *, height: int, width: int, batch: int, precision: str, backend: str, guidance: str
+) -> dict[str, Any]:
     te, vae = model.text_encoder, model.vae
+    guidance_info: dict[str, Any] = {"mode": guidance, "unet_batch": 2 * batch if guidance == "cfg" else batch}
+    if guidance == "embedded":
+        guidance_info["embedding_dim"] = int(model.unet.config.time_cond_proj_dim)
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -123,7 +141,7 @@ def manifest_for(model: SourceModel, components: dict[str, Component], *, height
             "downscale_factor": model.vae_factor,
         },
         "image": {"height": height, "width": width, "batch_size": batch},
-        "guidance": {"mode": "cfg", "unet_batch": 2 * batch},
+        "guidance": guidance_info,
         "tokenizer": {"dir": "tokenizer", "max_length": int(te.config.max_position_embeddings)},
         "backend": backend,
         "precision": precision,
@@ -140,6 +158,7 @@ def build(
     width: int | None = None,
     batch_size: int = 1,
     backend: str = "auto",
+    guidance: str = "auto",
     allow_pickle: bool = False,
     force: bool = False,
     log: Log = print,
@@ -167,22 +186,28 @@ def build(
         if out is not None:
             check_target(out, force)
         with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:
-            onnx_options: dict[str, Any] = dict(precision=precision, height=height, width=width, batch_size=batch_size, allow_pickle=allow_pickle)
+            onnx_options: dict[str, Any] = dict(
+                precision=precision, height=height, width=width, batch_size=batch_size, guidance=guidance, allow_pickle=allow_pickle
+            )
             onnx_bundle = build(model_path, Path(tmp) / "onnx", backend="onnxruntime", log=log, **onnx_options)
             return build_from_onnx(onnx_bundle, out, precision=precision, settings=settings, force=force, log=log)
     if out is not None:
         check_target(out, force)
     model = load_model(model_path, allow_pickle=allow_pickle)
     height, width = image_size(model, height, width)
-    out = out or ENGINES / default_name(model.name, height, width, batch_size, precision, backend)
+    guidance = resolve_guidance(model, guidance)
+    out = out or ENGINES / default_name(model.name, height, width, batch_size, precision, backend, guidance)
     check_target(out, force)
-    log(f"building {out} from {model.path} ({height}x{width}, batch {batch_size}, {precision}, {backend})")
+    log(f"building {out} from {model.path} ({height}x{width}, batch {batch_size}, {precision}, {backend}, guidance {guidance})")
     t0 = time.perf_counter()
     with staging(out, force) as work:
-        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch_size)
+        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch_size, guidance=guidance)
         components = {s.name: export_component(s, model, work, precision, log) for s in specs}
         write_tokenizer(model.tokenizer_dir, work / "tokenizer")
-        write_manifest(work, manifest_for(model, components, height=height, width=width, batch=batch_size, precision=precision, backend=backend))
+        manifest = manifest_for(
+            model, components, height=height, width=width, batch=batch_size, precision=precision, backend=backend, guidance=guidance
+        )
+        write_manifest(work, manifest)
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
     return out
 
@@ -204,6 +229,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=1, help="images per call; the engines have static shapes (default 1)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="engine backend (default auto)")
+    p.add_argument(
+        "--guidance",
+        choices=("auto", *GUIDANCE_MODES),
+        default="auto",
+        help="how the UNet is guided: cfg (classifier-free, batch-2B UNet), none (batch-B UNet: Turbo-style models, "
+        "guidance_scale <= 1), embedded (LCM guidance embedding); default auto: embedded where the UNet takes one, else cfg",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.ckpt pickle weights (they can run code: trusted files only)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder; with TensorRT also keep an engine over its verification gate")
     trt = p.add_argument_group("TensorRT engines (--backend tensorrt, --from-onnx)")
@@ -233,6 +265,7 @@ def build_from_args(args: argparse.Namespace) -> Path:
             width=args.width,
             batch_size=args.batch_size,
             backend=args.backend,
+            guidance=args.guidance,
             allow_pickle=args.allow_pickle,
             force=args.force,
             builder_optimization_level=args.builder_optimization_level,

@@ -14,10 +14,14 @@ from runtime.manifest import MANIFEST, sha256_file
 ENGINES = Path("engines")
 
 
-def default_name(model: str, height: int, width: int, batch: int, precision: str, backend: str) -> str:
-    """engines/<model>-<H>x<W>-b<B>-<precision>-<backend>: what decides a bundle, readable at a glance."""
+def default_name(model: str, height: int, width: int, batch: int, precision: str, backend: str, guidance: str = "cfg") -> str:
+    """engines/<model>-<H>x<W>-b<B>-<precision>-<backend>[-<guidance>]: what decides a bundle, at a glance.
+
+    Classifier-free guidance is the usual case and goes unnamed; other guidance modes are named.
+    """
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
-    return f"{slug}-{height}x{width}-b{batch}-{precision}-{backend}"
+    suffix = "" if guidance == "cfg" else f"-{guidance}"
+    return f"{slug}-{height}x{width}-b{batch}-{precision}-{backend}{suffix}"
 
 
 def check_target(out: Path, force: bool) -> None:

@@ -44,7 +44,7 @@ def _wrap(module: Any, fn: Callable[..., Any]) -> Any:
     return Wrapper().eval()
 
 
-def component_specs(model: Any, *, height: int, width: int, batch: int) -> list[ComponentSpec]:
+def component_specs(model: Any, *, height: int, width: int, batch: int, guidance: str = "cfg") -> list[ComponentSpec]:
     """The four components with the bundle's static shapes (CFG: batch 2B for text encoder and UNet)."""
     te, unet, vae = model.text_encoder, model.unet, model.vae
     f = model.vae_factor
@@ -52,22 +52,25 @@ def component_specs(model: Any, *, height: int, width: int, batch: int) -> list[
     lc = vae.config.latent_channels
     seq = te.config.max_position_embeddings
     dim = te.config.hidden_size
-    b2 = 2 * batch
+    b2 = 2 * batch if guidance == "cfg" else batch
     text = ComponentSpec(
         "text_encoder",
         _wrap(te, lambda m, ids: m(ids, return_dict=False)[:2]),
         (TensorSpec("input_ids", (b2, seq), "int32"),),
         (TensorSpec("last_hidden_state", (b2, seq, dim), "float32"), TensorSpec("pooler_output", (b2, dim), "float32")),
     )
+    unet_inputs = (
+        TensorSpec("sample", (b2, c, h, w), "float32"),
+        TensorSpec("timestep", (b2,), "float32"),
+        TensorSpec("encoder_hidden_states", (b2, seq, unet.config.cross_attention_dim), "float32"),
+    )
+    if guidance == "embedded":  # LCM: the guidance scale enters as an embedding, no second batch half
+        unet_inputs += (TensorSpec("timestep_cond", (b2, unet.config.time_cond_proj_dim), "float32"),)
+        unet_fn = lambda m, x, t, ctx, w: m(x, t, encoder_hidden_states=ctx, timestep_cond=w, return_dict=False)[0]  # noqa: E731
+    else:
+        unet_fn = lambda m, x, t, ctx: m(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
     denoiser = ComponentSpec(
-        "unet",
-        _wrap(unet, lambda m, x, t, ctx: m(x, t, encoder_hidden_states=ctx, return_dict=False)[0]),
-        (
-            TensorSpec("sample", (b2, c, h, w), "float32"),
-            TensorSpec("timestep", (b2,), "float32"),
-            TensorSpec("encoder_hidden_states", (b2, seq, unet.config.cross_attention_dim), "float32"),
-        ),
-        (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),),
+        "unet", _wrap(unet, unet_fn), unet_inputs, (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),)
     )
     decoder = ComponentSpec(
         "vae_decoder",

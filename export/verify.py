@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engine import load_engine
+from runtime.guidance import guidance_embedding
 from runtime.manifest import Component
 
 from .onnx_export import ComponentSpec, torch_inputs
@@ -31,6 +32,8 @@ def sample_inputs(spec: ComponentSpec, model: Any, seed: int = 0) -> dict[str, n
             ids[:, 0] = 49406
             ids[:, 1 : 1 + 5] = rng.integers(300, 40000, size=(t.shape[0], 5))
             out[t.name] = ids
+        elif t.name == "timestep_cond":
+            out[t.name] = guidance_embedding(np.full(t.shape[0], 7.0), t.shape[1])
         elif t.name == "timestep":
             out[t.name] = np.full(t.shape, 499.0, dtype=np.float32)
         elif t.name == "sample" and spec.name == "vae_encoder":

@@ -1,31 +1,71 @@
-"""Guidance wraps the UNet engine into the `model(x, t)` callable samplers expect."""
+"""Guidance wraps the UNet engine into the `model(x, t)` callable samplers expect.
+
+Three modes, recorded in the manifest at export: classifier-free guidance (one batch-2B call),
+none (batch-B call, Turbo-style models), and a guidance embedding fed to the UNet (LCM).
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from .engine import Engine, cast_feed
 from .samplers import Model
 
+MODES = ("cfg", "none", "embedded")
 
-def unet_call(unet: Engine, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+
+def unet_call(unet: Engine, sample: np.ndarray, t: float, context: np.ndarray, timestep_cond: np.ndarray | None = None) -> np.ndarray:
     """One UNet engine call at timestep t for every row; the output comes back as float32."""
     feed = {
         "sample": sample,
         "timestep": np.full((sample.shape[0],), t, dtype=np.float64),
         "encoder_hidden_states": context,
     }
+    if timestep_cond is not None:
+        feed["timestep_cond"] = timestep_cond
     out = unet(cast_feed(unet.component, feed))
     return np.asarray(out[unet.component.outputs[0].name], dtype=np.float32)
 
 
-def classifier_free(unet: Engine, cond: np.ndarray, uncond: np.ndarray, scale: float) -> Model:
+def rescale_cfg(guided: np.ndarray, cond: np.ndarray, factor: float) -> np.ndarray:
+    """guidance_rescale (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4): match the conditional output's std."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (cond.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True))
+    return factor * rescaled + (1 - factor) * guided
+
+
+def classifier_free(unet: Engine, cond: np.ndarray, uncond: np.ndarray, scale: float, rescale: float = 0.0) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): one batch-2B call, split, mix."""
     context = np.concatenate([uncond, cond])
 
     def model(x: np.ndarray, t: float) -> np.ndarray:
         u, c = np.split(unet_call(unet, np.concatenate([x, x]), t, context), 2)
-        # scale <= 1 means no guidance, as in diffusers: the conditional half alone
-        return c if scale <= 1.0 else u + scale * (c - u)
+        if scale <= 1.0:  # no guidance, as in diffusers: the conditional half alone
+            return c
+        guided = u + scale * (c - u)
+        return rescale_cfg(guided, c, rescale) if rescale > 0 else guided
 
     return model
+
+
+def unguided(unet: Engine, cond: np.ndarray, timestep_cond: np.ndarray | None = None) -> Model:
+    """A batch-B call on the prompt alone; `timestep_cond` carries an LCM guidance embedding."""
+
+    def model(x: np.ndarray, t: float) -> np.ndarray:
+        return unet_call(unet, x, t, cond, timestep_cond)
+
+    return model
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """Sinusoidal embedding of the guidance weight (Luo et al. 2023, LCM, arXiv:2310.04378), as diffusers."""
+    # float32 on purpose: angles reach ~1e4 rad, where float64 would drift from what the UNet was trained on
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000.0) / (half - 1)))
+    angles = (np.asarray(w, dtype=np.float32) * np.float32(1000.0))[:, None] * freqs[None, :]
+    emb = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)

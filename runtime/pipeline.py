@@ -10,17 +10,17 @@ import numpy as np
 
 from .engine import Engine, cast_feed, load_engine
 from .errors import BundleError, Cancelled
-from .guidance import classifier_free
+from .guidance import MODES, classifier_free, guidance_embedding, unguided
 from .manifest import Manifest, load_manifest
-from .samplers import DEFAULT_FOR_CLASS, default_sampler, get_sampler
-from .schedule import noise_schedule
+from .samplers import DEFAULT_FOR_CLASS, Model, default_sampler, get_sampler
+from .schedule import CLASS_DEFAULTS, noise_schedule
 
 Progress = Optional[Callable[[int, int, float], Optional[bool]]]
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
-    """The documented seed contract: float32 standard normal from numpy's default_rng(seed) (PCG64).
+    """The documented seed contract: float32 standard normal, the first draw of numpy's default_rng(seed) (PCG64).
 
     The same seed gives the same latents, hence the same image, on every backend and machine.
     """
@@ -43,7 +43,8 @@ class Pipeline:
 
     def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], tokenizer: Any):
         self.bundle, self.manifest, self.engines, self.tokenizer = bundle, manifest, engines, tokenizer
-        self.schedule = noise_schedule(manifest.scheduler_config)
+        class_name = manifest.raw["scheduler"].get("class_name")
+        self.schedule = noise_schedule(manifest.scheduler_config, class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
 
     @classmethod
     def load(cls, bundle: str | Path, *, device: str | None = None, verify: bool = True) -> "Pipeline":
@@ -81,6 +82,8 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if len(prompts) == 1:
             prompts = prompts * self.batch_size
+        if what == "prompt" and any(not p.strip() for p in prompts):
+            raise ValueError("prompt is empty: describe the image to generate (an empty prompt gives unconditioned noise)")
         if len(prompts) != self.batch_size:
             raise ValueError(
                 f"{what}: {len(prompts)} prompts for a bundle built with batch size {self.batch_size}; "
@@ -88,16 +91,37 @@ class Pipeline:
             )
         return prompts
 
-    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "") -> tuple[np.ndarray, np.ndarray]:
-        """Text embeddings (cond, uncond), each (B, 77, D), from one batch-2B text encoder call."""
-        prompts, negatives = self._prompts(prompt, "prompt"), self._prompts(negative_prompt, "negative_prompt")
-        if any(not p.strip() for p in prompts):
-            raise ValueError("prompt is empty: describe the image to generate (an empty prompt gives unconditioned noise)")
+    def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
+        """Text embeddings (N, 77, D) from one text encoder call; N is the engine's static batch."""
         enc = self.engines["text_encoder"]
-        ids = self.tokenizer(negatives + prompts)
-        hidden = enc(cast_feed(enc.component, {"input_ids": ids}))["last_hidden_state"]
-        uncond, cond = np.split(np.asarray(hidden, dtype=np.float32), 2)
-        return cond, uncond
+        hidden = enc(cast_feed(enc.component, {"input_ids": self.tokenizer(list(prompts))}))["last_hidden_state"]
+        return np.asarray(hidden, dtype=np.float32)
+
+    def guided_model(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], guidance_scale: float, guidance_rescale: float) -> Model:
+        """The UNet wrapped for the bundle's guidance mode; refuses settings the bundle cannot honour."""
+        mode, unet = self.manifest.guidance, self.engines["unet"]
+        prompts = self._prompts(prompt, "prompt")
+        if guidance_rescale and mode != "cfg":
+            raise ValueError(f"guidance_rescale needs classifier-free guidance, and this bundle was built with guidance {mode!r}")
+        if mode == "cfg":
+            uncond, cond = np.split(self.encode_prompt(self._prompts(negative_prompt, "negative_prompt") + prompts), 2)
+            return classifier_free(unet, cond, uncond, guidance_scale, guidance_rescale)
+        has_negative = any(n.strip() for n in self._prompts(negative_prompt, "negative_prompt"))
+        if mode == "none":
+            if guidance_scale > 1:
+                raise ValueError(
+                    f"guidance_scale {guidance_scale} needs classifier-free guidance, but this bundle was built without it "
+                    "(batch-B UNet); use guidance_scale <= 1, or rebuild with `python -m export.build --guidance cfg`"
+                )
+            if has_negative:
+                warnings.warn("negative_prompt has no effect without classifier-free guidance", stacklevel=3)
+            return unguided(unet, self.encode_prompt(prompts))
+        if mode == "embedded":
+            if has_negative:
+                warnings.warn("negative_prompt has no effect on a guidance-embedding (LCM) model", stacklevel=3)
+            w = guidance_embedding(np.full(self.batch_size, guidance_scale - 1.0), int(self.manifest.raw["guidance"]["embedding_dim"]))
+            return unguided(unet, self.encode_prompt(prompts), w)
+        raise BundleError(f"bundle guidance mode {mode!r} is unknown to this runtime (known: {', '.join(MODES)}); rebuild the bundle")
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> float32 images (B, H, W, 3) in [0, 1]; NaN (fp16 overflow) is an error, not a black image."""
@@ -118,6 +142,7 @@ class Pipeline:
         *,
         steps: int = 50,
         guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
         seed: int | None = None,
         latents: np.ndarray | None = None,
         scheduler: str | None = None,
@@ -127,27 +152,31 @@ class Pipeline:
     ) -> Any:
         """Text to image. Returns a list of PIL images, or float32 (B, H, W, 3) in [0, 1] for output_type='np'.
 
-        seed: initial latents are `np.random.default_rng(seed).standard_normal(shape, float32)`;
-        latents: pass your own (B, C, H/f, W/f) instead. callback(step, total, t) -> False cancels.
-        eta: DDIM's stochasticity (0 deterministic); an error for samplers without it.
+        seed: one `np.random.default_rng(seed)` makes the initial latents (its first draw,
+        `standard_normal(shape, float32)`) and then any noise the sampler adds, in order.
+        latents: pass your own (B, C, H/f, W/f) instead; the sampler's noise still comes from the seed.
+        scheduler: a sampler name (default: the one the model's scheduler config names).
+        eta: DDIM's and TCD's stochasticity; an error for samplers without it.
+        guidance_rescale: Lin et al. 2023's CFG rescale (SD 2.x v-prediction models like 0.7).
+        callback(step, total, t) -> False cancels.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
-        cond, uncond = self.encode_prompt(prompt, negative_prompt)
+        sampler = get_sampler(scheduler or self._default_sampler())
         shape = self.manifest.latent_shape
+        rng = np.random.default_rng(seed)
         if latents is None:
-            latents = initial_latents(shape, seed)
+            latents = rng.standard_normal(shape, dtype=np.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: shape {tuple(latents.shape)} but this bundle needs {shape} (batch, channels, H/f, W/f)")
-        sampler = get_sampler(scheduler or self._default_sampler())
-        model = classifier_free(self.engines["unet"], cond, uncond, guidance_scale)
+        model = self.guided_model(prompt, negative_prompt, guidance_scale, guidance_rescale)
         x = sampler(
             model,
             np.asarray(latents, dtype=np.float32),
             self.schedule,
             steps,
             **({} if eta is None else {"eta": eta}),
-            rng=np.random.default_rng(None if seed is None else seed + 1),
+            rng=rng,
             callback=_step_callback(callback, steps),
         )
         if output_type == "latent":
@@ -159,11 +188,11 @@ class Pipeline:
         class_name = self.manifest.raw["scheduler"].get("class_name")
         if class_name not in DEFAULT_FOR_CLASS:
             warnings.warn(
-                f"the model's scheduler is {class_name}, which this runtime does not implement yet; sampling with DDIM "
+                f"the model's scheduler is {class_name}, which this runtime does not reproduce; sampling with DDIM "
                 "from the same noise schedule (pass scheduler='ddim' to silence this)",
                 stacklevel=3,
             )
-        return default_sampler(class_name)
+        return default_sampler(class_name, self.manifest.scheduler_config)
 
 
 def _step_callback(progress: Progress, total: int) -> Callable[[int, float, np.ndarray], None] | None:
