@@ -172,8 +172,9 @@ class TrtEngine:
         if check_device:
             check_compatible(component, self.bundle, current_device(index))
         done(cudart.cudaSetDevice(index), f"selecting GPU {index} (cudaSetDevice)")
-        logger, self._messages = capturing_logger()
-        self._runtime = trt.Runtime(logger)
+        # TensorRT keeps a raw pointer to the logger: it must live as long as the engine
+        self._logger, self._messages = capturing_logger()
+        self._runtime = trt.Runtime(self._logger)
         self._engine = self._deserialize()
         context: trt.IExecutionContext | None = self._engine.create_execution_context()
         if context is None:
