@@ -560,7 +560,11 @@ def cmake_configure(build_dir: Path, bundle: Path, path: str) -> str:
     return done.stdout
 
 
+TRTEXEC_PLACES = [os.environ.get("TENSORRT_ROOT", "/nonexistent") + "/bin", "/usr/src/tensorrt/bin", "/usr/local/tensorrt/bin", "/opt/tensorrt/bin"]
+
+
 @needs_cmake
+@pytest.mark.skipif(any(Path(d, "trtexec").exists() for d in TRTEXEC_PLACES), reason="trtexec is installed where CMakeLists.txt looks for it")
 def test_cmake_configure_without_trtexec_says_what_is_unavailable(bundle_fp16, tmp_path):
     out = cmake_configure(tmp_path / "build", bundle_fp16, "/usr/bin:/bin")
     assert "-- unavailable: engines, profile (trtexec not found: it ships with TensorRT" in out
