@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -171,29 +171,41 @@ def build_from_onnx(
 
         device = current_device()
     precisions = plan_precisions(manifest, sources, source, asked, int(device.tensorrt.split(".")[0]))
-    if out is not None:
-        check_target(out, force)
     out = out or ENGINES / default_name(str(manifest.raw["model"]["name"]), manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}")
     check_target(out, force)
-    cache = timing_cache_path(device, timing_cache_root)
-    args = from_onnx_args(asked, settings)
     log(f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, optimization level {settings.optimization_level})")
-    opener = open_engine or _open_trt
     t0 = time.perf_counter()
     with staging(out, force) as work:
+        job = _Job(
+            source, manifest, work, settings, device, timing_cache_path(device, timing_cache_root),
+            args=from_onnx_args(asked, settings), build=build, open_engine=open_engine or _open_trt, force=force, log=log,
+        )  # fmt: skip
         shutil.copytree(source / tokenizer_dir, work / tokenizer_dir)
-        components = {}
-        for name, src in sources.items():
-            components[name] = _build_component(
-                name, src, source, work, precisions[name], settings, device, cache, args, manifest, build, opener, force, log
-            )
-        write_manifest(work, _manifest(manifest, components, asked, device, settings, args))
+        components = {name: _build_component(job, src, precisions[name]) for name, src in sources.items()}
+        write_manifest(work, _manifest(job, components, asked))
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
     return out
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every component's build shares."""
+
+    source: Path
+    manifest: Manifest
+    work: Path
+    settings: BuilderSettings
+    device: Device
+    timing_cache: Path
+    args: list[str]
+    build: BuildFn
+    open_engine: OpenFn
+    force: bool
+    log: Log
+
+
 def _onnx_rel_files(bundle: Path, component: Component) -> list[str]:
-    return [str(f.relative_to(bundle)) for f in onnx_files(bundle / component.file)] or [component.file]
+    return [str(f.relative_to(bundle)) for f in onnx_files(bundle / component.file)]
 
 
 def _open_trt(component: Component, path: Path) -> Engine:
@@ -202,28 +214,14 @@ def _open_trt(component: Component, path: Path) -> Engine:
     return TrtEngine(component, path, check_device=False)
 
 
-def _build_component(
-    name: str,
-    src: Component,
-    source: Path,
-    work: Path,
-    precision: Precision,
-    settings: BuilderSettings,
-    device: Device,
-    cache: Path,
-    args: list[str],
-    manifest: Manifest,
-    build: BuildFn,
-    open_engine: OpenFn,
-    force: bool,
-    log: Log,
-) -> Component:
+def _build_component(job: _Job, src: Component, precision: Precision) -> Component:
     """Copy the ONNX, build its engine, verify the engine against the ONNX through ONNX Runtime."""
-    for rel in _onnx_rel_files(source, src):
+    name, work = src.name, job.work
+    for rel in _onnx_rel_files(job.source, src):
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / rel, work / rel)
+        shutil.copy2(job.source / rel, work / rel)
     t0 = time.perf_counter()
-    plan = build(name, work / src.file, src.inputs, precision, settings, cache)
+    plan = job.build(name, work / src.file, src.inputs, precision, job.settings, job.timing_cache)
     seconds = round(time.perf_counter() - t0, 2)
     plan_file = str(Path(src.file).with_suffix(".plan"))
     (work / plan_file).write_bytes(plan)
@@ -236,25 +234,25 @@ def _build_component(
         outputs=src.outputs,
         build={
             "builder": "tensorrt",
-            **device.to_json(),
-            "flags": {**precision.flags(), **settings.to_json()},
-            "timing_cache": str(cache),
+            **job.device.to_json(),
+            "flags": {**precision.flags(), **job.settings.to_json()},
+            "timing_cache": str(job.timing_cache),
             "seconds": seconds,
-            "from_onnx_args": args,
+            "from_onnx_args": job.args,
             "onnx": src.to_json(),
         },
     )
-    feed = fixed_inputs(src, manifest)
+    feed = fixed_inputs(src, job.manifest)
     reference = load_engine(src, work, backend="onnxruntime", device="cpu")(feed)
-    figures = error_figures(run_engine(open_engine, component, work / plan_file, feed), reference, TOLERANCE[precision.name])
+    figures = error_figures(run_engine(job.open_engine, component, work / plan_file, feed), reference, TOLERANCE[precision.name])
     figures["reference"] = f"the {src.precision} ONNX through ONNX Runtime (CPU), fixed inputs (seed 0)"
     if src.verification:
         figures["onnx_vs_fp32_torch"] = src.verification.get("rel_err")
-    log(
+    job.log(
         f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
         + ("" if figures["passed"] else "  OVER THE GATE")
     )
-    if not figures["passed"] and not force:
+    if not figures["passed"] and not job.force:
         raise VerificationFailed(
             f"{name}: the {precision.name} engine differs from its ONNX by {figures['rel_err']:.3g} (relative to the output "
             f"range; the gate is {figures['tolerance']:g}); nothing was written. Try a higher precision "
@@ -263,16 +261,14 @@ def _build_component(
     return replace(component, verification=figures)
 
 
-def _manifest(
-    source: Manifest, components: dict[str, Component], precision: str, device: Device, settings: BuilderSettings, args: list[str]
-) -> dict[str, Any]:
-    raw = {k: v for k, v in source.raw.items() if k not in ("files", "components", "tensorrt")}
+def _manifest(job: _Job, components: dict[str, Component], precision: str) -> dict[str, Any]:
+    source = job.manifest.raw
     return {
-        **raw,
+        **{k: v for k, v in source.items() if k not in ("files", "components", "tensorrt")},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backend": "tensorrt",
         "precision": precision,
-        "onnx_precision": source.raw.get("onnx_precision", source.raw.get("precision")),
-        "tensorrt": {**device.to_json(), "builder": settings.to_json(), "from_onnx_args": args},
+        "onnx_precision": source.get("onnx_precision", source.get("precision")),
+        "tensorrt": {**job.device.to_json(), "builder": job.settings.to_json(), "from_onnx_args": job.args},
         "components": {name: c.to_json() for name, c in components.items()},
     }
