@@ -64,7 +64,8 @@ def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache):
 def offline_build(source, out, **kwargs):
     kwargs.setdefault("device", ORIN)
     kwargs.setdefault("timing_cache_root", Path("engines/.timing-cache"))
-    return build_from_onnx(source, out, build=fake_plan, open_engine=onnx_as_engine, log=lambda _: None, **kwargs)
+    kwargs.setdefault("log", lambda _: None)
+    return build_from_onnx(source, out, build=fake_plan, open_engine=onnx_as_engine, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +204,24 @@ def test_fp16_engines_from_fp32_onnx_use_the_fp16_flag_on_tensorrt_10_only(bundl
     assert unet.precision == "fp16" and unet.build["flags"]["fp16"] is True and unet.build["flags"]["strongly_typed"] is False
     with pytest.raises(EngineBuildError, match="TensorRT 11 builds strongly typed networks only.*--precision fp16"):
         offline_build(bundle_fp32, tmp_path / "c", precision="fp16", device=Device("11.1.0.5", "NVIDIA H100", "9.0"))
+
+
+def test_backend_tensorrt_exports_then_builds_from_the_onnx(tiny_model, tmp_path, monkeypatch):
+    from export import build as build_mod
+    from export import tensorrt as tensorrt_mod
+
+    monkeypatch.setattr(tensorrt_mod, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(build_mod, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(from_onnx_mod, "build_from_onnx", lambda src, out, **kw: offline_build(src, out, **kw))
+    said = []
+    out = build_mod.build(tiny_model, tmp_path / "b", precision="fp32", backend="auto", device_preset="jetson-orin-nx", log=said.append)
+    assert said[0] == "TensorRT is installed: building TensorRT engines (--backend tensorrt)"
+    manifest = load_manifest(out)
+    assert manifest.backend == "tensorrt" and {c.format for c in manifest.components.values()} == {"plan"}
+    unet = manifest.components["unet"]
+    assert unet.build["from_onnx_args"] == ["--precision", "fp32", "--device-preset", "jetson-orin-nx", "--builder-optimization-level", "3", "--workspace", "2048"]
+    assert unet.build["onnx"]["verification"]["passed"] is True  # the ONNX was verified against torch on the way
+    assert (out / "unet" / "model.onnx").is_file()
 
 
 @needs_no_tensorrt
