@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from runtime.compat import Device
 from runtime.manifest import TensorSpec
@@ -34,7 +34,6 @@ MODELOPT_HINT = (
     "--calibration_data=calib.npz --output_path=unet/model.qdq.onnx`) and build from a bundle whose unet is that "
     "QDQ ONNX; or build fp16 with --precision fp16"
 )
-Log = Callable[[str], None]
 
 
 class EngineBuildError(RuntimeError):
