@@ -20,6 +20,7 @@ import numpy as np
 from runtime.compat import Device
 from runtime.engine import Engine, load_engine
 from runtime.errors import BundleError
+from runtime.guidance import guidance_embedding
 from runtime.manifest import Component, Manifest, TensorSpec, load_manifest, sha256_file
 
 from .bundle import ENGINES, check_target, default_name, staging, write_manifest
@@ -79,6 +80,8 @@ def fixed_inputs(component: Component, manifest: Manifest, seed: int = 0) -> dic
             ids[:, 0] = 49406
             ids[:, 1:6] = rng.integers(300, 40000, size=(t.shape[0], 5))
             value = ids
+        elif t.name == "timestep_cond":  # an LCM UNet's guidance embedding
+            value = guidance_embedding(np.full(t.shape[0], 7.0), t.shape[1])
         elif t.name == "timestep":
             value = np.full(t.shape, 499.0)
         elif t.name == "latent_sample":
@@ -171,7 +174,9 @@ def build_from_onnx(
 
         device = current_device()
     precisions = plan_precisions(manifest, sources, source, asked, int(device.tensorrt.split(".")[0]))
-    out = out or ENGINES / default_name(str(manifest.raw["model"]["name"]), manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}")
+    out = out or ENGINES / default_name(
+        str(manifest.raw["model"]["name"]), manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}", manifest.guidance
+    )
     check_target(out, force)
     log(f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, optimization level {settings.optimization_level})")
     t0 = time.perf_counter()

@@ -156,6 +156,19 @@ def test_from_onnx_default_name_says_gpu_and_tensorrt(bundle_fp32, tmp_path, mon
     assert (tmp_path / out / "manifest.json").is_file()
 
 
+def test_lcm_bundle_feeds_the_guidance_embedding(tmp_path, monkeypatch):
+    from export.build import build
+
+    from .tiny_models import make_tiny_sd
+
+    lcm = build(make_tiny_sd(tmp_path / "tiny-lcm", kind="lcm"), tmp_path / "onnx", precision="fp32", backend="onnxruntime", log=lambda _: None)
+    monkeypatch.chdir(tmp_path)
+    out = offline_build(lcm, None)
+    assert out == Path("engines/tiny-lcm-64x64-b1-fp32-tensorrt-orin-sm87-trt10.3.0.30-embedded")
+    unet = load_manifest(out).components["unet"]
+    assert "timestep_cond" in {t.name for t in unet.inputs} and unet.verification["passed"] is True
+
+
 def test_engine_over_its_gate_is_refused_unless_forced(bundle_fp32, tmp_path):
     def off_by_a_bit(component, path):
         engine = onnx_as_engine(component, path)
