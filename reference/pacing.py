@@ -25,7 +25,10 @@ class PhaseClock:
 
     def progress(self, step: int) -> float:
         """Fraction of the phase done, in [0, 1]: the larger of the step and time fractions."""
-        by_time = self.elapsed() / self.seconds if self.seconds else 0.0
+        if self.seconds is None:
+            by_time = 0.0
+        else:  # a zero budget (earlier phases used the time up) means done, not unlimited
+            by_time = self.elapsed() / self.seconds if self.seconds > 0 else 1.0
         return min(1.0, max(step / self.max_steps, by_time))
 
     def done(self, step: int) -> bool:
