@@ -51,23 +51,29 @@ class Setup:
 
 
 class LossLog:
-    """Per-step losses, kept on the device and fetched in batches to avoid a sync per step."""
+    """Per-step losses, kept on the device and fetched in batches to avoid a sync per step.
+
+    Each fetch also appends ``(step, seconds, mean loss since the last fetch)`` to ``curve``.
+    """
 
     def __init__(self):
         self.values: list[float] = []
+        self.curve: list[tuple[int, float, float]] = []
         self._pending: list[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor) -> None:
         self._pending.append(loss.detach().float())
 
-    def flush(self) -> float:
+    def flush(self, step: int, seconds: float) -> float:
         """Fetch pending losses; return the mean of those fetched (nan when none)."""
         if not self._pending:
             return float("nan")
         fetched = torch.stack(self._pending).cpu().tolist()
         self._pending = []
         self.values.extend(fetched)
-        return float(np.mean(fetched))
+        mean = float(np.mean(fetched))
+        self.curve.append((step, round(seconds, 2), round(mean, 6)))
+        return mean
 
 
 class IndexStream:
@@ -106,9 +112,17 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
-def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float, edge_weight: float):
-    """L1 + L1 of image gradients (keeps shape edges crisp) + KL, weighted per pixel like SD's VAE."""
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float, edge_weight: float, object_weight: float = 0.0):
+    """L1 + L1 of image gradients (keeps shape edges crisp) + KL, weighted per pixel like SD's VAE.
+
+    ``object_weight`` up-weights pixels unlike the image's corner (the object): it covers 5-15% of
+    the image, and without it L1 settles for desaturated objects, losing the colour.
+    """
     l1 = (recon - target).abs().mean()
+    if object_weight:
+        background = target[:, :, :1, :1]
+        on_object = ((target - background).abs().sum(dim=1, keepdim=True) > 0.1).float()
+        l1 = l1 + object_weight * ((recon - target).abs() * on_object).mean()
     edges = (recon.diff(dim=-1) - target.diff(dim=-1)).abs().mean() + (
         recon.diff(dim=-2) - target.diff(dim=-2)
     ).abs().mean()
@@ -138,7 +152,7 @@ def train_vae(setup: Setup, images: torch.Tensor, clock: PhaseClock) -> tuple[to
         with autocast(setup):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
-        loss = vae_loss(recon.float(), x, posterior.kl(), r.kl_weight, r.edge_weight)
+        loss = vae_loss(recon.float(), x, posterior.kl(), r.kl_weight, r.edge_weight, r.object_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), r.grad_clip)
@@ -146,8 +160,8 @@ def train_vae(setup: Setup, images: torch.Tensor, clock: PhaseClock) -> tuple[to
         losses.add(loss)
         step += 1
         if ticker.due():
-            _progress("vae", step, clock, losses.flush(), lr)
-    losses.flush()
+            _progress("vae", step, clock, losses.flush(step, clock.elapsed()), lr)
+    losses.flush(step, clock.elapsed())
     return vae.eval(), losses, step
 
 
@@ -208,11 +222,11 @@ def train_text_unet(
         losses.add(loss)
         step += 1
         if ticker.due():
-            _progress("unet", step, clock, losses.flush(), lr)
+            _progress("unet", step, clock, losses.flush(step, clock.elapsed()), lr)
         if saver is not None and saver.due():
             checkpoint(text_ema, unet_ema)
             say(f"[unet] checkpoint saved at step {step}")
-    losses.flush()
+    losses.flush(step, clock.elapsed())
     return text_ema, unet_ema, losses, step
 
 
@@ -295,6 +309,7 @@ def _phase_log(clock: PhaseClock, steps: int, losses: LossLog) -> dict:
         "time_budget_s": clock.seconds,
         "stopped_by": clock.stopped_by(steps),
         "steps_per_s": steps / max(seconds, 1e-9),
+        "curve_step_seconds_loss": losses.curve,
         "losses": [round(v, 6) for v in losses.values],
     }
 
