@@ -29,6 +29,7 @@ class Recipe:
     grad_clip: float = 1.0
     kl_weight: float = 1e-6
     edge_weight: float = 0.5
+    object_weight: float = 10.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     captions_per_combination: int = 256
@@ -51,8 +52,9 @@ PRESETS: dict[str, Recipe] = {
         vae_steps=4_000,
         vae_batch_size=256,
         unet_steps=30_000,
-        batch_size=512,
-        time_limit=420.0,
+        batch_size=1024,
+        time_limit=340.0,
+        vae_time_share=0.35,
         warmup_steps=200,
     ),
     # On 2 cores (measured while sharing them): ~1 VAE step/s at batch 16 and ~2 text encoder +
