@@ -57,8 +57,9 @@ PRESETS: dict[str, Recipe] = {
         vae_time_share=0.35,
         warmup_steps=200,
     ),
-    # On 2 cores (measured while sharing them): ~1 VAE step/s at batch 16 and ~2 text encoder +
-    # UNet steps/s at batch 32, so two hours give ~2000 VAE and ~10000 UNet steps; time decides.
+    # Measured on 2 idle cores: 1.6 VAE steps/s at batch 16, 1.3 text encoder + UNet steps/s at
+    # batch 32, 65 s to encode the latents; two hours give the 3000 VAE steps (~30 min) and
+    # ~7000 UNet steps. On a busy machine time, not the step ceilings, ends each phase.
     "cpu": Recipe(
         n_images=10_000,
         vae_steps=3_000,
