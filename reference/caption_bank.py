@@ -55,10 +55,6 @@ class CaptionBank:
     draws: np.ndarray  # (n_combinations, k) int32 rows of token_ids
     combination: np.ndarray  # (n_images,) int32 row of draws
 
-    @property
-    def captions_per_image(self) -> int:
-        return self.draws.shape[1]
-
 
 def build_caption_bank(tokenizer: CLIPTokenizer, attributes: list[Attributes], k: int, seed: int) -> CaptionBank:
     """Draw ``k`` captions per distinct attribute combination and tokenize each distinct one."""

@@ -1,7 +1,7 @@
 """Write the trained model as a diffusers Stable Diffusion folder (safetensors, fp32).
 
-Each component is written into a scratch folder beside its final place and then moved in, so
-a run killed mid-save leaves the previous complete copy rather than half a file.
+Components are written into a scratch folder inside the output and then moved into place, so
+a run killed while writing never leaves a truncated weight file behind.
 """
 
 from __future__ import annotations
