@@ -70,10 +70,28 @@ def source_hashes(path: Path) -> dict[str, str]:
     return {str(f.relative_to(path)): sha256_file(f) for f in files}
 
 
+def check_checksums(path: Path) -> None:
+    """Where a model ships a SHA256SUMS file (the reference model does), every file must match it."""
+    sums = path / "SHA256SUMS"
+    if not sums.is_file():
+        return
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        f = path / name.lstrip("*")
+        if not f.is_file():
+            raise ModelError(f"{f} is missing (listed in {sums}); restore the model folder")
+        if sha256_file(f) != digest:
+            raise ModelError(
+                f"{f} is corrupt: its sha256 differs from {sums.name}; restore it (e.g. `git checkout -- {path}`) "
+                "or retrain it with `python -m reference.train`"
+            )
+
+
 def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
     """Load text encoder, UNet and VAE in float32 eval mode from a local folder only."""
     path = Path(path)
     use_safetensors = check_layout(path, allow_pickle)
+    check_checksums(path)
     import diffusers
     import torch
     import transformers
