@@ -25,9 +25,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance strength; <= 1 turns it off (default %(default)s)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale (Lin et al. 2023); SD 2.x v-prediction models like 0.7 (default 0)")
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same image on every backend (default: random, printed)")
-    p.add_argument("--scheduler", choices=sorted(SAMPLERS), help="sampler (default: the one the model's scheduler config names)")
-    p.add_argument("--eta", type=float, help="DDIM eta: 0 is deterministic DDIM (the default), 1 is DDPM-like")
+    p.add_argument("--scheduler", choices=sorted(SAMPLERS), help="sampler (default: the one the model's scheduler config names; see the README's table)")
+    p.add_argument("--eta", type=float, help="ddim/tcd stochasticity: 0 is deterministic DDIM (ddim's default), 1 is DDPM-like")
     p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider (default: cuda where installed, else cpu)")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG file to write; with batch > 1, NAME-0.png, NAME-1.png, ... (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             args.negative_prompt,
             steps=args.steps,
             guidance_scale=args.guidance_scale,
+            guidance_rescale=args.guidance_rescale,
             seed=seed,
             scheduler=args.scheduler,
             eta=args.eta,
