@@ -1,0 +1,57 @@
+"""The shipped reference model: it loads, exports, verifies, and draws what its prompts say."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import runtime
+from export.build import REFERENCE_MODEL, build
+from export.model import ModelError
+from reference import checker
+from reference.dataset import Attributes, canonical_caption
+
+
+@pytest.fixture(scope="module")
+def reference_bundle(tmp_path_factory):
+    return build(REFERENCE_MODEL, tmp_path_factory.mktemp("ref") / "bundle", precision="fp32", log=lambda _: None)
+
+
+def test_shipped_weights_are_small_and_export(reference_bundle):
+    size = sum(f.stat().st_size for f in REFERENCE_MODEL.rglob("*.safetensors"))
+    assert size <= 25 * 2**20
+    manifest = runtime.load_manifest(reference_bundle).raw
+    assert manifest["image"] == {"height": 64, "width": 64, "batch_size": 1}
+    assert manifest["vae"]["downscale_factor"] == 4
+    assert all(c["verification"]["passed"] for c in manifest["components"].values())
+
+
+def test_it_draws_background_colour_shape_and_size(reference_bundle):
+    """A few canonical prompts through export + runtime, read back by the attribute checker."""
+    pipe = runtime.Pipeline.load(reference_bundle)
+    wanted = [
+        Attributes("black", "red", "circle", "large", "center"),
+        Attributes("white", "blue", "square", "large", "center"),
+        Attributes("gray", "yellow", "triangle", "large", "center"),
+        Attributes("white", "green", "circle", "small", "center"),
+    ]
+    hits = {"background": 0, "color": 0, "shape": 0, "size": 0}
+    for i, a in enumerate(wanted):
+        image = pipe.txt2img(canonical_caption(a), steps=20, guidance_scale=5.0, seed=i, output_type="np")[0]
+        got = checker.check(image)
+        for k in hits:
+            hits[k] += getattr(got, k) == getattr(a, k)
+    assert hits["background"] == len(wanted) and hits["color"] >= 3 and hits["shape"] >= 3 and hits["size"] >= 3, hits
+
+
+def test_corrupt_weights_are_refused_by_hash(tmp_path):
+    copy = shutil.copytree(REFERENCE_MODEL, tmp_path / "shapes-ldm")
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model.safetensors is corrupt: its sha256 differs"):
+        build(copy, tmp_path / "b", log=lambda _: None)
+    assert not (tmp_path / "b").exists()
