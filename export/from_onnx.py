@@ -25,6 +25,7 @@ from runtime.manifest import Component, Manifest, TensorSpec, load_manifest, sha
 
 from .bundle import ENGINES, check_target, default_name, staging, write_manifest
 from .onnx_export import onnx_files
+from .verify import error_figures
 from .tensorrt import (
     TIMING_CACHE_DIR,
     BuilderSettings,
@@ -92,23 +93,6 @@ def fixed_inputs(component: Component, manifest: Manifest, seed: int = 0) -> dic
             value = rng.standard_normal(t.shape)
         out[t.name] = value.astype(t.dtype)
     return out
-
-
-def error_figures(got: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], tolerance: float) -> dict[str, Any]:
-    """Per-output max abs and relative error, the worst, and whether it is within the gate."""
-    figures: dict[str, Any] = {"tolerance": tolerance, "outputs": {}}
-    worst = 0.0
-    for name, ref in reference.items():
-        ref = np.asarray(ref, dtype=np.float32)
-        out = np.asarray(got[name], dtype=np.float32)
-        finite = bool(np.isfinite(out).all())
-        abs_err = float(np.abs(out - ref).max()) if finite else float("inf")
-        rel = abs_err / max(1.0, float(np.abs(ref).max()))
-        figures["outputs"][name] = {"max_abs_err": abs_err, "rel_err": rel, "ref_max_abs": float(np.abs(ref).max()), "finite": finite}
-        worst = max(worst, rel)
-    figures["rel_err"] = worst
-    figures["passed"] = worst <= tolerance
-    return figures
 
 
 def run_engine(open_engine: OpenFn, component: Component, path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
