@@ -47,11 +47,12 @@ class Pipeline:
         self.schedule = noise_schedule(manifest.scheduler_config, class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
 
     @classmethod
-    def load(cls, bundle: str | Path, *, device: str | None = None, verify: bool = True) -> "Pipeline":
+    def load(cls, bundle: str | Path, *, device: str | None = None, verify: bool = True, cuda_graph: bool = False) -> "Pipeline":
         """Open BUNDLE; the backend follows the component files (onnx -> ONNX Runtime, plan -> TensorRT).
 
         device: for ONNX bundles, 'cpu' | 'cuda' | 'tensorrt' execution provider (default: CUDA where
         onnxruntime-gpu is installed, else CPU). verify: check every file's sha256 first.
+        cuda_graph: capture the TensorRT UNet call once and replay it every step (static shapes allow it).
         """
         from .tokenizer import ClipTokenizer
 
@@ -62,9 +63,26 @@ class Pipeline:
         missing = [c for c in needed if c not in manifest.components]
         if missing:
             raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `python -m export.build`")
-        engines = {name: load_engine(c, bundle, **options) for name, c in manifest.components.items() if name in needed}
+        if cuda_graph and manifest.components["unet"].format != "plan":
+            raise ValueError(f"cuda_graph=True needs TensorRT engines, and {bundle} holds ONNX; build them with `python -m export.build --from-onnx {bundle}`")
+        engines = {
+            name: load_engine(c, bundle, **options, **({"cuda_graph": True} if cuda_graph and name == "unet" else {}))
+            for name, c in manifest.components.items()
+            if name in needed
+        }
         tokenizer = ClipTokenizer.from_dir(bundle / manifest.raw["tokenizer"]["dir"])
         return cls(bundle, manifest, engines, tokenizer)
+
+    def close(self) -> None:
+        """Release the engines' device memory and streams (TensorRT); safe to call twice."""
+        for engine in self.engines.values():
+            getattr(engine, "close", lambda: None)()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def batch_size(self) -> int:

@@ -127,3 +127,10 @@ def test_cli_bad_bundle_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "runtime", "x", "--bundle", str(tmp_path / "none")], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: no engine bundle at") and "Traceback" not in done.stderr
+
+
+def test_cuda_graph_needs_tensorrt_engines(bundle_fp32):
+    with pytest.raises(ValueError, match="cuda_graph=True needs TensorRT engines.*--from-onnx"):
+        runtime.Pipeline.load(bundle_fp32, cuda_graph=True)
+    with runtime.Pipeline.load(bundle_fp32) as pipe:
+        assert pipe.txt2img(PROMPT, steps=1, seed=0, output_type="latent").shape == (1, 4, 8, 8)
