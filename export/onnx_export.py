@@ -6,7 +6,6 @@ tools can open the files.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -164,10 +163,3 @@ def _restore_fp32_resize_params(proto: Any) -> None:
 def onnx_files(out: Path) -> list[Path]:
     data = out.with_name(out.name + ".data")
     return [out, data] if data.exists() else [out]
-
-
-def move_onnx(src: Path, dst: Path) -> None:
-    """Move a model and its external data; the data location inside the file is a relative name."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for f in onnx_files(src):
-        shutil.move(str(f), str(dst.with_name(dst.name + f.name[len(src.name):])))
