@@ -18,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m runtime",
         description="Generate images from a text prompt with an engine bundle built by `python -m export.build`. "
         "Runs on ONNX Runtime (or TensorRT) without PyTorch.",
-        epilog='example: python -m runtime "a small red circle in the top left on a black background" --seed 0 -o circle.png',
+        epilog='example: python -m runtime "a small red circle on a black background" --seed 0 -o circle.png',
     )
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="engine bundle folder (default: %(default)s, the reference model)")
