@@ -112,22 +112,39 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
-def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float, edge_weight: float, object_weight: float = 0.0):
+def vae_loss(
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    kl: torch.Tensor,
+    kl_weight: float,
+    edge_weight: float,
+    object_weight: float = 0.0,
+) -> torch.Tensor:
     """L1 + L1 of image gradients (keeps shape edges crisp) + KL, weighted per pixel like SD's VAE.
 
-    ``object_weight`` up-weights pixels unlike the image's corner (the object): it covers 5-15% of
-    the image, and without it L1 settles for desaturated objects, losing the colour.
+    ``object_weight`` up-weights pixels unlike the image's background (the object): it covers
+    5-15% of the image, and without it L1 settles for desaturated objects, losing the colour.
     """
     l1 = (recon - target).abs().mean()
     if object_weight:
-        background = target[:, :, :1, :1]
-        on_object = ((target - background).abs().sum(dim=1, keepdim=True) > 0.1).float()
+        on_object = ((target - border_median(target)).abs().sum(dim=1, keepdim=True) > 0.1).float()
         l1 = l1 + object_weight * ((recon - target).abs() * on_object).mean()
     edges = (recon.diff(dim=-1) - target.diff(dim=-1)).abs().mean() + (
         recon.diff(dim=-2) - target.diff(dim=-2)
     ).abs().mean()
     kl_per_pixel = kl.float().mean() / target[0].numel()
     return l1 + edge_weight * edges + kl_weight * kl_per_pixel
+
+
+def border_median(images: torch.Tensor) -> torch.Tensor:
+    """(n, c, 1, 1) per-channel median of each image's one-pixel border: its background colour.
+
+    Not a corner pixel: a large object in a corner may cover it, but never most of the border.
+    """
+    border = torch.cat(
+        [images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]], dim=-1
+    )
+    return border.median(dim=-1).values[..., None, None]
 
 
 def make_images(setup: Setup) -> tuple[np.ndarray, list]:

@@ -19,6 +19,7 @@ from reference.architecture import (
 from reference.caption_bank import EMPTY, CaptionSampler, build_caption_bank, load_tokenizer
 from reference.dataset import Attributes, canonical_caption
 from reference.pacing import PhaseClock, learning_rate
+from reference.phases import border_median, vae_loss
 from reference.presets import PRESETS, resolve_recipe
 from reference.train import main, pick_preset
 
@@ -46,6 +47,17 @@ def test_missing_tokenizer_files_are_named(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         load_tokenizer(tmp_path)
+
+
+def test_object_weighting_finds_the_background_even_under_a_corner_object():
+    image = torch.full((1, 3, 64, 64), -1.0)
+    image[:, 0, :30, :30] = 1.0  # a large red square over the top-left corner
+    assert border_median(image).flatten().tolist() == [-1.0, -1.0, -1.0]
+    recon = image.clone()
+    recon[:, 0, 10, 10] = -1.0  # one wrong pixel on the object
+    plain = vae_loss(recon, image, torch.zeros(1), kl_weight=0.0, edge_weight=0.0)
+    weighted = vae_loss(recon, image, torch.zeros(1), kl_weight=0.0, edge_weight=0.0, object_weight=10.0)
+    assert weighted.item() == pytest.approx(11 * plain.item())
 
 
 def test_learning_rate_warms_up_then_anneals():
