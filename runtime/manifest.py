@@ -17,7 +17,6 @@ from .errors import BundleError
 SCHEMA = "ldm-deploy/bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
 @dataclass(frozen=True)

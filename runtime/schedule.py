@@ -102,10 +102,6 @@ class NoiseSchedule:
         return int(self.config["steps_offset"])
 
     @property
-    def clip_sample(self) -> bool:
-        return bool(self.config.get("clip_sample", False))
-
-    @property
     def clip_sample_range(self) -> float:
         return float(self.config.get("clip_sample_range", 1.0))
 
