@@ -1,0 +1,1 @@
+"""Benchmarks against other pipelines (imports torch and diffusers; never imported by runtime/)."""
