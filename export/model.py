@@ -13,6 +13,8 @@ from runtime.manifest import sha256_file
 REQUIRED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHTED = ("text_encoder", "unet", "vae")
+# What a model can do follows from its UNet's input channels (diffusers' pipelines check the same).
+PIPELINES = {"text2image": ("txt2img", "img2img", "inpaint"), "inpainting": ("inpaint",), "upscaler": ("upscale",)}
 
 
 class ModelError(ValueError):
@@ -29,6 +31,7 @@ class SourceModel:
     scheduler_config: dict[str, Any]
     tokenizer_dir: Path
     hashes: dict[str, str]
+    index: dict[str, Any]  # model_index.json: the pipeline class and its extra settings (e.g. max_noise_level)
 
     @property
     def name(self) -> str:
@@ -37,6 +40,26 @@ class SourceModel:
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def kind(self) -> str:
+        """text2image (latents in), inpainting (latents + mask + masked-image latents), upscaler (latents + RGB)."""
+        c, lc = self.unet.config.in_channels, self.vae.config.latent_channels
+        if c == lc:
+            return "text2image"
+        if c == 2 * lc + 1:
+            return "inpainting"
+        if c == lc + 3 and self.unet.config.num_class_embeds:
+            return "upscaler"
+        raise ModelError(
+            f"{self.path}: a UNet with {c} input channels and a VAE with {lc} latent channels is none of the kinds this "
+            f"SDK exports: text-to-image ({lc}), inpainting ({2 * lc + 1}: latents, mask, masked-image latents) or the "
+            f"x4 upscaler ({lc + 3}: latents and the low-resolution image, with a noise-level class embedding)"
+        )
+
+    @property
+    def pipelines(self) -> tuple[str, ...]:
+        return PIPELINES[self.kind]
 
 
 def check_layout(path: Path, allow_pickle: bool) -> dict[str, bool]:
@@ -131,6 +154,7 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
         scheduler_config={k: v for k, v in sched.items() if not k.startswith("_")},
         tokenizer_dir=tok,
         hashes=source_hashes(path),
+        index=json.loads((path / "model_index.json").read_text()),
     )
 
 

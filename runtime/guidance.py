@@ -7,6 +7,7 @@ none (batch-B call, Turbo-style models), and a guidance embedding fed to the UNe
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import numpy as np
 
@@ -16,15 +17,21 @@ from .samplers import Model
 MODES = ("cfg", "none", "embedded")
 
 
-def unet_call(unet: Engine, sample: np.ndarray, t: float, context: np.ndarray, timestep_cond: np.ndarray | None = None) -> np.ndarray:
-    """One UNet engine call at timestep t for every row; the output comes back as float32."""
-    feed = {
-        "sample": sample,
-        "timestep": np.full((sample.shape[0],), t, dtype=np.float64),
-        "encoder_hidden_states": context,
-    }
-    if timestep_cond is not None:
-        feed["timestep_cond"] = timestep_cond
+Extra = Mapping[str, np.ndarray]
+
+
+def unet_call(unet: Engine, sample: np.ndarray, t: float, context: np.ndarray, extra: Extra | None = None) -> np.ndarray:
+    """One UNet engine call at timestep t for every row; the output comes back as float32.
+
+    extra: image conditioning, per row. `channels` is concatenated to the latents (inpainting's mask and
+    masked-image latents, the upscaler's low-resolution image); any other key is fed as is (class_labels,
+    timestep_cond).
+    """
+    extra = dict(extra or {})
+    channels = extra.pop("channels", None)
+    if channels is not None:
+        sample = np.concatenate([sample, np.asarray(channels, dtype=sample.dtype)], axis=1)
+    feed = {"sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float64), "encoder_hidden_states": context, **extra}
     out = unet(cast_feed(unet.component, feed))
     return np.asarray(out[unet.component.outputs[0].name], dtype=np.float32)
 
@@ -36,12 +43,13 @@ def rescale_cfg(guided: np.ndarray, cond: np.ndarray, factor: float) -> np.ndarr
     return factor * rescaled + (1 - factor) * guided
 
 
-def classifier_free(unet: Engine, cond: np.ndarray, uncond: np.ndarray, scale: float, rescale: float = 0.0) -> Model:
+def classifier_free(unet: Engine, cond: np.ndarray, uncond: np.ndarray, scale: float, rescale: float = 0.0, extra: Extra | None = None) -> Model:
     """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): one batch-2B call, split, mix."""
     context = np.concatenate([uncond, cond])
+    doubled = {k: np.concatenate([v, v]) for k, v in (extra or {}).items()}  # both halves see the same image
 
     def model(x: np.ndarray, t: float) -> np.ndarray:
-        u, c = np.split(unet_call(unet, np.concatenate([x, x]), t, context), 2)
+        u, c = np.split(unet_call(unet, np.concatenate([x, x]), t, context, doubled), 2)
         if scale <= 1.0:  # no guidance, as in diffusers: the conditional half alone
             return c
         guided = u + scale * (c - u)
@@ -50,11 +58,11 @@ def classifier_free(unet: Engine, cond: np.ndarray, uncond: np.ndarray, scale: f
     return model
 
 
-def unguided(unet: Engine, cond: np.ndarray, timestep_cond: np.ndarray | None = None) -> Model:
-    """A batch-B call on the prompt alone; `timestep_cond` carries an LCM guidance embedding."""
+def unguided(unet: Engine, cond: np.ndarray, extra: Extra | None = None) -> Model:
+    """A batch-B call on the prompt alone; extra's `timestep_cond` carries an LCM guidance embedding."""
 
     def model(x: np.ndarray, t: float) -> np.ndarray:
-        return unet_call(unet, x, t, cond, timestep_cond)
+        return unet_call(unet, x, t, cond, extra)
 
     return model
 

@@ -6,6 +6,10 @@ scheduler config as `ThatScheduler.from_config(config)` would.
 prediction_type) for latents x at timestep t; guidance is the model wrapper's business.
 `x` comes in as unit-variance noise: the sampler scales it by diffusers' init_noise_sigma,
 and scales the model's input where diffusers' scale_model_input does.
+img2img: `init` (clean latents) noised with x to step `start`'s level, then only steps start..steps-1
+run, as diffusers' add_noise + set_begin_index (start = steps - int(steps * strength)).
+Inpainting with an ordinary UNet: `known` (runtime.samplers.Known) resets the kept region to its
+latents noised with the same x to the next step's level after every step but the last.
 `callback(i, t, x)` runs after every step (one per requested step, however many model calls
 it took); noise comes only from the `rng` passed in, and only where a sampler draws it.
 The returned x is the final denoised latent, ready for the VAE.
@@ -19,17 +23,20 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .sampling.common import Callback, Model, to_x0_eps
+from .sampling.common import Callback, Known, Model, to_x0_eps
 from .sampling.consistency import sample_lcm, sample_tcd
 from .sampling.discrete import sample_ddim, sample_ddpm, sample_pndm
 from .sampling.karras import sample_euler, sample_euler_a, sample_heun
 from .sampling.multistep import sample_dpmpp_2m, sample_dpmpp_2m_karras, sample_unipc
 
 __all__ = [
-    "Model", "Callback", "to_x0_eps", "SAMPLERS", "DEFAULT_FOR_CLASS", "default_sampler", "get_sampler", "sampler_options",
+    "Model", "Callback", "Known", "to_x0_eps", "SAMPLERS", "DEFAULT_FOR_CLASS", "default_sampler", "get_sampler", "sampler_options",
     "sample_ddpm", "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_a", "sample_heun",
     "sample_dpmpp_2m", "sample_dpmpp_2m_karras", "sample_unipc", "sample_lcm", "sample_tcd",
 ]  # fmt: skip
+
+# What every sampler takes besides its own options.
+COMMON = ("init", "start", "known", "rng", "callback")
 
 SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
     "ddpm": sample_ddpm,
@@ -71,7 +78,7 @@ def default_sampler(class_name: str | None, config: Mapping[str, Any] | None = N
 def sampler_options(name: str) -> tuple[str, ...]:
     """The keyword options a sampler takes besides rng and callback (e.g. ddim: eta)."""
     params = inspect.signature(_lookup(name)).parameters.values()
-    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("rng", "callback"))
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in COMMON)
 
 
 def get_sampler(name: str) -> Callable[..., np.ndarray]:
@@ -80,10 +87,10 @@ def get_sampler(name: str) -> Callable[..., np.ndarray]:
 
     @functools.wraps(sampler)
     def checked(model: Model, x: np.ndarray, schedule: Any, steps: int, **kwargs: Any) -> np.ndarray:
-        unknown = sorted(set(kwargs) - set(options) - {"rng", "callback"})
+        unknown = sorted(set(kwargs) - set(options) - set(COMMON))
         if unknown:
             have = f"its options are {', '.join(options)}" if options else "it takes no options"
-            raise ValueError(f"sampler {name!r} has no option {', '.join(unknown)}; {have} (plus rng, callback)")
+            raise ValueError(f"sampler {name!r} has no option {', '.join(unknown)}; {have} (plus {', '.join(COMMON)})")
         return sampler(model, x, schedule, steps, **kwargs)
 
     return checked

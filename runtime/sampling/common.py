@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -64,3 +65,35 @@ def step_done(x: np.ndarray, i: int, t: float, callback: Callback) -> np.ndarray
     if callback is not None:
         callback(i, float(t), x)
     return x
+
+
+@dataclass(frozen=True)
+class Known:
+    """Inpainting with an ordinary UNet: clean `latents` to keep where `mask` is 0 (1 = generate), (B or 1, 1, h, w)."""
+
+    latents: np.ndarray
+    mask: np.ndarray
+
+
+def check_start(start: int, steps: int, init: np.ndarray | None, sampler: str) -> None:
+    if not 0 <= start < steps:
+        raise ValueError(f"{sampler}: start must be in [0, {steps}) for {steps} steps (it skips that many), got {start}")
+    if start and init is None:
+        raise ValueError(f"{sampler}: start={start} skips the noisiest steps, so it needs init (the latents to noise and denoise)")
+
+
+def noised_vp(init: np.ndarray, noise: np.ndarray, abar: float) -> np.ndarray:
+    """init at noise level abar in variance-preserving form: sqrt(abar) init + sqrt(1 - abar) noise (add_noise)."""
+    return abar**0.5 * np.asarray(init, dtype=np.float64) + (1.0 - abar) ** 0.5 * noise
+
+
+def noised_sigma(init: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarray:
+    """init at noise level sigma in sigma space: init + sigma noise (the Karras-style samplers' add_noise)."""
+    return np.asarray(init, dtype=np.float64) + sigma * noise
+
+
+def reimpose(x: np.ndarray, known: Known | None, renoised: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Reset the kept region to the known latents noised to the next step's level (diffusers' inpaint blend)."""
+    if known is None:
+        return x
+    return (1.0 - known.mask) * renoised(known.latents) + known.mask * x

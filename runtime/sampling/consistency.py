@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedule import NoiseSchedule, consistency_timesteps
-from .common import Callback, Model, clean_x0, evaluate, noise, require_rng, step_done, to_x0_eps
+from .common import Callback, Known, Model, check_start, clean_x0, evaluate, noise, noised_vp, reimpose, require_rng, step_done, to_x0_eps
 
 
 def boundary_scalings(t: int, timestep_scaling: float, sigma_data: float = 0.5) -> tuple[float, float]:
@@ -20,20 +20,28 @@ def sample_lcm(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
     """Latent Consistency Model multistep sampling (Luo et al. 2023, arXiv:2310.04378), as diffusers' LCMScheduler."""
     s = schedule.as_class("LCMScheduler")
     rng = require_rng(rng, "lcm")
-    acp, timesteps = s.alphas_cumprod, consistency_timesteps(s, steps)
-    for i, t in enumerate(timesteps):
+    acp, timesteps, unit = s.alphas_cumprod, consistency_timesteps(s, steps), x
+    check_start(start, steps, init, "lcm")
+    if init is not None:
+        x = noised_vp(init, unit, acp[timesteps[start]])
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
         c_skip, c_out = boundary_scalings(int(t), float(s.config["timestep_scaling"]))
         x0 = clean_x0(to_x0_eps(evaluate(model, x, t), x, acp[t], s.prediction_type)[0], s)
         x = c_out * x0 + c_skip * x
         if i + 1 < len(timesteps):  # noise back up to the next timestep; the last step returns the denoised x
             abar_next = acp[timesteps[i + 1]]
             x = abar_next**0.5 * x + (1 - abar_next) ** 0.5 * noise(rng, x)
+            x = reimpose(x, known, lambda z: noised_vp(z, unit, abar_next))
         x = step_done(x, i, t, callback)
     return x
 
@@ -45,6 +53,9 @@ def sample_tcd(
     steps: int,
     *,
     eta: float = 0.3,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
@@ -54,8 +65,12 @@ def sample_tcd(
         raise ValueError(f"tcd: eta (the paper's gamma) must be between 0 (deterministic) and 1, got {eta}")
     if eta > 0:
         rng = require_rng(rng, "tcd with eta > 0")
-    acp, timesteps = s.alphas_cumprod, consistency_timesteps(s, steps)
-    for i, t in enumerate(timesteps):
+    acp, timesteps, unit = s.alphas_cumprod, consistency_timesteps(s, steps), x
+    check_start(start, steps, init, "tcd")
+    if init is not None:
+        x = noised_vp(init, unit, acp[timesteps[start]])
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
         t_next = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
         # the intermediate timestep s = floor((1 - gamma) t_next), in float32 as diffusers computes it
         t_s = int(np.floor(np.float32(1 - eta) * np.float32(t_next)))
@@ -64,5 +79,7 @@ def sample_tcd(
         if eta > 0 and i + 1 < len(timesteps):
             ratio = acp[t_next] / acp[t_s]
             x = ratio**0.5 * x + (1 - ratio) ** 0.5 * noise(rng, x)  # type: ignore[arg-type]
+        if i + 1 < len(timesteps):
+            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]))
         x = step_done(x, i, t, callback)
     return x

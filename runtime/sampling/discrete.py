@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedule import NoiseSchedule, spaced_timesteps
-from .common import Callback, Model, clean_x0, evaluate, noise, require_rng, step_done, to_x0_eps
+from .common import Callback, Known, Model, check_start, clean_x0, evaluate, noise, noised_vp, reimpose, require_rng, step_done, to_x0_eps
 
 # Adams-Bashforth weights, newest model output first (PLMS's linear multistep of order 1-4).
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -17,6 +17,9 @@ def sample_ddpm(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
@@ -24,8 +27,12 @@ def sample_ddpm(
     s = schedule.as_class("DDPMScheduler")
     s.require("ddpm", variance_type=("fixed_small", "fixed_small_log", "fixed_large"))
     rng = require_rng(rng, "ddpm")
-    acp, timesteps = s.alphas_cumprod, spaced_timesteps(s, steps)
-    for i, t in enumerate(timesteps):
+    acp, timesteps, unit = s.alphas_cumprod, spaced_timesteps(s, steps), x
+    check_start(start, steps, init, "ddpm")
+    if init is not None:
+        x = noised_vp(init, unit, acp[timesteps[start]])
+    for i in range(start, steps):
+        t = timesteps[i]
         prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # the next listed timestep, unlike DDIM
         abar, abar_prev = acp[t], (acp[prev] if prev >= 0 else 1.0)
         beta = 1.0 - abar / abar_prev
@@ -34,6 +41,8 @@ def sample_ddpm(
         if t > 0:
             small = max((1.0 - abar_prev) / (1.0 - abar) * beta, 1e-20)
             x = x + (beta if s.config["variance_type"] == "fixed_large" else small) ** 0.5 * noise(rng, x)
+        if i + 1 < steps:
+            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]))
         x = step_done(x, i, t, callback)
     return x
 
@@ -45,6 +54,9 @@ def sample_ddim(
     steps: int,
     *,
     eta: float = 0.0,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
@@ -54,9 +66,13 @@ def sample_ddim(
         raise ValueError(f"ddim: eta must be >= 0 (0 deterministic, 1 DDPM-like), got {eta}")
     if eta > 0:
         rng = require_rng(rng, "ddim with eta > 0")
-    acp, timesteps = s.alphas_cumprod, spaced_timesteps(s, steps)
+    acp, timesteps, unit = s.alphas_cumprod, spaced_timesteps(s, steps), x
+    check_start(start, steps, init, "ddim")
     stride = s.num_train_timesteps // steps
-    for i, t in enumerate(timesteps):
+    if init is not None:
+        x = noised_vp(init, unit, acp[timesteps[start]])
+    for i in range(start, steps):
+        t = timesteps[i]
         prev = t - stride  # diffusers steps back by a fixed stride, not to the next listed timestep
         abar, abar_prev = acp[t], (acp[prev] if prev >= 0 else s.final_alpha_cumprod)
         x0, eps = to_x0_eps(evaluate(model, x, t), x, abar, s.prediction_type)
@@ -65,6 +81,8 @@ def sample_ddim(
         x = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * noise(rng, x)  # type: ignore[arg-type]
+        if i + 1 < steps:
+            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]))
         x = step_done(x, i, t, callback)
     return x
 
@@ -75,6 +93,9 @@ def sample_pndm(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
@@ -88,26 +109,63 @@ def sample_pndm(
             f"below 4), got {steps}: use more steps, or skip_prk_steps=True in the scheduler config for PLMS"
         )
     timesteps = spaced_timesteps(s, steps)
+    check_start(start, steps, init, "pndm")
     stride = s.num_train_timesteps // steps
+    if not prk:
+        return _plms(model, s, x, timesteps, stride, start, init, known, callback)
+    if init is not None or known is not None:
+        raise ValueError(
+            "pndm: img2img and inpainting need skip_prk_steps=True in the scheduler config (PLMS, as SD 1.x ships it); "
+            "the Runge-Kutta warm-up only starts from pure noise. Or pick another sampler"
+        )
     history: list[np.ndarray] = []  # the first model output of every step, newest last
     for i, t in enumerate(timesteps):
         out = evaluate(model, x, t)
-        if prk and i < 3:
+        if i < 3:
             x = _prk_step(model, s, x, t, timesteps[i + 1], stride // 2, out)
             history.append(out)
-        elif i == 0 and steps > 1:
-            # PLMS's warm-up: a trial step, then the mean of both outputs; diffusers takes this step
-            # from t_next + stride (not t) to t_next and keeps only the first output in its history
-            t_next = timesteps[1]
-            trial = _transfer(s, x, t, t - stride, out)
-            x = _transfer(s, x, t_next + stride, t_next, (out + evaluate(model, trial, t_next)) / 2)
-            history = [out]
         else:
             history = (history + [out])[-4:]
-            combined = sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(history)], reversed(history)))
-            x = _transfer(s, x, t, t - stride, combined)
+            x = _transfer(s, x, t, t - stride, _adams_bashforth(history))
         x = step_done(x, i, t, callback)
     return x
+
+
+def _plms(
+    model: Model, s: NoiseSchedule, x: np.ndarray, timesteps: np.ndarray, stride: int, start: int,
+    init: np.ndarray | None, known: Known | None, callback: Callback,
+) -> np.ndarray:  # fmt: skip
+    """PLMS over diffusers' timestep list, which holds the second timestep twice ([t0, t1, t1, t2, ...]).
+
+    Its first two entries are the warm-up: a trial step from t0, then the mean of both outputs
+    taken from t1 + stride to t1. img2img skips `start` entries of that list, as diffusers does, so
+    a shortened run begins with the same warm-up wherever it lands.
+    """
+    listed = np.concatenate([timesteps[:2], timesteps[1:]])[start:] if len(timesteps) > 1 else timesteps
+    acp, unit, n = s.alphas_cumprod, x, len(listed)
+    if init is not None:
+        x = noised_vp(init, unit, acp[listed[0]])
+    history: list[np.ndarray] = []  # model outputs, newest last; the warm-up's second output is not kept
+    for j, t in enumerate(listed):
+        out = evaluate(model, x, t)
+        if j == 0:
+            first, x_first = out, x
+            x = _transfer(s, x, t, t - stride, out)  # the trial step (the whole run when there is one step)
+            history = [out]
+        elif j == 1:
+            x = _transfer(s, x_first, t + stride, t, (out + first) / 2)
+        else:
+            history = (history + [out])[-4:]
+            x = _transfer(s, x, t, t - stride, _adams_bashforth(history))
+        if j + 1 < n:
+            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[listed[j + 1]]))
+        if j > 0 or n == 1:
+            x = step_done(x, start + max(j - 1, 0), t, callback)
+    return x
+
+
+def _adams_bashforth(history: list[np.ndarray]) -> np.ndarray:
+    return sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(history)], reversed(history)))  # type: ignore[return-value]
 
 
 def _prk_step(model: Model, s: NoiseSchedule, x: np.ndarray, t: int, t_next: int, half: int, out: np.ndarray) -> np.ndarray:

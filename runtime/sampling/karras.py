@@ -8,7 +8,12 @@ import numpy as np
 
 from ..schedule import NoiseSchedule
 from ..sigmas import euler_sigmas, init_noise_sigma
-from .common import Callback, Model, clean_x0, evaluate, noise, require_rng, step_done
+from .common import Callback, Known, Model, check_start, clean_x0, evaluate, noise, noised_sigma, reimpose, require_rng, step_done
+
+
+def begin(x: np.ndarray, init: np.ndarray | None, s: NoiseSchedule, sigmas: np.ndarray, start: int) -> np.ndarray:
+    """Pure noise scaled by init_noise_sigma, or init noised to sigmas[start] (img2img)."""
+    return x * init_noise_sigma(s, sigmas) if init is None else noised_sigma(init, x, sigmas[start])
 
 
 def model_input(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -37,6 +42,9 @@ def sample_euler(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
@@ -45,9 +53,10 @@ def sample_euler(
     if s_churn > 0:
         rng = require_rng(rng, "euler with s_churn > 0")
     timesteps, sigmas = euler_sigmas(s, steps, "euler")
-    x = x * init_noise_sigma(s, sigmas)
-    for i, t in enumerate(timesteps):
-        sigma = sigmas[i]
+    check_start(start, steps, init, "euler")
+    unit, x = x, begin(x, init, s, sigmas, start)
+    for i in range(start, steps):
+        t, sigma = timesteps[i], sigmas[i]
         out = evaluate(model, model_input(x, sigma), t)
         gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
@@ -55,6 +64,8 @@ def sample_euler(
             x = x + noise(rng, x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5  # type: ignore[arg-type]
         x0 = denoised(out, x, sigma_hat if s.prediction_type == "epsilon" else sigma, s.prediction_type)
         x = x + (x - x0) / sigma_hat * (sigmas[i + 1] - sigma_hat)
+        if i + 1 < steps:
+            x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigmas[i + 1]))
         x = step_done(x, i, t, callback)
     return x
 
@@ -65,6 +76,9 @@ def sample_euler_a(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
@@ -73,15 +87,18 @@ def sample_euler_a(
     s.require("euler_a", prediction_type=("epsilon", "v_prediction"))
     rng = require_rng(rng, "euler_a")
     timesteps, sigmas = euler_sigmas(s, steps, "euler_a")
-    x = x * init_noise_sigma(s, sigmas)
-    for i, t in enumerate(timesteps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    check_start(start, steps, init, "euler_a")
+    unit, x = x, begin(x, init, s, sigmas, start)
+    for i in range(start, steps):
+        t, sigma, sigma_next = timesteps[i], sigmas[i], sigmas[i + 1]
         x0 = denoised(evaluate(model, model_input(x, sigma), t), x, sigma, s.prediction_type)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if sigma_up > 0:  # diffusers also draws on the last step, where sigma_up is 0
             x = x + sigma_up * noise(rng, x)
+        if i + 1 < steps:
+            x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigma_next))
         x = step_done(x, i, t, callback)
     return x
 
@@ -92,23 +109,29 @@ def sample_heun(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
     """Heun's 2nd-order method, Euler on the last step (Karras et al. 2022, arXiv:2206.00364, Alg. 1)."""
     s = schedule.as_class("HeunDiscreteScheduler")
     timesteps, sigmas = euler_sigmas(s, steps, "heun")
-    x = x * init_noise_sigma(s, sigmas)
+    check_start(start, steps, init, "heun")
+    unit, x = x, begin(x, init, s, sigmas, start)
 
     def slope(x: np.ndarray, i: int) -> np.ndarray:
         x0 = denoised(evaluate(model, model_input(x, sigmas[i]), timesteps[i]), x, sigmas[i], s.prediction_type)
         return (x - clean_x0(x0, s)) / sigmas[i]
 
-    for i, t in enumerate(timesteps):
-        dt = sigmas[i + 1] - sigmas[i]
+    for i in range(start, steps):
+        t, dt = timesteps[i], sigmas[i + 1] - sigmas[i]
         d = slope(x, i)
-        if i + 1 < len(timesteps):
-            x = x + (d + slope(x + d * dt, i + 1)) / 2 * dt
+        if i + 1 < steps:
+            # diffusers re-imposes the known region on the Euler half-step too, before the second slope
+            renoised = lambda z: noised_sigma(z, unit, sigmas[i + 1])  # noqa: E731
+            x = reimpose(x + (d + slope(reimpose(x + d * dt, known, renoised), i + 1)) / 2 * dt, known, renoised)
         else:
             x = x + d * dt
         x = step_done(x, i, t, callback)

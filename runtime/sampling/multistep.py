@@ -8,7 +8,7 @@ import numpy as np
 
 from ..schedule import NoiseSchedule
 from ..sigmas import solver_sigmas
-from .common import Callback, Model, clean_x0, evaluate, step_done, to_x0_eps
+from .common import Callback, Known, Model, check_start, clean_x0, evaluate, noised_vp, reimpose, step_done, to_x0_eps
 
 DPM = "DPMSolverMultistepScheduler"
 DPMPP_2M = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
@@ -21,11 +21,15 @@ def sample_dpmpp_2m(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), as diffusers' DPMSolverMultistepScheduler."""
-    return _dpmpp_2m(model, x, schedule.as_class(DPM, **DPMPP_2M, use_karras_sigmas=False), steps, callback, "dpmpp_2m")
+    s = schedule.as_class(DPM, **DPMPP_2M, use_karras_sigmas=False)
+    return _dpmpp_2m(model, x, s, steps, init, start, known, callback, "dpmpp_2m")
 
 
 def sample_dpmpp_2m_karras(
@@ -34,24 +38,34 @@ def sample_dpmpp_2m_karras(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
     """DPM-Solver++(2M) on Karras et al. 2022's sigmas (arXiv:2206.00364, eq. 5)."""
-    return _dpmpp_2m(model, x, schedule.as_class(DPM, **DPMPP_2M, use_karras_sigmas=True), steps, callback, "dpmpp_2m_karras")
+    s = schedule.as_class(DPM, **DPMPP_2M, use_karras_sigmas=True)
+    return _dpmpp_2m(model, x, s, steps, init, start, known, callback, "dpmpp_2m_karras")
 
 
-def _dpmpp_2m(model: Model, x: np.ndarray, s: NoiseSchedule, steps: int, callback: Callback, name: str) -> np.ndarray:
+def _dpmpp_2m(
+    model: Model, x: np.ndarray, s: NoiseSchedule, steps: int, init: np.ndarray | None, start: int, known: Known | None,
+    callback: Callback, name: str,
+) -> np.ndarray:  # fmt: skip
     s.require(name, variance_type=(None,), **_NO_FLOW)
     timesteps, sigmas = solver_sigmas(s, steps, name)
+    check_start(start, steps, init, name)
     n, config = len(timesteps), s.config
     alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
+    unit, x = x, (x if init is None else noised_vp(init, x, alpha[start] ** 2))
     # diffusers' lower_order_final: a first-order last step for short runs, and always onto sigma 0
     first_order_last = (
         config["euler_at_final"] or (config["lower_order_final"] and n < 15) or config["final_sigmas_type"] == "zero"
     )
     previous = None
-    for i, t in enumerate(timesteps):
+    for i in range(start, n):
+        t = timesteps[i]
         x0 = clean_x0(to_x0_eps(evaluate(model, x, t), x, alpha[i] ** 2, s.prediction_type)[0], s)
         ratio = sigmas[i + 1] / sigmas[i]  # exp(-h), h the step in log-SNR/2
         update = x0
@@ -60,6 +74,8 @@ def _dpmpp_2m(model: Model, x: np.ndarray, s: NoiseSchedule, steps: int, callbac
             update = x0 + (x0 - previous) / (2 * r)
         x = ratio * (alpha[i + 1] / alpha[i]) * x + alpha[i + 1] * (1.0 - ratio) * update
         previous = x0
+        if i + 1 < n:
+            x = reimpose(x, known, lambda z: noised_vp(z, unit, alpha[i + 1] ** 2))
         x = step_done(x, i, t, callback)
     return x
 
@@ -70,6 +86,9 @@ def sample_unipc(
     schedule: NoiseSchedule,
     steps: int,
     *,
+    init: np.ndarray | None = None,
+    start: int = 0,
+    known: Known | None = None,
     rng: np.random.Generator | None = None,
     callback: Callback = None,
 ) -> np.ndarray:
@@ -84,16 +103,23 @@ def sample_unipc(
             "unipc: lower_order_final=False with final_sigmas_type='zero' divides by zero on the last step "
             "(diffusers returns inf/NaN there); set lower_order_final=True or final_sigmas_type='sigma_min'"
         )
+    check_start(start, steps, init, "unipc")
+    abar = 1.0 / (sigmas**2 + 1)
+    unit, x = x, (x if init is None else noised_vp(init, x, abar[start]))
     x0s: list[np.ndarray] = []  # denoised predictions, newest last
     x_last, used = x, 1
-    for i, t in enumerate(timesteps):
-        x0 = clean_x0(to_x0_eps(evaluate(model, x, t), x, 1.0 / (sigmas[i] ** 2 + 1), s.prediction_type)[0], s)
-        if i > 0 and i - 1 not in config["disable_corrector"]:
+    for i in range(start, n):
+        t = timesteps[i]
+        x0 = clean_x0(to_x0_eps(evaluate(model, x, t), x, abar[i], s.prediction_type)[0], s)
+        if i > start and i - 1 not in config["disable_corrector"]:
             x = _unipc(x_last, x0s, sigmas, i - 1, used, bh2, x0)
         x0s = (x0s + [x0])[-order:]
-        used = min(min(order, n - i) if config["lower_order_final"] else order, i + 1)
+        used = min(min(order, n - i) if config["lower_order_final"] else order, i - start + 1)
         x_last = x
-        x = step_done(_unipc(x, x0s, sigmas, i, used, bh2), i, t, callback)
+        x = _unipc(x, x0s, sigmas, i, used, bh2)
+        if i + 1 < n:
+            x = reimpose(x, known, lambda z: noised_vp(z, unit, abar[i + 1]))
+        x = step_done(x, i, t, callback)
     return x
 
 

@@ -1,0 +1,100 @@
+"""Images in and out of the pipelines: checked sizes, [-1, 1] tensors, binary masks, composites.
+
+Conventions follow diffusers' VaeImageProcessor so runs can be compared with it: RGB in [0, 1]
+becomes 2x - 1; masks become grayscale, then 1 where >= 0.5 (repaint) and 0 elsewhere (keep).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+ImageLike = Any  # a PIL image, an (H, W, C) / (B, H, W, C) array (uint8 0-255, or float 0-1), or a list of them
+
+
+def to_images(decoded: np.ndarray) -> np.ndarray:
+    """VAE output (B, 3, H, W) in [-1, 1] -> float32 (B, H, W, 3) in [0, 1], as diffusers' postprocess."""
+    return np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def to_pil(images: np.ndarray) -> list[Any]:
+    from PIL import Image
+
+    return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+
+
+def _as_arrays(image: ImageLike, mode: str, size: tuple[int, int], resize: bool, what: str) -> list[np.ndarray]:
+    """Each image as float32 (H, W, C) in [0, 1], at `size` (height, width): resized only when asked."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(items) == 1 and isinstance(items[0], np.ndarray) and items[0].ndim == 4:
+        items = list(items[0])
+    out = []
+    for item in items:
+        pil = _to_pil(item, mode, what)
+        if (pil.height, pil.width) != size:
+            if not resize:
+                raise ValueError(
+                    f"{what} is {pil.width}x{pil.height} (width x height) but this bundle's engines are built for "
+                    f"{size[1]}x{size[0]}; pass resize=True (CLI: --resize) to resize it, or rebuild the bundle with "
+                    f"`python -m export.build --width {pil.width} --height {pil.height}`"
+                )
+            from PIL import Image
+
+            pil = pil.resize((size[1], size[0]), Image.Resampling.LANCZOS)  # diffusers' default resample
+        array = np.asarray(pil, dtype=np.float32) / 255.0
+        out.append(array[..., None] if array.ndim == 2 else array)
+    return out
+
+
+def _to_pil(item: Any, mode: str, what: str) -> Any:
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item.convert(mode)
+    if not isinstance(item, np.ndarray) or item.ndim not in (2, 3):
+        raise ValueError(f"{what}: expected a PIL image or an (H, W, C) numpy array, got {type(item).__name__} {getattr(item, 'shape', '')}")
+    if item.dtype != np.uint8:
+        if item.size and (np.nanmin(item) < 0 or np.nanmax(item) > 1):
+            raise ValueError(f"{what}: a float array must hold values in [0, 1] (got {np.nanmin(item):.3g} to {np.nanmax(item):.3g}); pass uint8 for 0-255")
+        item = (np.clip(item, 0, 1) * 255).round().astype(np.uint8)
+    if item.ndim == 3 and item.shape[2] == 1:
+        item = item[..., 0]
+    return Image.fromarray(item).convert(mode)
+
+
+def _batch(arrays: list[np.ndarray], batch: int, what: str) -> np.ndarray:
+    if len(arrays) == 1:
+        arrays = arrays * batch
+    if len(arrays) != batch:
+        raise ValueError(f"{what}: {len(arrays)} images for a bundle built with batch size {batch}; pass one, or exactly {batch}")
+    return np.stack(arrays).transpose(0, 3, 1, 2)
+
+
+def image_tensor(image: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, what: str = "image") -> np.ndarray:
+    """RGB image(s) -> float32 (B, 3, H, W) in [-1, 1], the VAE encoder's input."""
+    return _batch(_as_arrays(image, "RGB", size, resize, what), batch, what) * 2.0 - 1.0
+
+
+def mask_tensor(mask: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False) -> np.ndarray:
+    """Mask image(s) -> float32 (B, 1, H, W): grayscale, then 1 (repaint) where >= 0.5 of white, else 0 (keep)."""
+    gray = _batch(_as_arrays(mask, "L", size, resize, "mask_image"), batch, "mask_image")
+    return (gray >= 0.5).astype(np.float32)
+
+
+def downsample_nearest(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(B, C, H, W) -> (B, C, h, w) by nearest neighbour, picking rows floor(i * H / h) as torch's interpolate does."""
+    rows = np.floor(np.arange(size[0]) * (x.shape[2] / size[0])).astype(int)
+    cols = np.floor(np.arange(size[1]) * (x.shape[3] / size[1])).astype(int)
+    return x[:, :, rows][:, :, :, cols]
+
+
+def composite(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pixels (B, H, W, 3) in [0, 1]: generated where mask (B, 1, H, W) is 1, the original elsewhere."""
+    m = mask.transpose(0, 2, 3, 1)
+    return generated * m + original * (1.0 - m)
+
+
+def mask_coverage(mask: np.ndarray) -> Sequence[float]:
+    """The fraction of each mask marked for repainting."""
+    return [float(m.mean()) for m in mask]
