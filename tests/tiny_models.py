@@ -5,6 +5,7 @@ random weights, saved with save_pretrained. `kind` picks the family's shape:
 - sd2: SD 2.x's linear-projection attention, v_prediction, "!" padding tokenizer
 - turbo: SD-Turbo's Euler on trailing timesteps (run with no guidance, batch-B bundle)
 - lcm: a UNet with time_cond_proj_dim (guidance embedding) and the LCM scheduler
+- inpaint: SD 1.5's shape with a 9-channel UNet (latents, mask, masked-image latents), saved as an inpainting pipeline
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 CLIP_FIXTURE = Path(__file__).parent / "fixtures" / "clip"
 SD1_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-KINDS = ("sd15", "sd2", "turbo", "lcm")
+KINDS = ("sd15", "sd2", "turbo", "lcm", "inpaint")
 
 
 def _scheduler(kind: str) -> Any:
@@ -43,7 +44,7 @@ def make_tiny_sd(out: Path, *, seed: int = 0, kind: str = "sd15", sample_size: i
     sd2 = kind == "sd2"
     unet = UNet2DConditionModel(
         sample_size=sample_size // 8,
-        in_channels=4,
+        in_channels=9 if kind == "inpaint" else 4,
         out_channels=4,
         block_out_channels=(32, 32, 64, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -94,8 +95,9 @@ def make_tiny_sd(out: Path, *, seed: int = 0, kind: str = "sd15", sample_size: i
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    if kind == "lcm":  # as LCM checkpoints ship: the pipeline class that knows the guidance embedding
+    pipeline_class = {"lcm": "LatentConsistencyModelPipeline", "inpaint": "StableDiffusionInpaintPipeline"}.get(kind)
+    if pipeline_class:  # as such checkpoints ship: the pipeline class that knows their UNet's inputs
         index = json.loads((out / "model_index.json").read_text())
-        index["_class_name"] = "LatentConsistencyModelPipeline"
+        index["_class_name"] = pipeline_class
         (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
