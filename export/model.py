@@ -32,6 +32,7 @@ class SourceModel:
     tokenizer_dir: Path
     hashes: dict[str, str]
     index: dict[str, Any]  # model_index.json: the pipeline class and its extra settings (e.g. max_noise_level)
+    low_res_scheduler: dict[str, Any] | None = None  # the upscaler's: {"class_name", "config"} of the schedule noising its input
 
     @property
     def name(self) -> str:
@@ -60,6 +61,20 @@ class SourceModel:
     @property
     def pipelines(self) -> tuple[str, ...]:
         return PIPELINES[self.kind]
+
+    def upscale_settings(self) -> dict[str, Any]:
+        """The upscaler's manifest section: the noise-level limit and the schedule that noises the low-resolution image."""
+        # diffusers' StableDiffusionUpscalePipeline defaults max_noise_level to 350 where the index omits it
+        limit = int(self.index.get("max_noise_level", 350))
+        classes = self.unet.config.num_class_embeds
+        if not 0 <= limit < classes:
+            raise ModelError(
+                f"{self.path / 'model_index.json'}: max_noise_level {limit} has no class embedding in the UNet, which has "
+                f"{classes} (noise levels 0 to {classes - 1}); lower max_noise_level"
+            )
+        if self.low_res_scheduler is None:
+            raise ModelError(f"{self.path} has no low_res_scheduler/: the upscaler needs that DDPM schedule to noise its input image")
+        return {"max_noise_level": limit, "low_res_scheduler": self.low_res_scheduler}
 
 
 def check_layout(path: Path, allow_pickle: bool) -> dict[str, bool]:
@@ -137,25 +152,36 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
     text_encoder = load(CLIPTextModel, "text_encoder", dtype=torch.float32)
     unet = load(UNet2DConditionModel, "unet", torch_dtype=torch.float32)
     vae = load(AutoencoderKL, "vae", torch_dtype=torch.float32)
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    if not sched_file.is_file():
-        raise ModelError(f"{sched_file} is missing; the model folder is incomplete")
-    sched = json.loads(sched_file.read_text())
+    sched = read_scheduler(path / "scheduler")
     tok = path / "tokenizer"
     has_bpe_files = all((tok / f).is_file() for f in ("vocab.json", "merges.txt"))
     if not has_bpe_files and not (tok / "tokenizer.json").is_file():
         raise ModelError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json: the CLIP tokenizer is missing")
-    return SourceModel(
+    low_res = path / "low_res_scheduler"
+    model = SourceModel(
         path=path,
         text_encoder=text_encoder,
         unet=unet,
         vae=vae,
-        scheduler_class=sched.get("_class_name", ""),
-        scheduler_config={k: v for k, v in sched.items() if not k.startswith("_")},
+        scheduler_class=sched["class_name"],
+        scheduler_config=sched["config"],
         tokenizer_dir=tok,
         hashes=source_hashes(path),
         index=json.loads((path / "model_index.json").read_text()),
+        low_res_scheduler=read_scheduler(low_res) if low_res.is_dir() else None,
     )
+    if model.unet.config.num_class_embeds and model.kind == "upscaler":
+        model.upscale_settings()  # a broken upscaler is refused before the export, not after it
+    return model
+
+
+def read_scheduler(folder: Path) -> dict[str, Any]:
+    """A scheduler_config.json as {"class_name", "config"}, the config without diffusers' private keys."""
+    f = folder / "scheduler_config.json"
+    if not f.is_file():
+        raise ModelError(f"{f} is missing; the model folder is incomplete")
+    raw = json.loads(f.read_text())
+    return {"class_name": raw.get("_class_name", ""), "config": {k: v for k, v in raw.items() if not k.startswith("_")}}
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")

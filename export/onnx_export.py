@@ -44,7 +44,10 @@ def _wrap(module: Any, fn: Callable[..., Any]) -> Any:
 
 
 def component_specs(model: Any, *, height: int, width: int, batch: int, guidance: str = "cfg") -> list[ComponentSpec]:
-    """The four components with the bundle's static shapes (CFG: batch 2B for text encoder and UNet)."""
+    """The four components with the bundle's static shapes (CFG: batch 2B for text encoder and UNet).
+
+    height, width: the output image's; the UNet works at 1/f of it, as does the upscaler's input image.
+    """
     te, unet, vae = model.text_encoder, model.unet, model.vae
     f = model.vae_factor
     h, w, c = height // f, width // f, unet.config.in_channels
@@ -63,11 +66,17 @@ def component_specs(model: Any, *, height: int, width: int, batch: int, guidance
         TensorSpec("timestep", (b2,), "float32"),
         TensorSpec("encoder_hidden_states", (b2, seq, unet.config.cross_attention_dim), "float32"),
     )
+    conditioning: tuple[TensorSpec, ...] = ()
     if guidance == "embedded":  # LCM: the guidance scale enters as an embedding, no second batch half
-        unet_inputs += (TensorSpec("timestep_cond", (b2, unet.config.time_cond_proj_dim), "float32"),)
-        unet_fn = lambda m, x, t, ctx, w: m(x, t, encoder_hidden_states=ctx, timestep_cond=w, return_dict=False)[0]  # noqa: E731
-    else:
-        unet_fn = lambda m, x, t, ctx: m(x, t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
+        conditioning += (TensorSpec("timestep_cond", (b2, unet.config.time_cond_proj_dim), "float32"),)
+    if model.kind == "upscaler":  # the noise level added to the low-resolution image, as diffusers feeds it (torch.long)
+        conditioning += (TensorSpec("class_labels", (b2,), "int64"),)
+    unet_inputs += conditioning
+    keywords = [t.name for t in conditioning]
+
+    def unet_fn(m: Any, x: Any, t: Any, ctx: Any, *more: Any) -> Any:
+        return m(x, t, encoder_hidden_states=ctx, **dict(zip(keywords, more)), return_dict=False)[0]
+
     denoiser = ComponentSpec(
         "unet", _wrap(unet, unet_fn), unet_inputs, (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),)
     )

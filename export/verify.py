@@ -23,7 +23,7 @@ class VerificationError(RuntimeError):
 
 
 def sample_inputs(spec: ComponentSpec, model: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    """Fixed, realistic inputs: real token ids, unit-normal latents, a mid-schedule timestep, images in [-1, 1]."""
+    """Fixed, realistic inputs: real token ids, unit-normal latents, a mid-schedule timestep, noise level 20, images in [-1, 1]."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
@@ -34,6 +34,8 @@ def sample_inputs(spec: ComponentSpec, model: Any, seed: int = 0) -> dict[str, n
             out[t.name] = ids
         elif t.name == "timestep_cond":
             out[t.name] = guidance_embedding(np.full(t.shape[0], 7.0), t.shape[1])
+        elif t.name == "class_labels":  # the upscaler's noise level, at diffusers' default
+            out[t.name] = np.full(t.shape, 20, dtype=np.int64)
         elif t.name == "timestep":
             out[t.name] = np.full(t.shape, 499.0, dtype=np.float32)
         elif t.name == "sample" and spec.name == "vae_encoder":
