@@ -379,6 +379,12 @@ class Pipeline:
         paste = (not dedicated) if composite is None else composite
         return self.finish(x, output_type, ((pixels.transpose(0, 2, 3, 1) + 1) / 2, mask) if paste else None)
 
+    def upscale(self, prompt: str | Sequence[str], image: img.ImageLike, negative_prompt: str | Sequence[str] = "", **options: Any) -> Any:
+        """4x super-resolution with an x4 upscaler bundle, as diffusers' StableDiffusionUpscalePipeline (see runtime.upscale)."""
+        from .upscale import upscale
+
+        return upscale(self, prompt, image, negative_prompt, **options)
+
     def _unchanged(self, pixels: np.ndarray, output_type: str) -> Any:
         """The input image itself, in the asked output type (latents: the posterior mean)."""
         if output_type == "latent":

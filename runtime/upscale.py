@@ -1,0 +1,91 @@
+"""Super-resolution with the x4 upscaler, as diffusers' StableDiffusionUpscalePipeline.
+
+The UNet denoises latents at the low-resolution image's size, with that image (noised to
+`noise_level` by the model's own low-resolution DDPM schedule) concatenated as 3 more input
+channels and the noise level fed as its class label; the VAE decodes at 4x the size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from . import images as img
+from .errors import BundleError
+from .schedule import noise_schedule
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline, Progress
+
+
+def check_noise_level(noise_level: Any, limit: int) -> int:
+    """A whole number in [0, limit] (the model's max_noise_level), else a ValueError naming the range."""
+    whole = isinstance(noise_level, (int, np.integer)) and not isinstance(noise_level, bool)
+    if not whole or not 0 <= noise_level <= limit:
+        raise ValueError(
+            f"noise_level must be a whole number from 0 to {limit} (this model's max_noise_level), got {noise_level!r}; "
+            "higher adds more noise to the input image: more invented detail, less fidelity (diffusers' default: 20)"
+        )
+    return int(noise_level)
+
+
+def low_res_alphas_cumprod(settings: Mapping[str, Any]) -> np.ndarray:
+    """alpha-bar (float64) of the schedule that noises the input image; diffusers requires a DDPMScheduler there."""
+    return noise_schedule(settings["low_res_scheduler"]["config"], "DDPMScheduler").alphas_cumprod
+
+
+def add_noise(image: np.ndarray, noise: np.ndarray, alpha_bar: float) -> np.ndarray:
+    """The forward process at one level, sqrt(abar) x + sqrt(1 - abar) noise, as DDPMScheduler.add_noise."""
+    return (np.sqrt(alpha_bar) * image + np.sqrt(1.0 - alpha_bar) * noise).astype(np.float32)
+
+
+def upscale(
+    pipe: "Pipeline",
+    prompt: str | Sequence[str],
+    image: img.ImageLike,
+    negative_prompt: str | Sequence[str] = "",
+    *,
+    noise_level: int = 20,
+    steps: int = 75,
+    guidance_scale: float = 9.0,
+    guidance_rescale: float = 0.0,
+    seed: int | None = None,
+    latents: np.ndarray | None = None,
+    image_noise: np.ndarray | None = None,
+    resize: bool = False,
+    scheduler: str | None = None,
+    eta: float | None = None,
+    output_type: str = "pil",
+    callback: "Progress" = None,
+) -> Any:
+    """Upscale `image` 4x guided by `prompt`. Returns PIL images, or float32 (B, H, W, 3) in [0, 1] for 'np'.
+
+    image: PIL or array at the bundle's input size, a quarter of its output size (resize=True resizes it, Lanczos).
+    noise_level: how much noise is added to the input image first, 0 to the model's max_noise_level.
+    seed: one `np.random.default_rng(seed)` draws, in order, `image_noise` (B, 3, h, w), the noise added to
+    the input image, then `latents` (B, 4, h, w), the initial noise, then any sampler noise: the order in
+    which diffusers' pipeline draws them from its generator. Pass either array to use your own.
+    Defaults (75 steps, guidance 9, noise level 20) are diffusers'.
+    """
+    from .pipeline import OUTPUT_TYPES  # here, not above: pipeline.py delegates to this module
+
+    pipe.require("upscale")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
+    settings = pipe.manifest.raw.get("upscale")
+    if settings is None:
+        raise BundleError(f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; rebuild it with `python -m export.build`")
+    level = check_noise_level(noise_level, int(settings["max_noise_level"]))
+    batch, shape = pipe.batch_size, pipe.manifest.latent_shape
+    pixels = img.image_tensor(image, shape[2:], batch, resize=resize)
+    rng = np.random.default_rng(seed)
+    noise_for_image = pipe.draw(image_noise, rng, pixels.shape, "image_noise")
+    noise = pipe.draw(latents, rng, shape, "latents")
+    extra = {
+        "channels": add_noise(pixels, noise_for_image, float(low_res_alphas_cumprod(settings)[level])),
+        "class_labels": np.full(batch, level, dtype=np.int64),
+    }
+    model = pipe.guided_model(prompt, negative_prompt, guidance_scale, guidance_rescale, extra)
+    x = pipe.denoise(model, noise, steps=steps, scheduler=scheduler, eta=eta, rng=rng, callback=callback)
+    return pipe.finish(x, output_type)
