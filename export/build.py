@@ -65,6 +65,26 @@ def resolve_guidance(model: SourceModel, asked: str) -> str:
     return asked
 
 
+def resolve_pipelines(model: SourceModel, asked: str | None) -> tuple[str, ...]:
+    """Default: everything the model can do; a subset leaves out what it does not need (txt2img alone: no VAE encoder)."""
+    if asked is None:
+        return model.pipelines
+    wanted = tuple(dict.fromkeys(p.strip() for p in asked.split(",") if p.strip()))
+    unknown = [p for p in wanted if p not in model.pipelines]
+    if unknown or not wanted:
+        raise ValueError(
+            f"--pipelines {asked!r}: {model.path.name} ({model.kind} model) runs {', '.join(model.pipelines)}; "
+            f"{'it cannot run ' + ', '.join(unknown) if unknown else 'name at least one'}"
+        )
+    return wanted
+
+
+def needed_components(pipelines: tuple[str, ...]) -> set[str]:
+    """The VAE encoder only serves pipelines that start from an image's latents."""
+    names = {"text_encoder", "unet", "vae_decoder"}
+    return names | ({"vae_encoder"} if {"img2img", "inpaint"} & set(pipelines) else set())
+
+
 def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log) -> Component:
     """Export one component, choose its precision, verify it against the fp32 module."""
     feed = sample_inputs(spec, model)
@@ -116,7 +136,16 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
 
 
 def manifest_for(
-    model: SourceModel, components: dict[str, Component], *, height: int, width: int, batch: int, precision: str, backend: str, guidance: str
+    model: SourceModel,
+    components: dict[str, Component],
+    *,
+    height: int,
+    width: int,
+    batch: int,
+    precision: str,
+    backend: str,
+    guidance: str,
+    pipelines: tuple[str, ...] = ("txt2img",),
 ) -> dict[str, Any]:
     te, vae = model.text_encoder, model.vae
     guidance_info: dict[str, Any] = {"mode": guidance, "unet_batch": 2 * batch if guidance == "cfg" else batch}
@@ -128,12 +157,13 @@ def manifest_for(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "name": model.name,
+            "kind": model.kind,
             "family": {768: "sd1", 1024: "sd2"}.get(model.unet.config.cross_attention_dim, "custom"),
             "prediction_type": model.scheduler_config.get("prediction_type", "epsilon"),
             "source": str(model.path.resolve()),
             "source_hashes": model.hashes,
         },
-        "pipelines": ["txt2img"],
+        "pipelines": list(pipelines),
         "scheduler": {"class_name": model.scheduler_class, "config": model.scheduler_config},
         "vae": {
             "scaling_factor": float(vae.config.scaling_factor),
@@ -146,6 +176,7 @@ def manifest_for(
         "backend": backend,
         "precision": precision,
         "components": {name: c.to_json() for name, c in components.items()},
+        **({"upscale": model.upscale_settings()} if model.kind == "upscaler" else {}),
     }
 
 
@@ -159,6 +190,7 @@ def build(
     batch_size: int = 1,
     backend: str = "auto",
     guidance: str = "auto",
+    pipelines: str | None = None,
     allow_pickle: bool = False,
     force: bool = False,
     log: Log = print,
@@ -187,8 +219,9 @@ def build(
             check_target(out, force)
         with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:
             onnx_options: dict[str, Any] = dict(
-                precision=precision, height=height, width=width, batch_size=batch_size, guidance=guidance, allow_pickle=allow_pickle
-            )
+                precision=precision, height=height, width=width, batch_size=batch_size, guidance=guidance, pipelines=pipelines,
+                allow_pickle=allow_pickle,
+            )  # fmt: skip
             onnx_bundle = build(model_path, Path(tmp) / "onnx", backend="onnxruntime", log=log, **onnx_options)
             return build_from_onnx(onnx_bundle, out, precision=precision, settings=settings, force=force, log=log)
     if out is not None:
@@ -196,17 +229,23 @@ def build(
     model = load_model(model_path, allow_pickle=allow_pickle)
     height, width = image_size(model, height, width)
     guidance = resolve_guidance(model, guidance)
+    chosen = resolve_pipelines(model, pipelines)
     out = out or ENGINES / default_name(model.name, height, width, batch_size, precision, backend, guidance)
     check_target(out, force)
-    log(f"building {out} from {model.path} ({height}x{width}, batch {batch_size}, {precision}, {backend}, guidance {guidance})")
+    log(
+        f"building {out} from {model.path} ({height}x{width}, batch {batch_size}, {precision}, {backend}, guidance {guidance}; "
+        f"{', '.join(chosen)})"
+    )
     t0 = time.perf_counter()
     with staging(out, force) as work:
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch_size, guidance=guidance)
+        specs = [s for s in specs if s.name in needed_components(chosen)]
         components = {s.name: export_component(s, model, work, precision, log) for s in specs}
         write_tokenizer(model.tokenizer_dir, work / "tokenizer")
         manifest = manifest_for(
-            model, components, height=height, width=width, batch=batch_size, precision=precision, backend=backend, guidance=guidance
-        )
+            model, components, height=height, width=width, batch=batch_size, precision=precision, backend=backend, guidance=guidance,
+            pipelines=chosen,
+        )  # fmt: skip
         write_manifest(work, manifest)
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
     return out
@@ -235,6 +274,13 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="how the UNet is guided: cfg (classifier-free, batch-2B UNet), none (batch-B UNet: Turbo-style models, "
         "guidance_scale <= 1), embedded (LCM guidance embedding); default auto: embedded where the UNet takes one, else cfg",
+    )
+    p.add_argument(
+        "--pipelines",
+        metavar="LIST",
+        help="comma-separated pipelines the bundle serves, from what the model can do: txt2img,img2img,inpaint for a "
+        "text-to-image model (txt2img alone leaves out the VAE encoder), inpaint for an inpainting model, upscale for "
+        "the x4 upscaler; default: all the model can do",
     )
     p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.ckpt pickle weights (they can run code: trusted files only)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder; with TensorRT also keep an engine over its verification gate")
@@ -266,13 +312,15 @@ def build_from_args(args: argparse.Namespace) -> Path:
             batch_size=args.batch_size,
             backend=args.backend,
             guidance=args.guidance,
+            pipelines=args.pipelines,
             allow_pickle=args.allow_pickle,
             force=args.force,
             builder_optimization_level=args.builder_optimization_level,
             workspace=args.workspace,
             device_preset=args.device_preset,
         )
-    clashes = [flag for flag, v in (("--height", args.height), ("--width", args.width), ("--backend onnxruntime", args.backend == "onnxruntime")) if v]
+    given = (("--height", args.height), ("--width", args.width), ("--backend onnxruntime", args.backend == "onnxruntime"), ("--pipelines", args.pipelines))
+    clashes = [flag for flag, v in given if v]
     if clashes or args.batch_size != 1:
         raise ValueError(f"--from-onnx builds the bundle's own shapes with TensorRT; drop {', '.join(clashes or ['--batch-size'])}")
     settings = builder_settings(args.device_preset, args.builder_optimization_level, args.workspace)

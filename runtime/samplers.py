@@ -9,7 +9,7 @@ and scales the model's input where diffusers' scale_model_input does.
 img2img: `init` (clean latents) noised with x to step `start`'s level, then only steps start..steps-1
 run, as diffusers' add_noise + set_begin_index (start = steps - int(steps * strength)).
 Inpainting with an ordinary UNet: `known` (runtime.samplers.Known) resets the kept region to its
-latents noised with the same x to the next step's level after every step but the last.
+latents noised with the same x to the next step's level after every step, and to the clean latents after the last.
 `callback(i, t, x)` runs after every step (one per requested step, however many model calls
 it took); noise comes only from the `rng` passed in, and only where a sampler draws it.
 The returned x is the final denoised latent, ready for the VAE.

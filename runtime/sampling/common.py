@@ -92,8 +92,9 @@ def noised_sigma(init: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarra
     return np.asarray(init, dtype=np.float64) + sigma * noise
 
 
-def reimpose(x: np.ndarray, known: Known | None, renoised: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Reset the kept region to the known latents noised to the next step's level (diffusers' inpaint blend)."""
+def reimpose(x: np.ndarray, known: Known | None, renoised: Callable[[np.ndarray], np.ndarray], final: bool = False) -> np.ndarray:
+    """Reset the kept region to the known latents noised to the next step's level; after the last step, to
+    the clean latents themselves (diffusers' inpaint blend)."""
     if known is None:
         return x
-    return (1.0 - known.mask) * renoised(known.latents) + known.mask * x
+    return (1.0 - known.mask) * (known.latents if final else renoised(known.latents)) + known.mask * x

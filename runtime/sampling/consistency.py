@@ -41,7 +41,7 @@ def sample_lcm(
         if i + 1 < len(timesteps):  # noise back up to the next timestep; the last step returns the denoised x
             abar_next = acp[timesteps[i + 1]]
             x = abar_next**0.5 * x + (1 - abar_next) ** 0.5 * noise(rng, x)
-            x = reimpose(x, known, lambda z: noised_vp(z, unit, abar_next))
+        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]), final=i + 1 == len(timesteps))
         x = step_done(x, i, t, callback)
     return x
 
@@ -79,7 +79,6 @@ def sample_tcd(
         if eta > 0 and i + 1 < len(timesteps):
             ratio = acp[t_next] / acp[t_s]
             x = ratio**0.5 * x + (1 - ratio) ** 0.5 * noise(rng, x)  # type: ignore[arg-type]
-        if i + 1 < len(timesteps):
-            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]))
+        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]), final=i + 1 == len(timesteps))
         x = step_done(x, i, t, callback)
     return x

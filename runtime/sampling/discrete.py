@@ -41,8 +41,7 @@ def sample_ddpm(
         if t > 0:
             small = max((1.0 - abar_prev) / (1.0 - abar) * beta, 1e-20)
             x = x + (beta if s.config["variance_type"] == "fixed_large" else small) ** 0.5 * noise(rng, x)
-        if i + 1 < steps:
-            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]))
+        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]), final=i + 1 == steps)
         x = step_done(x, i, t, callback)
     return x
 
@@ -81,8 +80,7 @@ def sample_ddim(
         x = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * noise(rng, x)  # type: ignore[arg-type]
-        if i + 1 < steps:
-            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]))
+        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]), final=i + 1 == steps)
         x = step_done(x, i, t, callback)
     return x
 
@@ -157,8 +155,7 @@ def _plms(
         else:
             history = (history + [out])[-4:]
             x = _transfer(s, x, t, t - stride, _adams_bashforth(history))
-        if j + 1 < n:
-            x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[listed[j + 1]]))
+        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[listed[j + 1]]), final=j + 1 == n)
         if j > 0 or n == 1:
             x = step_done(x, start + max(j - 1, 0), t, callback)
     return x

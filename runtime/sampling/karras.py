@@ -64,8 +64,7 @@ def sample_euler(
             x = x + noise(rng, x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5  # type: ignore[arg-type]
         x0 = denoised(out, x, sigma_hat if s.prediction_type == "epsilon" else sigma, s.prediction_type)
         x = x + (x - x0) / sigma_hat * (sigmas[i + 1] - sigma_hat)
-        if i + 1 < steps:
-            x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigmas[i + 1]))
+        x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigmas[i + 1]), final=i + 1 == steps)
         x = step_done(x, i, t, callback)
     return x
 
@@ -97,8 +96,7 @@ def sample_euler_a(
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if sigma_up > 0:  # diffusers also draws on the last step, where sigma_up is 0
             x = x + sigma_up * noise(rng, x)
-        if i + 1 < steps:
-            x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigma_next))
+        x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigma_next), final=i + 1 == steps)
         x = step_done(x, i, t, callback)
     return x
 
@@ -128,11 +126,12 @@ def sample_heun(
     for i in range(start, steps):
         t, dt = timesteps[i], sigmas[i + 1] - sigmas[i]
         d = slope(x, i)
+        renoised = lambda z: noised_sigma(z, unit, sigmas[i + 1])  # noqa: E731
         if i + 1 < steps:
             # diffusers re-imposes the known region on the Euler half-step too, before the second slope
-            renoised = lambda z: noised_sigma(z, unit, sigmas[i + 1])  # noqa: E731
-            x = reimpose(x + (d + slope(reimpose(x + d * dt, known, renoised), i + 1)) / 2 * dt, known, renoised)
+            x = x + (d + slope(reimpose(x + d * dt, known, renoised), i + 1)) / 2 * dt
         else:
             x = x + d * dt
+        x = reimpose(x, known, renoised, final=i + 1 == steps)
         x = step_done(x, i, t, callback)
     return x

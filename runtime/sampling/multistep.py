@@ -74,8 +74,7 @@ def _dpmpp_2m(
             update = x0 + (x0 - previous) / (2 * r)
         x = ratio * (alpha[i + 1] / alpha[i]) * x + alpha[i + 1] * (1.0 - ratio) * update
         previous = x0
-        if i + 1 < n:
-            x = reimpose(x, known, lambda z: noised_vp(z, unit, alpha[i + 1] ** 2))
+        x = reimpose(x, known, lambda z: noised_vp(z, unit, alpha[i + 1] ** 2), final=i + 1 == n)
         x = step_done(x, i, t, callback)
     return x
 
@@ -117,8 +116,7 @@ def sample_unipc(
         used = min(min(order, n - i) if config["lower_order_final"] else order, i - start + 1)
         x_last = x
         x = _unipc(x, x0s, sigmas, i, used, bh2)
-        if i + 1 < n:
-            x = reimpose(x, known, lambda z: noised_vp(z, unit, abar[i + 1]))
+        x = reimpose(x, known, lambda z: noised_vp(z, unit, abar[i + 1]), final=i + 1 == n)
         x = step_done(x, i, t, callback)
     return x
 
