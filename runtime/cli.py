@@ -1,30 +1,56 @@
-"""python -m runtime: text to image from an engine bundle, with a progress bar."""
+"""python -m runtime: text to image (and img2img, inpaint, upscale) from an engine bundle, with a progress bar."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 DEFAULT_BUNDLE = Path("engines") / "shapes-ldm-64x64-b1-fp16-onnxruntime"
+SUBCOMMANDS = ("txt2img", "img2img", "inpaint", "upscale")
+DESCRIPTIONS = {
+    "txt2img": "Generate images from a text prompt",
+    "img2img": "Redraw an image guided by a prompt (SDEdit): --strength sets how far from the image",
+    "inpaint": "Repaint the white part of --mask guided by a prompt; the black part is kept",
+    "upscale": "Upscale an image 4x guided by a prompt, with an x4 upscaler bundle",
+}
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str = "txt2img") -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
 
+    upscale = command == "upscale"
+    prog = "python -m runtime" + ("" if command == "txt2img" else f" {command}")
     p = argparse.ArgumentParser(
-        prog="python -m runtime",
-        description="Generate images from a text prompt with an engine bundle built by `python -m export.build`. "
-        "Runs on ONNX Runtime (or TensorRT) without PyTorch.",
-        epilog='example: python -m runtime "a small red circle on a black background" --seed 0 -o circle.png',
+        prog=prog,
+        description=f"{DESCRIPTIONS[command]} with an engine bundle built by `python -m export.build`. Runs on ONNX Runtime "
+        "(or TensorRT) without PyTorch. Other pipelines: python -m runtime {img2img,inpaint,upscale} --help.",
+        epilog='example: python -m runtime "a small red circle on a black background" --seed 0 -o circle.png'
+        if command == "txt2img"
+        else None,
     )
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="engine bundle folder (default: %(default)s, the reference model)")
+    if command != "txt2img":
+        p.add_argument("--image", type=Path, required=True, help="input image (PNG/JPEG)" + (", a quarter of the output size" if upscale else ""))
+        p.add_argument("--resize", action="store_true", help="resize the input to the bundle's static size (Lanczos) instead of refusing it")
+    if command == "inpaint":
+        p.add_argument("--mask", type=Path, required=True, help="mask image: white (>= 50%% gray) is repainted, black kept")
+        p.add_argument("--no-composite", action="store_true", help="return the decoded image as is, without pasting it into the original through the mask")
+    if command in ("img2img", "inpaint"):
+        default = 0.75 if command == "img2img" else 1.0
+        p.add_argument("--strength", type=float, default=default, help="noise level to start from, (0, 1]: 1 ignores the image's content (default %(default)s)")
+    if upscale:
+        p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-resolution image first, 0 to the model's maximum (default %(default)s)")
+    p.add_argument("--bundle", type=Path, default=None if upscale else DEFAULT_BUNDLE, required=upscale, help="engine bundle folder" + ("" if upscale else " (default: %(default)s, the reference model)"))
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance strength; <= 1 turns it off (default %(default)s)")
+    p.add_argument("--steps", type=int, default=75 if upscale else 50, help="denoising steps (default %(default)s)")
+    p.add_argument(
+        "--guidance-scale", type=float, default=9.0 if upscale else 7.5, help="classifier-free guidance strength; <= 1 turns it off (default %(default)s)"
+    )
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale (Lin et al. 2023); SD 2.x v-prediction models like 0.7 (default 0)")
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same image on every backend (default: random, printed)")
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), help="sampler (default: the one the model's scheduler config names; see the README's table)")
@@ -35,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def progress_bar(width: int = 30):
+def progress_bar(width: int = 30) -> Callable[[int, int, float], None]:
     """A one-line bar on stderr; returns the per-step callback."""
     start = time.perf_counter()
 
@@ -56,26 +82,57 @@ def outputs(path: Path, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
-    from .errors import BundleError, Cancelled, FeedError
+def open_image(path: Path, what: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{what} {path} is not an image file PIL can read") from None
+
+
+def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
+    """Load the bundle and run the asked pipeline with the CLI's options."""
     from .pipeline import Pipeline
 
-    seed = args.seed if args.seed is not None else int.from_bytes(__import__("os").urandom(4), "little")
-    try:
-        pipe = Pipeline.load(args.bundle, device=args.device)
-        images = pipe.txt2img(
-            args.prompt,
-            args.negative_prompt,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            guidance_rescale=args.guidance_rescale,
-            seed=seed,
-            scheduler=args.scheduler,
-            eta=args.eta,
-            callback=None if args.quiet else progress_bar(),
+    pipe = Pipeline.load(args.bundle, device=args.device)
+    options: dict[str, Any] = dict(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        seed=seed,
+        scheduler=args.scheduler,
+        eta=args.eta,
+        callback=None if args.quiet else progress_bar(),
+    )
+    if command == "txt2img":
+        return pipe.txt2img(args.prompt, args.negative_prompt, **options)  # type: ignore[no-any-return]
+    image = open_image(args.image, "--image")
+    if command == "img2img":
+        return pipe.img2img(args.prompt, image, args.negative_prompt, strength=args.strength, resize=args.resize, **options)  # type: ignore[no-any-return]
+    if command == "inpaint":
+        mask = open_image(args.mask, "--mask")
+        composite = False if args.no_composite else None
+        return pipe.inpaint(  # type: ignore[no-any-return]
+            args.prompt, image, mask, args.negative_prompt, strength=args.strength, composite=composite, resize=args.resize, **options
         )
+    return pipe.upscale(args.prompt, image, args.negative_prompt, noise_level=args.noise_level, resize=args.resize, **options)  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "txt2img"
+    args = parser(command).parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"  # type: ignore[assignment]
+    from .errors import BundleError, Cancelled, FeedError
+
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    try:
+        images = generate(command, args, seed)
     except (BundleError, FeedError, ValueError, FileNotFoundError, FloatingPointError, Cancelled) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
