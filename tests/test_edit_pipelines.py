@@ -231,3 +231,36 @@ def test_manifest_records_kind_and_pipelines(bundle_fp32, inpaint_bundle):
         pipe = runtime.Pipeline.load(bundle)
         assert pipe.manifest.raw["model"]["kind"] == kind and pipe.pipelines == pipelines
         assert "vae_encoder" in pipe.manifest.components
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_img2img_and_inpaint_write_images(bundle_fp32, tmp_path):
+    IMAGE.save(tmp_path / "in.png")
+    MASK.save(tmp_path / "mask.png")
+    common = ("--bundle", bundle_fp32, "--steps", 4, "--seed", 3, "--quiet")
+    done = run_cli("img2img", PROMPT, "--image", tmp_path / "in.png", "--strength", 0.5, "-o", tmp_path / "a.png", *common)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and Image.open(tmp_path / "a.png").size == (64, 64)
+    done = run_cli("inpaint", PROMPT, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "-o", tmp_path / "b.png", *common)
+    assert done.returncode == 0, done.stderr
+    out, keep = np.asarray(Image.open(tmp_path / "b.png")), np.asarray(MASK) < 128
+    np.testing.assert_array_equal(out[keep], np.asarray(IMAGE)[keep])
+    api = runtime.Pipeline.load(bundle_fp32).inpaint(PROMPT, IMAGE, MASK, steps=4, seed=3)[0]
+    np.testing.assert_array_equal(out, np.asarray(api))  # the CLI is the API with the same seed
+
+
+def test_cli_edit_errors_are_one_line_messages(bundle_fp32, tmp_path):
+    IMAGE.resize((32, 32)).save(tmp_path / "small.png")
+    done = run_cli("img2img", PROMPT, "--bundle", bundle_fp32, "--image", tmp_path / "small.png", "--steps", 3)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error: image is 32x32 (width x height) but this bundle's engines are built for 64x64; pass resize=True (CLI: --resize)" in done.stderr
+    done = run_cli("img2img", PROMPT, "--bundle", bundle_fp32, "--image", tmp_path / "nope.png")
+    assert done.returncode == 2 and f"error: --image {tmp_path / 'nope.png'} does not exist" in done.stderr
+    (tmp_path / "text.png").write_text("not an image")
+    done = run_cli("inpaint", PROMPT, "--bundle", bundle_fp32, "--image", tmp_path / "text.png", "--mask", tmp_path / "text.png")
+    assert done.returncode == 2 and "is not an image file PIL can read" in done.stderr
+    done = run_cli("upscale", PROMPT, "--bundle", bundle_fp32, "--image", tmp_path / "small.png")
+    assert done.returncode == 2 and "error: upscale is not available" in done.stderr
