@@ -24,8 +24,11 @@ def to_pil(images: np.ndarray) -> list[Any]:
     return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
 
-def _as_arrays(image: ImageLike, mode: str, size: tuple[int, int], resize: bool, what: str) -> list[np.ndarray]:
-    """Each image as float32 (H, W, C) in [0, 1], at `size` (height, width): resized only when asked."""
+def _as_arrays(image: ImageLike, mode: str, size: tuple[int, int], resize: bool, what: str, scale: int = 1) -> list[np.ndarray]:
+    """Each image as float32 (H, W, C) in [0, 1], at `size` (height, width): resized only when asked.
+
+    scale: the bundle's output size over its input size (the x4 upscaler: 4), for the rebuild hint.
+    """
     items = list(image) if isinstance(image, (list, tuple)) else [image]
     if len(items) == 1 and isinstance(items[0], np.ndarray) and items[0].ndim == 4:
         items = list(items[0])
@@ -37,7 +40,7 @@ def _as_arrays(image: ImageLike, mode: str, size: tuple[int, int], resize: bool,
                 raise ValueError(
                     f"{what} is {pil.width}x{pil.height} (width x height) but this bundle's engines are built for "
                     f"{size[1]}x{size[0]}; pass resize=True (CLI: --resize) to resize it, or rebuild the bundle with "
-                    f"`python -m export.build --width {pil.width} --height {pil.height}`"
+                    f"`python -m export.build --width {pil.width * scale} --height {pil.height * scale}`"
                 )
             from PIL import Image
 
@@ -71,9 +74,9 @@ def _batch(arrays: list[np.ndarray], batch: int, what: str) -> np.ndarray:
     return np.stack(arrays).transpose(0, 3, 1, 2)
 
 
-def image_tensor(image: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, what: str = "image") -> np.ndarray:
-    """RGB image(s) -> float32 (B, 3, H, W) in [-1, 1], the VAE encoder's input."""
-    return _batch(_as_arrays(image, "RGB", size, resize, what), batch, what) * 2.0 - 1.0
+def image_tensor(image: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, what: str = "image", scale: int = 1) -> np.ndarray:
+    """RGB image(s) -> float32 (B, 3, H, W) in [-1, 1], the VAE encoder's (or the upscaler's) input."""
+    return _batch(_as_arrays(image, "RGB", size, resize, what, scale), batch, what) * 2.0 - 1.0
 
 
 def mask_tensor(mask: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False) -> np.ndarray:

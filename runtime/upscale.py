@@ -78,7 +78,7 @@ def upscale(
         raise BundleError(f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; rebuild it with `python -m export.build`")
     level = check_noise_level(noise_level, int(settings["max_noise_level"]))
     batch, shape = pipe.batch_size, pipe.manifest.latent_shape
-    pixels = img.image_tensor(image, shape[2:], batch, resize=resize)
+    pixels = img.image_tensor(image, shape[2:], batch, resize=resize, scale=pipe.height // shape[2])
     rng = np.random.default_rng(seed)
     noise_for_image = pipe.draw(image_noise, rng, pixels.shape, "image_noise")
     noise = pipe.draw(latents, rng, shape, "latents")

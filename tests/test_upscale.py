@@ -132,7 +132,7 @@ def test_bad_noise_level(pipe, low_res, level):
 
 def test_image_size_must_match_unless_resized(pipe, low_res):
     big = np.repeat(np.repeat(low_res, 2, axis=0), 2, axis=1)
-    with pytest.raises(ValueError, match=rf"image is {2 * LOW}x{2 * LOW} .* built for {LOW}x{LOW}; pass resize=True"):
+    with pytest.raises(ValueError, match=rf"image is {2 * LOW}x{2 * LOW} .* built for {LOW}x{LOW}; pass resize=True.*--width {8 * LOW} --height {8 * LOW}"):
         pipe.upscale(PROMPT, big, steps=1)
     images = pipe.upscale(PROMPT, big, steps=1, seed=0, resize=True)
     assert len(images) == 1 and images[0].size == (HIGH, HIGH)
@@ -155,3 +155,16 @@ def test_broken_upscaler_folders_are_refused(upscaler_model, tmp_path):
     shutil.rmtree(no_schedule / "low_res_scheduler")
     with pytest.raises(ModelError, match="no low_res_scheduler/"):
         load_model(no_schedule)
+
+
+def test_cli_upscale_writes_the_api_image(upscaler_bundle, pipe, low_res, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(low_res).save(tmp_path / "low.png")
+    cmd = [sys.executable, "-m", "runtime", "upscale", PROMPT, "--bundle", str(upscaler_bundle), "--image", str(tmp_path / "low.png")]
+    done = subprocess.run(cmd + ["--steps", "3", "--noise-level", "40", "--seed", "2", "--quiet", "-o", str(tmp_path / "up.png")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    api = pipe.upscale(PROMPT, low_res, steps=3, noise_level=40, seed=2)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "up.png")), np.asarray(api))
+    done = subprocess.run(cmd + ["--noise-level", "351"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "error: noise_level must be a whole number from 0 to 350" in done.stderr
