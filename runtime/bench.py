@@ -100,6 +100,7 @@ def run_figures(calls: Sequence[Call], step_ends: Sequence[float], start: float,
         "unet_total": sum(c.seconds for c in unet),
         "host_per_step": statistics.median(host) if host else 0.0,
         "host_per_step_all": host,
+        "host_total": sum(host),
         "steps": len(step_ends),
         "vae_decode": sum(c.seconds for c in calls if c.name == "vae_decoder"),
         "total": total,
@@ -118,7 +119,7 @@ def spread(values: Iterable[float]) -> dict[str, float]:
 
 def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per stage (and images/s, host share of the UNet call) across counted runs."""
-    keys = (*STAGES, "images_per_s", "unet_total")
+    keys = (*STAGES, "images_per_s", "unet_total", "host_total")
     out: dict[str, Any] = {k: spread(r[k] for r in runs) for k in keys}
     out["host_share_of_unet_call"] = spread(r["host_per_step"] / r["unet_call"] for r in runs if r["unet_call"] > 0)
     out["unet_calls_per_run"] = runs[0]["unet_calls"]
