@@ -39,8 +39,10 @@ def panel_title(result: Mapping[str, Any]) -> str:
 
 def draw(results: list[Mapping[str, Any]], out: Path) -> Path:
     """One panel per comparison, one stacked bar per system; writes OUT (PNG)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("the chart needs matplotlib: pip install -e '.[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -85,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no systems in {', '.join(missing)}: pass files written by `python -m benchmarks.compare`", file=sys.stderr)
         return 2
-    print(f"wrote {draw(results, args.output)}")
+    try:
+        print(f"wrote {draw(results, args.output)}")
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -99,8 +99,18 @@ def test_compare_quick_runs_all_three_and_the_images_agree(tiny_model, bundle_fp
     assert all(p["max_abs_diff"] <= 1e-3 for p in result["agreement"]["pairs"].values())
     assert result["footprint"]["runtime"]["total_bytes"] < result["footprint"]["diffusers_torch"]["total_bytes"]
     assert "| ours / diffusers-torch |" in done.stdout
-    # the chart reads what compare wrote
-    run("benchmarks.chart", str(tmp_path / "tiny.json"), "-o", str(tmp_path / "stages.png"))
+
+
+def test_chart_draws_a_comparison(tmp_path):
+    pytest.importorskip("matplotlib", reason="the chart needs the bench extra: pip install -e '.[bench]'")
+    runs = [run_figures([Call("text_encoder", 0, 0.1), Call("unet", 0.2, 1.2), Call("vae_decoder", 1.5, 1.7)], [1.3], 0.0, 1.8)]
+    system = {"summary": summarise(runs)}
+    result = {
+        "model": "models/x", "image": {"height": 64, "width": 64}, "settings": {"steps": 1, "runs": 1}, "scheduler": "DDIMScheduler",
+        "precision": "fp32", "systems": {"ours": system, "diffusers-torch": system}, "machine": {"cpu": "test", "cores": 2},
+    }  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(result))
+    run("benchmarks.chart", str(tmp_path / "c.json"), "-o", str(tmp_path / "stages.png"))
     assert (tmp_path / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
