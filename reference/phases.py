@@ -32,6 +32,7 @@ from reference.dataset import make_dataset
 from reference.ema import EMA
 from reference.model_folder import save_pipeline, save_vae, weight_files, write_json
 from reference.pacing import PhaseClock, Ticker, learning_rate, say
+from reference.probe import probe_ids, sensitivity
 from reference.presets import Recipe
 
 LOG_NAME = "training_log.json"
@@ -277,14 +278,22 @@ def run(setup: Setup, started: float) -> dict:
     write_json(out / LOG_NAME, _finish(log, "vae saved", out, started))
     say(f"[vae] saved {out / 'vae'}; scaling_factor {scale:.4f}")
 
+    ids, abar = probe_ids(tokenizer), DDIMScheduler(**scheduler_config()).alphas_cumprod
+    probes: list[dict] = []
+
     def checkpoint(text_ema: EMA, unet_ema: EMA) -> None:
         save_pipeline(vae, scale, text_ema.shadow, unet_ema.shadow, out, setup.tokenizer_dir)
+        # whether the saved weights listen to each caption word, position above all (see reference.probe)
+        with autocast(setup):
+            scores = sensitivity(text_ema.shadow, unet_ema.shadow, ids, abar, tuple(latents[0].shape[1:]))
+        probes.append({"seconds": round(time.perf_counter() - started, 1), "updates": unet_ema.updates, **scores})
+        say("[probe] attribute sensitivity " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     clock = PhaseClock(r.unet_steps, _seconds_left(deadline, 1.0))
     captions = CaptionSampler(bank, r.caption_dropout, setup.device)
     text_ema, unet_ema, unet_losses, unet_steps = train_text_unet(setup, latents, captions, clock, checkpoint)
-    log["phases"]["unet"] = _phase_log(clock, unet_steps, unet_losses)
     checkpoint(text_ema, unet_ema)
+    log["phases"]["unet"] = {**_phase_log(clock, unet_steps, unet_losses), "attribute_sensitivity": probes}
     log = _finish(log, "complete", out, started)
     write_json(out / LOG_NAME, log)
     for name, size in log["files"].items():
