@@ -18,7 +18,6 @@ from .schedule import CLASS_DEFAULTS, noise_schedule
 
 Progress = Optional[Callable[[int, int, float], Optional[bool]]]
 OUTPUT_TYPES = ("pil", "np", "latent")
-PIPELINES = ("txt2img", "img2img", "inpaint", "upscale")
 # the export flag that adds a pipeline to a bundle built without it
 _ADDED_BY = {"img2img": "--pipelines txt2img,img2img,inpaint", "inpaint": "--pipelines txt2img,img2img,inpaint"}
 
