@@ -49,7 +49,7 @@ def resolve_providers(device: str | None) -> list[str]:
 class OrtEngine:
     """One InferenceSession, created once; each call checks the feed against the manifest."""
 
-    def __init__(self, component: Component, path: Path, device: str | None = None, threads: int | None = None):
+    def __init__(self, component: Component, path: Path, device: str | None = None, threads: int | None = None, spin: bool = True):
         ort = _import_ort()
         self.component = component
         self.providers = resolve_providers(device)
@@ -58,6 +58,8 @@ class OrtEngine:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:  # for once-per-image components: idle workers should sleep, not hold a core
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as e:  # ORT raises its own untyped errors for unreadable models
