@@ -10,7 +10,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+OUTPUT_TYPES = ("pil", "np", "latent")
 ImageLike = Any  # a PIL image, an (H, W, C) / (B, H, W, C) array (uint8 0-255, or float 0-1), or a list of them
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
 
 
 def to_images(decoded: np.ndarray) -> np.ndarray:

@@ -17,9 +17,6 @@ from .samplers import DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_samp
 from .schedule import CLASS_DEFAULTS, noise_schedule
 
 Progress = Optional[Callable[[int, int, float], Optional[bool]]]
-OUTPUT_TYPES = ("pil", "np", "latent")
-# the export flag that adds a pipeline to a bundle built without it
-_ADDED_BY = {"img2img": "--pipelines txt2img,img2img,inpaint", "inpaint": "--pipelines txt2img,img2img,inpaint"}
 
 
 def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
@@ -108,9 +105,10 @@ class Pipeline:
                 f"{pipeline} is not available: bundle {self.bundle} holds {why}, which runs {', '.join(self.pipelines)} only; "
                 f"build a bundle from a model made for {pipeline}"
             )
+        encoder = " (adds the VAE encoder)" if pipeline in ("img2img", "inpaint") else ""
         raise BundleError(
             f"{pipeline} is not available: bundle {self.bundle} was built for {', '.join(self.pipelines)} only; "
-            f"rebuild it with `python -m export.build {_ADDED_BY.get(pipeline, '')}`".rstrip() + " (adds the VAE encoder)"
+            f"rebuild it with `python -m export.build --pipelines txt2img,img2img,inpaint`{encoder}"
         )
 
     def close(self) -> None:
@@ -228,8 +226,10 @@ class Pipeline:
         """The one sampling loop every pipeline shares; see runtime.samplers for init, start and known."""
         sampler = get_sampler(scheduler or self._default_sampler())
         options = {} if eta is None else {"eta": eta}
-        edits = {k: v for k, v in (("init", init), ("known", known)) if v is not None}
-        return sampler(model, noise, self.schedule, steps, start=start, **edits, **options, rng=rng, callback=_step_callback(callback, steps - start))
+        return sampler(
+            model, noise, self.schedule, steps, init=init, start=start, known=known, **options, rng=rng,
+            callback=_step_callback(callback, steps - start),
+        )  # fmt: skip
 
     def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
         """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""
@@ -274,7 +274,7 @@ class Pipeline:
         callback(step, total, t) -> False cancels.
         """
         self.require("txt2img")
-        _check_output_type(output_type)
+        img.check_output_type(output_type)
         rng = np.random.default_rng(seed)
         noise = self.draw(latents, rng, self.manifest.latent_shape, "latents")
         model = self.guided_model(prompt, negative_prompt, guidance_scale, guidance_rescale)
@@ -309,7 +309,7 @@ class Pipeline:
         image: PIL or array, the bundle's size (resize=True resizes it, Lanczos).
         """
         self.require("img2img")
-        _check_output_type(output_type)
+        img.check_output_type(output_type)
         start = start_step(steps, strength)
         rng = np.random.default_rng(seed)
         shape = self.manifest.latent_shape
@@ -354,7 +354,7 @@ class Pipeline:
         The seed's generator draws `latents` (the initial noise) first, then `encoder_noise`.
         """
         self.require("inpaint")
-        _check_output_type(output_type)
+        img.check_output_type(output_type)
         start = start_step(steps, strength)
         dedicated = self.manifest.raw["model"].get("kind") == "inpainting"
         size, batch, shape = (self.height, self.width), self.batch_size, self.manifest.latent_shape
@@ -418,11 +418,6 @@ def _engine_options(component: Component, options: dict[str, Any]) -> dict[str, 
     step, has a next run coming. Spinning after a once-per-image call steals a core from the UNet calls
     that follow (15% of a reference-model image on 2 cores)."""
     return {**options, "spin": component.name == "unet"} if component.format == "onnx" else options
-
-
-def _check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
 
 
 def _step_callback(progress: Progress, total: int) -> Callable[[int, float, np.ndarray], None] | None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import images as img
 from .errors import BundleError
+from .sampling.common import noised_vp
 from .schedule import noise_schedule
 
 if TYPE_CHECKING:
@@ -33,11 +34,6 @@ def check_noise_level(noise_level: Any, limit: int) -> int:
 def low_res_alphas_cumprod(settings: Mapping[str, Any]) -> np.ndarray:
     """alpha-bar (float64) of the schedule that noises the input image; diffusers requires a DDPMScheduler there."""
     return noise_schedule(settings["low_res_scheduler"]["config"], "DDPMScheduler").alphas_cumprod
-
-
-def add_noise(image: np.ndarray, noise: np.ndarray, alpha_bar: float) -> np.ndarray:
-    """The forward process at one level, sqrt(abar) x + sqrt(1 - abar) noise, as DDPMScheduler.add_noise."""
-    return (np.sqrt(alpha_bar) * image + np.sqrt(1.0 - alpha_bar) * noise).astype(np.float32)
 
 
 def upscale(
@@ -68,11 +64,8 @@ def upscale(
     which diffusers' pipeline draws them from its generator. Pass either array to use your own.
     Defaults (75 steps, guidance 9, noise level 20) are diffusers'.
     """
-    from .pipeline import OUTPUT_TYPES  # here, not above: pipeline.py delegates to this module
-
     pipe.require("upscale")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type {output_type!r}: choose one of {OUTPUT_TYPES}")
+    img.check_output_type(output_type)
     settings = pipe.manifest.raw.get("upscale")
     if settings is None:
         raise BundleError(f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; rebuild it with `python -m export.build`")
@@ -83,7 +76,8 @@ def upscale(
     noise_for_image = pipe.draw(image_noise, rng, pixels.shape, "image_noise")
     noise = pipe.draw(latents, rng, shape, "latents")
     extra = {
-        "channels": add_noise(pixels, noise_for_image, float(low_res_alphas_cumprod(settings)[level])),
+        # DDPMScheduler.add_noise at the noise level, on the low-resolution schedule
+        "channels": noised_vp(pixels, noise_for_image, float(low_res_alphas_cumprod(settings)[level])).astype(np.float32),
         "class_labels": np.full(batch, level, dtype=np.int64),
     }
     model = pipe.guided_model(prompt, negative_prompt, guidance_scale, guidance_rescale, extra)
