@@ -2,10 +2,13 @@
 
 ``run`` drives them under one optional time limit and leaves a loadable folder after every
 phase that produces weights (the VAE alone, then the whole pipeline, refreshed periodically).
+Given ``Setup.init`` (a saved model), it skips the VAE and continues training that model's text
+encoder and UNet instead of fresh ones: the second stage of the shipped recipe.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -24,6 +27,7 @@ from reference.architecture import (
     build_text_encoder,
     build_unet,
     build_vae,
+    parameter_count,
     scheduler_config,
     size_report,
 )
@@ -49,6 +53,7 @@ class Setup:
     device: torch.device
     amp: bool
     tokenizer_dir: Path = CLIP_DIR
+    init: Path | None = None  # a saved model to continue from (its VAE kept as it is)
 
 
 class LossLog:
@@ -202,15 +207,18 @@ def train_text_unet(
     captions: CaptionSampler,
     clock: PhaseClock,
     checkpoint,
+    models: tuple[torch.nn.Module, torch.nn.Module] | None = None,
 ) -> tuple[EMA, EMA, LossLog, int]:
     """Train text encoder + UNet jointly on DDPM noise prediction; returns their EMAs, losses, steps.
 
-    ``checkpoint(text_ema, unet_ema)`` is called every ``recipe.checkpoint_every_s`` seconds.
+    ``models`` (text encoder, UNet) to continue training, fresh ones when None. Timesteps are
+    uniform over [recipe.t_min, 1000). ``checkpoint(text_ema, unet_ema)`` is called every
+    ``recipe.checkpoint_every_s`` seconds.
     """
     r, device = setup.recipe, setup.device
     mean, std, scale = latents
-    text_encoder = build_text_encoder().to(device).train()
-    unet = build_unet().to(device).train()
+    text_encoder, unet = models or (build_text_encoder(), build_unet())
+    text_encoder, unet = text_encoder.to(device).train(), unet.to(device).train()
     text_ema, unet_ema = EMA(text_encoder, r.ema_decay), EMA(unet, r.ema_decay)
     params = list(text_encoder.parameters()) + list(unet.parameters())
     optimizer = adamw(params, r, r.unet_lr, device)
@@ -224,7 +232,7 @@ def train_text_unet(
         index = batches.next()
         z0 = (mean[index] + std[index] * torch.randn_like(mean[index])) * scale
         noise = torch.randn_like(z0)
-        t = torch.randint(0, abar.shape[0], (z0.shape[0],), device=device)
+        t = torch.randint(r.t_min, abar.shape[0], (z0.shape[0],), device=device)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1.0 - a).sqrt() * noise
         with autocast(setup):
@@ -266,11 +274,18 @@ def run(setup: Setup, started: float) -> dict:
     log["phases"]["data"] = data_log
     images = torch.from_numpy(images_np).to(setup.device)
 
-    clock = PhaseClock(r.vae_steps, _seconds_left(deadline, r.vae_time_share))
-    vae, vae_losses, vae_steps = train_vae(setup, images, clock)
-    log["phases"]["vae"] = _phase_log(clock, vae_steps, vae_losses)
+    if setup.init is None:
+        clock = PhaseClock(r.vae_steps, _seconds_left(deadline, r.vae_time_share))
+        vae, vae_losses, vae_steps = train_vae(setup, images, clock)
+        log["phases"]["vae"] = _phase_log(clock, vae_steps, vae_losses)
+        models = None
+    else:
+        vae, models, log["init"] = load_init(setup.init, setup.device)
+        say(f"[init] continuing from {setup.init}: its VAE kept, its text encoder and UNet trained further")
     t = time.perf_counter()
     latents = encode_latents(setup, vae, images)
+    if setup.init is not None:  # the UNet being continued learned the init's latent scale
+        latents = (latents[0], latents[1], float(vae.config.scaling_factor))
     scale = latents[2]
     del images
     save_vae(vae, scale, out)
@@ -291,7 +306,7 @@ def run(setup: Setup, started: float) -> dict:
 
     clock = PhaseClock(r.unet_steps, _seconds_left(deadline, 1.0))
     captions = CaptionSampler(bank, r.caption_dropout, setup.device)
-    text_ema, unet_ema, unet_losses, unet_steps = train_text_unet(setup, latents, captions, clock, checkpoint)
+    text_ema, unet_ema, unet_losses, unet_steps = train_text_unet(setup, latents, captions, clock, checkpoint, models)
     checkpoint(text_ema, unet_ema)
     log["phases"]["unet"] = {**_phase_log(clock, unet_steps, unet_losses), "attribute_sensitivity": probes}
     log = _finish(log, "complete", out, started)
@@ -300,6 +315,32 @@ def run(setup: Setup, started: float) -> dict:
         say(f"[saved] {name}: {size / 1e6:.2f} MB")
     say(f"[saved] {out}: {log['total_weight_bytes'] / 1e6:.2f} MB of weights, {log['total_seconds']:.0f}s in all")
     return log
+
+
+def load_init(folder: Path, device: torch.device) -> tuple[torch.nn.Module, tuple[torch.nn.Module, torch.nn.Module], dict]:
+    """A saved model's VAE (eval), (text encoder, UNet) to train further, and what to log about it.
+
+    The architecture must be this recipe's: continuing a model of other sizes would not
+    reproduce anything the README describes.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    missing = [name for name in ("vae", "text_encoder", "unet") if not (folder / name / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--init {folder} lacks {missing}: give a folder written by python -m reference.train")
+    vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).eval()
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    for name, model, fresh in (("vae", vae, build_vae()), ("text_encoder", text_encoder, build_text_encoder()), ("unet", unet, build_unet())):
+        if parameter_count(model) != parameter_count(fresh):
+            raise ValueError(f"--init {folder}: its {name} is not this recipe's architecture (reference/architecture.py)")
+    previous = folder / LOG_NAME
+    return vae, (text_encoder, unet), {
+        "model": str(folder),
+        "training_log": json.loads(previous.read_text()) if previous.is_file() else None,
+    }
 
 
 def _configure_torch(setup: Setup) -> None:

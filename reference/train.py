@@ -4,6 +4,13 @@
     python -m reference.train --out /tmp/m --quick                    # smoke run, a minute or two on a CPU
     python -m reference.train --out models/shapes-ldm --time-limit 400
 
+The shipped model is three runs, each continuing the last (``--init``: its VAE kept, its text
+encoder and UNet trained further):
+
+    python -m reference.train --out stage1 --preset gpu
+    python -m reference.train --out stage2 --init stage1 --preset layout   # t >= 800 only: position
+    python -m reference.train --out models/shapes-ldm --init stage2 --preset settle   # all t again
+
 Phases: generate the shapes dataset, train the VAE (saved as soon as it is done), encode the
 dataset's latents, then train the CLIP text encoder and the UNet together (EMA weights saved,
 refreshed every few minutes). ``StableDiffusionPipeline.from_pretrained(out)`` loads the result.
@@ -18,7 +25,7 @@ from pathlib import Path
 # Only light imports up here: where make_dataset has to spawn its workers they re-import this
 # module, and should not each pay for torch and diffusers.
 from reference.architecture import CLIP_DIR
-from reference.presets import PRESETS, resolve_recipe
+from reference.presets import CONTINUING, PRESETS, resolve_recipe
 
 
 def _time_limit(text: str) -> float | None:
@@ -56,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wall-clock budget for the whole run, final save included, or 'none' (default: the preset's)",
     )
+    p.add_argument(
+        "--init",
+        type=Path,
+        metavar="MODEL",
+        help="continue from this saved model: keep its VAE, train its text encoder and UNet further",
+    )
+    p.add_argument("--t-min", type=int, metavar="T", help="draw training timesteps from [T, 1000) (default: the preset's)")
     p.add_argument("--vae-steps", type=int, metavar="N", help="VAE step ceiling")
     p.add_argument("--unet-steps", type=int, metavar="N", help="text encoder + UNet step ceiling")
     p.add_argument("--batch-size", type=int, metavar="N", help="text encoder + UNet batch size")
@@ -89,7 +103,7 @@ def pick_preset(preset: str | None, quick: bool, device_type: str) -> str:
 
 def recipe_overrides(args: argparse.Namespace) -> dict:
     """The Recipe fields given on the command line (``--time-limit none`` included)."""
-    names = ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "n_images", "seed", "workers")
+    names = ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "n_images", "seed", "workers", "t_min")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if hasattr(args, "time_limit"):
         overrides["time_limit"] = args.time_limit
@@ -121,13 +135,27 @@ def main(argv: list[str] | None = None) -> None:
         preset = pick_preset(args.preset, args.quick, device.type)
         recipe = resolve_recipe(preset, **recipe_overrides(args))
         load_tokenizer(args.tokenizer_dir)
+        if preset in CONTINUING and args.init is None:
+            raise ValueError(f"--preset {preset} continues a trained model: give --init MODEL")
+        if recipe.t_min > 0 and args.init is None:
+            raise ValueError(
+                f"timesteps from [{recipe.t_min}, 1000) alone cannot train a model from scratch; "
+                "give --init with a model trained on all timesteps"
+            )
+        if args.init is not None:
+            missing = [n for n in ("vae", "text_encoder", "unet") if not (args.init / n / "config.json").is_file()]
+            if missing:
+                raise FileNotFoundError(f"--init {args.init} lacks {missing}: give a folder written by this command")
+            if args.out.resolve() == args.init.resolve():
+                raise ValueError(f"--out is --init ({args.init}); write the continued model to a new folder")
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} exists and is not a folder; pick another path")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     amp = device.type == "cuda" if args.amp is None else args.amp
     print(f"training preset {preset!r} on {device} (bf16 autocast {'on' if amp else 'off'}) into {args.out}", flush=True)
-    run(Setup(recipe=recipe, out=args.out, device=device, amp=amp, tokenizer_dir=args.tokenizer_dir), started)
+    setup = Setup(recipe=recipe, out=args.out, device=device, amp=amp, tokenizer_dir=args.tokenizer_dir, init=args.init)
+    run(setup, started)
 
 
 if __name__ == "__main__":
