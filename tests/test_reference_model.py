@@ -28,22 +28,23 @@ def test_shipped_weights_are_small_and_export(reference_bundle):
     assert all(c["verification"]["passed"] for c in manifest["components"].values())
 
 
-def test_it_draws_background_colour_shape_and_size(reference_bundle):
+def test_it_draws_what_the_prompt_says(reference_bundle):
     """A few canonical prompts through export + runtime, read back by the attribute checker."""
     pipe = runtime.Pipeline.load(reference_bundle)
     wanted = [
         Attributes("black", "red", "circle", "large", "center"),
-        Attributes("white", "blue", "square", "large", "center"),
-        Attributes("gray", "yellow", "triangle", "large", "center"),
-        Attributes("white", "green", "circle", "small", "center"),
+        Attributes("white", "blue", "square", "large", "top left"),
+        Attributes("gray", "yellow", "triangle", "large", "bottom right"),
+        Attributes("white", "green", "circle", "small", "top right"),
+        Attributes("black", "purple", "square", "small", "bottom left"),
     ]
-    hits = {"background": 0, "color": 0, "shape": 0, "size": 0}
+    hits = {"background": 0, "color": 0, "shape": 0, "size": 0, "position": 0}
     for i, a in enumerate(wanted):
         image = pipe.txt2img(canonical_caption(a), steps=20, guidance_scale=5.0, seed=i, output_type="np")[0]
         got = checker.check(image)
         for k in hits:
             hits[k] += getattr(got, k) == getattr(a, k)
-    assert hits["background"] == len(wanted) and hits["color"] >= 3 and hits["shape"] >= 3 and hits["size"] >= 3, hits
+    assert hits["background"] == len(wanted) and min(hits.values()) >= len(wanted) - 1, hits
 
 
 def test_corrupt_weights_are_refused_by_hash(tmp_path):

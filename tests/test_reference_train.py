@@ -100,6 +100,22 @@ def test_bad_command_lines_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "m"), "--quick", "--batch-size", "0"])
     assert "batch_size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "m"), "--quick", "--t-min", "800"])
+    assert "cannot train a model from scratch; give --init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "m"), "--preset", "settle"])
+    assert "--preset settle continues a trained model: give --init MODEL" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "m"), "--preset", "layout", "--init", str(tmp_path / "nothing")])
+    assert "lacks ['vae', 'text_encoder', 'unet']" in capsys.readouterr().err
+    shipped = str(REPO / "models" / "shapes-ldm")
+    with pytest.raises(SystemExit):
+        main(["--out", shipped, "--preset", "layout", "--init", shipped])
+    assert "--out is --init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "m"), "--quick", "--t-min", "1000", "--init", shipped])
+    assert "t_min must be in [0, 1000), got 1000" in capsys.readouterr().err
 
 
 def test_caption_sampler_draws_each_images_own_captions():
@@ -172,8 +188,29 @@ def test_quick_run_losses_fall_and_log_is_complete(quick_model):
     assert all(np.isfinite(probe[a]) and probe[a] >= 0 for a in ("background", "color", "shape", "size", "position"))
 
 
-def test_probe_shows_the_shipped_model_ignores_position():
-    """The shipped weights listen to colour, background, shape and size, and not to position (issue: not learned yet)."""
+@pytest.mark.slow
+def test_init_run_continues_a_model_on_high_noise_steps(quick_model, tmp_path):
+    """Stage two of the recipe: the init's VAE kept byte for byte, its text encoder and UNet trained on."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "continued"
+    main(["--out", str(out), "--quick", "--device", "cpu", "--workers", "1", "--init", str(quick_model), "--t-min", "800"])
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["status"] == "complete" and log["recipe"]["t_min"] == 800 and "vae" not in log["phases"]
+    assert log["init"]["model"] == str(quick_model)
+    assert log["init"]["training_log"] == json.loads((quick_model / "training_log.json").read_text())
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (out / vae).read_bytes() == (quick_model / vae).read_bytes()
+    assert log["phases"]["latents"]["scaling_factor"] == log["init"]["training_log"]["phases"]["latents"]["scaling_factor"]
+    assert len(log["phases"]["unet"]["losses"]) == PRESETS["quick"].unet_steps
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        before, after = load_file(quick_model / name), load_file(out / name)
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before), f"{name} did not change"
+
+
+def test_probe_shows_the_shipped_model_listens_to_every_attribute():
+    """The shipped weights listen to all five caption attributes at high noise, position included."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -187,8 +224,7 @@ def test_probe_shows_the_shipped_model_ignores_position():
     abar = DDIMScheduler.from_pretrained(model / "scheduler").alphas_cumprod
     with torch.no_grad():
         scores = sensitivity(text_encoder, unet, probe_ids(load_tokenizer(model / "tokenizer")), abar, (4, 16, 16))
-    assert min(scores["color"], scores["background"], scores["shape"], scores["size"]) > 0.2
-    assert scores["position"] < 0.1, "the model now listens to position words: update this test and the README"
+    assert min(scores.values()) > 0.2, scores
 
 
 @pytest.mark.slow
