@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ -f engines/shapes-ldm-64x64-b1-fp16-onnxruntime/manifest.json ] || .venv/bin/python -m export.build --precision fp16
+# Always rebuilt (a few seconds): a bundle left from older weights of the model would still load.
+.venv/bin/python -m export.build --precision fp16 --force
 .venv/bin/python -m runtime "a large red circle on a black background" --seed 0 -o out.png
