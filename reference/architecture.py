@@ -26,6 +26,13 @@ TEXT_HIDDEN = 64
 CLIP_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
+# Where a saved model (python -m reference.train) keeps each component's weights.
+WEIGHT_FILES = {
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+}
+
 MAX_TOTAL_BYTES = 25_000_000
 BYTES_PER_PARAM = 4  # fp32
 

@@ -31,7 +31,6 @@ def save_vae(vae: torch.nn.Module, scaling_factor: float, out: Path) -> None:
     vae.register_to_config(scaling_factor=float(scaling_factor))
     scratch = _scratch(out)
     vae.save_pretrained(scratch / "vae", safe_serialization=True)
-    _drop_source_paths(scratch)
     _move_in(scratch, out, ["vae"])
 
 
@@ -63,7 +62,6 @@ def save_pipeline(
     (scratch / "tokenizer").mkdir()
     for name in TOKENIZER_FILES:
         shutil.copy2(Path(tokenizer_dir) / name, scratch / "tokenizer" / name)
-    _drop_source_paths(scratch)
     _move_in(scratch, out, sorted(p.name for p in scratch.iterdir()))
 
 
@@ -85,15 +83,6 @@ def _scratch(out: Path) -> Path:
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True)
     return scratch
-
-
-def _drop_source_paths(folder: Path) -> None:
-    """Remove ``_name_or_path`` from saved configs: models continued from ``--init`` would
-    otherwise record the folder they were loaded from (a machine-specific path)."""
-    for config in Path(folder).rglob("config.json"):
-        data = json.loads(config.read_text())
-        if data.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _move_in(scratch: Path, out: Path, names: list[str]) -> None:

@@ -26,8 +26,8 @@ from reference.architecture import (
     CLIP_DIR,
     build_text_encoder,
     build_unet,
+    WEIGHT_FILES,
     build_vae,
-    parameter_count,
     scheduler_config,
     size_report,
 )
@@ -189,14 +189,19 @@ def train_vae(setup: Setup, images: torch.Tensor, clock: PhaseClock) -> tuple[to
 
 
 @torch.no_grad()
-def encode_latents(setup: Setup, vae: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Posterior mean and std of every image (fp32, on the device) and SD's scaling factor 1 / std(latents)."""
+def encode_latents(
+    setup: Setup, vae: torch.nn.Module, images: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Posterior mean and std of every image (fp32, on the device) and SD's scaling factor:
+    ``scale`` where given (a continued UNet learned its init's), else 1 / std(latents)."""
     means, stds = [], []
     for start in range(0, images.shape[0], LATENT_BATCH):
         posterior = vae.encode(to_unit_range(images[start : start + LATENT_BATCH])).latent_dist
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
     mean, std = torch.cat(means), torch.cat(stds)
+    if scale is not None:
+        return mean, std, scale
     sample = (mean + std * torch.randn_like(mean)).double()
     return mean, std, float(1.0 / sample.std())
 
@@ -278,14 +283,12 @@ def run(setup: Setup, started: float) -> dict:
         clock = PhaseClock(r.vae_steps, _seconds_left(deadline, r.vae_time_share))
         vae, vae_losses, vae_steps = train_vae(setup, images, clock)
         log["phases"]["vae"] = _phase_log(clock, vae_steps, vae_losses)
-        models = None
+        models, init_scale = None, None
     else:
-        vae, models, log["init"] = load_init(setup.init, setup.device)
+        vae, init_scale, models, log["init"] = load_init(setup.init, setup.device)
         say(f"[init] continuing from {setup.init}: its VAE kept, its text encoder and UNet trained further")
     t = time.perf_counter()
-    latents = encode_latents(setup, vae, images)
-    if setup.init is not None:  # the UNet being continued learned the init's latent scale
-        latents = (latents[0], latents[1], float(vae.config.scaling_factor))
+    latents = encode_latents(setup, vae, images, init_scale)
     scale = latents[2]
     del images
     save_vae(vae, scale, out)
@@ -317,27 +320,25 @@ def run(setup: Setup, started: float) -> dict:
     return log
 
 
-def load_init(folder: Path, device: torch.device) -> tuple[torch.nn.Module, tuple[torch.nn.Module, torch.nn.Module], dict]:
-    """A saved model's VAE (eval), (text encoder, UNet) to train further, and what to log about it.
+def load_init(folder: Path, device: torch.device) -> tuple[torch.nn.Module, float, tuple[torch.nn.Module, torch.nn.Module], dict]:
+    """A saved model's VAE (eval) and latent scaling factor, (text encoder, UNet) to train further,
+    and what to log about it.
 
-    The architecture must be this recipe's: continuing a model of other sizes would not
-    reproduce anything the README describes.
+    The weights are loaded into this recipe's architecture, so a model of other sizes is refused
+    (continuing it would not reproduce anything the README describes).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from safetensors.torch import load_file
 
     folder = Path(folder)
-    missing = [name for name in ("vae", "text_encoder", "unet") if not (folder / name / "config.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"--init {folder} lacks {missing}: give a folder written by python -m reference.train")
-    vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).eval()
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    for name, model, fresh in (("vae", vae, build_vae()), ("text_encoder", text_encoder, build_text_encoder()), ("unet", unet, build_unet())):
-        if parameter_count(model) != parameter_count(fresh):
-            raise ValueError(f"--init {folder}: its {name} is not this recipe's architecture (reference/architecture.py)")
+    models = {"vae": build_vae(), "text_encoder": build_text_encoder(), "unet": build_unet()}
+    for name, model in models.items():
+        try:
+            model.load_state_dict(load_file(folder / WEIGHT_FILES[name]))
+        except RuntimeError as error:
+            raise ValueError(f"--init {folder}: its {name} is not this recipe's architecture (reference/architecture.py): {error}") from None
+    scale = float(json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"])
     previous = folder / LOG_NAME
-    return vae, (text_encoder, unet), {
+    return models["vae"].to(device).eval(), scale, (models["text_encoder"], models["unet"]), {
         "model": str(folder),
         "training_log": json.loads(previous.read_text()) if previous.is_file() else None,
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 
 # Only light imports up here: where make_dataset has to spawn its workers they re-import this
 # module, and should not each pay for torch and diffusers.
-from reference.architecture import CLIP_DIR
+from reference.architecture import CLIP_DIR, WEIGHT_FILES
 from reference.presets import CONTINUING, PRESETS, resolve_recipe
 
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 "give --init with a model trained on all timesteps"
             )
         if args.init is not None:
-            missing = [n for n in ("vae", "text_encoder", "unet") if not (args.init / n / "config.json").is_file()]
+            missing = [name for name, file in WEIGHT_FILES.items() if not (args.init / file).is_file()]
             if missing:
                 raise FileNotFoundError(f"--init {args.init} lacks {missing}: give a folder written by this command")
             if args.out.resolve() == args.init.resolve():
