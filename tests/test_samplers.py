@@ -12,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.samplers import DEFAULT_FOR_CLASS, SAMPLERS, default_sampler, get_sampler, sampler_options
-from runtime.schedule import CLASS_DEFAULTS, noise_schedule
+from runtime.sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, SAMPLERS, default_sampler, get_sampler, noise_schedule, sampler_options
 from tests.test_schedule import toy_model
 
 DPMPP_2M = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")

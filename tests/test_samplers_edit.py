@@ -13,8 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.samplers import SAMPLERS, Known, get_sampler
-from runtime.schedule import noise_schedule
+from runtime.sampling import SAMPLERS, Known, get_sampler, noise_schedule
 from tests.test_samplers import CONFIGS, NO_SAMPLE_PREDICTION, REFERENCE, SHAPE, assert_same_steps, full_step_done, use_precise_schedule
 from tests.test_schedule import toy_model
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.samplers import sample_ddim
-from runtime.schedule import noise_schedule, spaced_timesteps
+from runtime.sampling import noise_schedule, sample_ddim, spaced_timesteps
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 CONFIGS = {

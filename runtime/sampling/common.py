@@ -1,17 +1,24 @@
-"""What every sampler shares: the model contract, prediction-type conversions, noise, per-step reporting."""
+"""What every sampler shares: the model contract, prediction-type conversions, noise, and a run's start and step ends.
+
+Schedules and each step's arithmetic are float64; `evaluate` (into the network) and `step_done`
+(out to the caller, after every step) are where latents are cast to float32.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..schedule import NoiseSchedule
+if TYPE_CHECKING:
+    from .schedule import NoiseSchedule
 
 # model(x, t) -> the network's raw output (epsilon, v or x0, per the schedule's prediction_type)
 Model = Callable[[np.ndarray, float], np.ndarray]
-Callback = Optional[Callable[[int, float, np.ndarray], None]]
+Callback = Callable[[int, float, np.ndarray], None] | None
+Rng = np.random.Generator | None
 
 
 def evaluate(model: Model, x: np.ndarray, t: float) -> np.ndarray:
@@ -31,6 +38,11 @@ def to_x0_eps(output: np.ndarray, x: np.ndarray, abar: float, prediction_type: s
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
+def predict_x0(model: Model, s: NoiseSchedule, x: np.ndarray, t: float, abar: float) -> np.ndarray:
+    """The model's clean latents for variance-preserving x at timestep t (alpha-bar abar), cleaned as the config says."""
+    return clean_x0(to_x0_eps(evaluate(model, x, t), x, abar, s.prediction_type)[0], s)
+
+
 def threshold(x0: np.ndarray, ratio: float, max_value: float) -> np.ndarray:
     """Dynamic thresholding (Saharia et al. 2022, arXiv:2205.11487): clip each sample at its |x0| quantile."""
     flat = x0.reshape(len(x0), -1)
@@ -48,7 +60,7 @@ def clean_x0(x0: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
     return x0
 
 
-def require_rng(rng: np.random.Generator | None, sampler: str) -> np.random.Generator:
+def require_rng(rng: Rng, sampler: str) -> np.random.Generator:
     if rng is None:
         raise ValueError(f"{sampler} draws noise: pass rng=np.random.default_rng(seed)")
     return rng
@@ -57,29 +69,6 @@ def require_rng(rng: np.random.Generator | None, sampler: str) -> np.random.Gene
 def noise(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
     """The one way samplers draw noise: float32 standard normal of x's shape from the caller's generator."""
     return rng.standard_normal(like.shape, dtype=np.float32)
-
-
-def step_done(x: np.ndarray, i: int, t: float, callback: Callback) -> np.ndarray:
-    """End of step i at timestep t: latents back to float32, then the caller hears about them."""
-    x = np.asarray(x, dtype=np.float32)
-    if callback is not None:
-        callback(i, float(t), x)
-    return x
-
-
-@dataclass(frozen=True)
-class Known:
-    """Inpainting with an ordinary UNet: clean `latents` to keep where `mask` is 0 (1 = generate), (B or 1, 1, h, w)."""
-
-    latents: np.ndarray
-    mask: np.ndarray
-
-
-def check_start(start: int, steps: int, init: np.ndarray | None, sampler: str) -> None:
-    if not 0 <= start < steps:
-        raise ValueError(f"{sampler}: start must be in [0, {steps}) for {steps} steps (it skips that many), got {start}")
-    if start and init is None:
-        raise ValueError(f"{sampler}: start={start} skips the noisiest steps, so it needs init (the latents to noise and denoise)")
 
 
 def noised_vp(init: np.ndarray, noise: np.ndarray, abar: float) -> np.ndarray:
@@ -92,9 +81,81 @@ def noised_sigma(init: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarra
     return np.asarray(init, dtype=np.float64) + sigma * noise
 
 
-def reimpose(x: np.ndarray, known: Known | None, renoised: Callable[[np.ndarray], np.ndarray], final: bool = False) -> np.ndarray:
-    """Reset the kept region to the known latents noised to the next step's level; after the last step, to
-    the clean latents themselves (diffusers' inpaint blend)."""
-    if known is None:
-        return x
-    return (1.0 - known.mask) * (known.latents if final else renoised(known.latents)) + known.mask * x
+@dataclass(frozen=True)
+class Known:
+    """Inpainting with an ordinary UNet: clean `latents` to keep where `mask` is 0 (1 = generate), (B or 1, 1, h, w)."""
+
+    latents: np.ndarray
+    mask: np.ndarray
+
+
+def step_done(x: np.ndarray, i: int, t: float, callback: Callback) -> np.ndarray:
+    """End of step i at timestep t: latents back to float32, then the caller hears about them."""
+    x = np.asarray(x, dtype=np.float32)
+    if callback is not None:
+        callback(i, float(t), x)
+    return x
+
+
+@dataclass(frozen=True)
+class Run:
+    """One sampler call's noise levels and edits, which decide how it starts and how each of its steps ends.
+
+    level(i): the noise level before step i, float64: alpha-bar for variance-preserving latents (vp), else
+    sigma. n: the steps the sampler's loop counts (after step n - 1 the known region is the clean latents).
+    unit: the noise the sampler was handed, which img2img and inpainting noise their clean latents with.
+    """
+
+    unit: np.ndarray
+    level: Callable[[int], float]
+    vp: bool
+    n: int
+    known: Known | None
+    callback: Callback
+
+    def noised(self, latents: np.ndarray, i: int) -> np.ndarray:
+        """Clean latents at the noise level before step i (diffusers' add_noise)."""
+        return (noised_vp if self.vp else noised_sigma)(latents, self.unit, self.level(i))
+
+    def reimpose(self, x: np.ndarray, i: int) -> np.ndarray:
+        """After step i, the kept region reset to the known latents noised to step i + 1's level; after the last
+        step, to the clean latents themselves (diffusers' inpaint blend). x as it is without `known`."""
+        if self.known is None:
+            return x
+        kept = self.known.latents if i + 1 == self.n else self.noised(self.known.latents, i + 1)
+        return (1.0 - self.known.mask) * kept + self.known.mask * x
+
+    def end_step(self, x: np.ndarray, i: int, t: float) -> np.ndarray:
+        """End of step i at timestep t: the known region re-imposed, then step_done."""
+        return step_done(self.reimpose(x, i), i, t, self.callback)
+
+
+def begin(
+    x: np.ndarray, sampler: str, steps: int, *, abar: Callable[[int], float] | None = None,
+    sigma: Callable[[int], float] | None = None, scale: float | None = None, n: int | None = None,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, callback: Callback = None,
+) -> tuple[np.ndarray, Run]:  # fmt: skip
+    """A sampler's start: `start` checked, then the latents step `start` begins from and the Run that ends every step.
+
+    x is unit-variance noise. From pure noise the run begins at x times `scale` (diffusers'
+    init_noise_sigma, where it has one); img2img (init given) begins at init noised with x to the
+    level before step `start`, as diffusers' add_noise at the begin index. The level before step i
+    comes as abar(i) for variance-preserving latents or sigma(i) in sigma space: a function, so only
+    the levels used are looked up (a run from step 1 never reads step 0's timestep, which may lie past
+    the schedule's end). n: the steps the loop counts, where that is not `steps`.
+    """
+    level = abar or sigma
+    if level is None:
+        raise TypeError("begin() needs the noise levels, as abar= or sigma=")
+    check_start(start, steps, init, sampler)
+    run = Run(x, level, sigma is None, steps if n is None else n, known, callback)
+    if init is not None:
+        return run.noised(init, start), run
+    return (x if scale is None else x * scale), run
+
+
+def check_start(start: int, steps: int, init: np.ndarray | None, sampler: str) -> None:
+    if not 0 <= start < steps:
+        raise ValueError(f"{sampler}: start must be in [0, {steps}) for {steps} steps (it skips that many), got {start}")
+    if start and init is None:
+        raise ValueError(f"{sampler}: start={start} skips the noisiest steps, so it needs init (the latents to noise and denoise)")

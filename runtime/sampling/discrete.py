@@ -4,72 +4,49 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedule import NoiseSchedule, spaced_timesteps
-from .common import Callback, Known, Model, check_start, clean_x0, evaluate, noise, noised_vp, reimpose, require_rng, step_done, to_x0_eps
+from .common import Callback, Known, Model, Rng, Run, begin, clean_x0, evaluate, noise, predict_x0, require_rng, step_done, to_x0_eps
+from .schedule import NoiseSchedule, spaced_timesteps
 
 # Adams-Bashforth weights, newest model output first (PLMS's linear multistep of order 1-4).
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def sample_ddpm(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """DDPM ancestral sampling (Ho et al. 2020, arXiv:2006.11239), step for step as diffusers' DDPMScheduler."""
     s = schedule.as_class("DDPMScheduler")
     s.require("ddpm", variance_type=("fixed_small", "fixed_small_log", "fixed_large"))
     rng = require_rng(rng, "ddpm")
-    acp, timesteps, unit = s.alphas_cumprod, spaced_timesteps(s, steps), x
-    check_start(start, steps, init, "ddpm")
-    if init is not None:
-        x = noised_vp(init, unit, acp[timesteps[start]])
+    acp, timesteps = s.alphas_cumprod, spaced_timesteps(s, steps)
+    x, run = begin(x, "ddpm", steps, abar=lambda i: acp[timesteps[i]], init=init, start=start, known=known, callback=callback)
     for i in range(start, steps):
         t = timesteps[i]
         prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # the next listed timestep, unlike DDIM
         abar, abar_prev = acp[t], (acp[prev] if prev >= 0 else 1.0)
         beta = 1.0 - abar / abar_prev
-        x0 = clean_x0(to_x0_eps(evaluate(model, x, t), x, abar, s.prediction_type)[0], s)
+        x0 = predict_x0(model, s, x, t, abar)
         x = (abar_prev**0.5 * beta * x0 + (1.0 - beta) ** 0.5 * (1.0 - abar_prev) * x) / (1.0 - abar)
         if t > 0:
             small = max((1.0 - abar_prev) / (1.0 - abar) * beta, 1e-20)
             x = x + (beta if s.config["variance_type"] == "fixed_large" else small) ** 0.5 * noise(rng, x)
-        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]), final=i + 1 == steps)
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x
 
 
 def sample_ddim(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    eta: float = 0.0,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *, eta: float = 0.0,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """DDIM (Song et al. 2020, arXiv:2010.02502), step for step as diffusers' DDIMScheduler."""
     s = schedule.as_class("DDIMScheduler")
     if eta < 0:
         raise ValueError(f"ddim: eta must be >= 0 (0 deterministic, 1 DDPM-like), got {eta}")
     if eta > 0:
         rng = require_rng(rng, "ddim with eta > 0")
-    acp, timesteps, unit = s.alphas_cumprod, spaced_timesteps(s, steps), x
-    check_start(start, steps, init, "ddim")
-    stride = s.num_train_timesteps // steps
-    if init is not None:
-        x = noised_vp(init, unit, acp[timesteps[start]])
+    acp, timesteps, stride = s.alphas_cumprod, spaced_timesteps(s, steps), s.num_train_timesteps // steps
+    x, run = begin(x, "ddim", steps, abar=lambda i: acp[timesteps[i]], init=init, start=start, known=known, callback=callback)
     for i in range(start, steps):
         t = timesteps[i]
         prev = t - stride  # diffusers steps back by a fixed stride, not to the next listed timestep
@@ -80,23 +57,14 @@ def sample_ddim(
         x = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * noise(rng, x)  # type: ignore[arg-type]
-        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[timesteps[i + 1]]), final=i + 1 == steps)
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x
 
 
 def sample_pndm(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """PNDM (Liu et al. 2022, arXiv:2202.09778): PLMS, or pseudo Runge-Kutta first where skip_prk_steps is off."""
     s = schedule.as_class("PNDMScheduler")
     s.require("pndm", prediction_type=("epsilon", "v_prediction"))
@@ -106,11 +74,11 @@ def sample_pndm(
             f"pndm with skip_prk_steps=False needs at least 4 steps (its Runge-Kutta warm-up takes 3; diffusers fails "
             f"below 4), got {steps}: use more steps, or skip_prk_steps=True in the scheduler config for PLMS"
         )
-    timesteps = spaced_timesteps(s, steps)
-    check_start(start, steps, init, "pndm")
-    stride = s.num_train_timesteps // steps
+    acp, timesteps, stride = s.alphas_cumprod, spaced_timesteps(s, steps), s.num_train_timesteps // steps
+    listed = timesteps if prk else np.concatenate([timesteps[:2], timesteps[1:]])  # PLMS's list: see _plms
+    x, run = begin(x, "pndm", steps, abar=lambda i: acp[listed[i]], n=len(listed), init=init, start=start, known=known, callback=callback)
     if not prk:
-        return _plms(model, s, x, timesteps, stride, start, init, known, callback)
+        return _plms(model, s, x, run, listed, start, stride)
     if init is not None or known is not None:
         raise ValueError(
             "pndm: img2img and inpainting need skip_prk_steps=True in the scheduler config (PLMS, as SD 1.x ships it); "
@@ -125,26 +93,20 @@ def sample_pndm(
         else:
             history = (history + [out])[-4:]
             x = _transfer(s, x, t, t - stride, _adams_bashforth(history))
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x
 
 
-def _plms(
-    model: Model, s: NoiseSchedule, x: np.ndarray, timesteps: np.ndarray, stride: int, start: int,
-    init: np.ndarray | None, known: Known | None, callback: Callback,
-) -> np.ndarray:  # fmt: skip
+def _plms(model: Model, s: NoiseSchedule, x: np.ndarray, run: Run, listed: np.ndarray, start: int, stride: int) -> np.ndarray:
     """PLMS over diffusers' timestep list, which holds the second timestep twice ([t0, t1, t1, t2, ...]).
 
     Its first two entries are the warm-up: a trial step from t0, then the mean of both outputs
     taken from t1 + stride to t1. img2img skips `start` entries of that list, as diffusers does, so
     a shortened run begins with the same warm-up wherever it lands.
     """
-    listed = np.concatenate([timesteps[:2], timesteps[1:]])[start:] if len(timesteps) > 1 else timesteps
-    acp, unit, n = s.alphas_cumprod, x, len(listed)
-    if init is not None:
-        x = noised_vp(init, unit, acp[listed[0]])
     history: list[np.ndarray] = []  # model outputs, newest last; the warm-up's second output is not kept
-    for j, t in enumerate(listed):
+    for i in range(start, run.n):
+        t, j = listed[i], i - start
         out = evaluate(model, x, t)
         if j == 0:
             first, x_first = out, x
@@ -155,9 +117,9 @@ def _plms(
         else:
             history = (history + [out])[-4:]
             x = _transfer(s, x, t, t - stride, _adams_bashforth(history))
-        x = reimpose(x, known, lambda z: noised_vp(z, unit, acp[listed[j + 1]]), final=j + 1 == n)
-        if j > 0 or n == 1:
-            x = step_done(x, start + max(j - 1, 0), t, callback)
+        x = run.reimpose(x, i)
+        if j > 0 or run.n - start == 1:  # the warm-up's two entries are one step
+            x = step_done(x, start + max(j - 1, 0), t, run.callback)
     return x
 
 

@@ -6,14 +6,9 @@ import math
 
 import numpy as np
 
-from ..schedule import NoiseSchedule
-from ..sigmas import euler_sigmas, init_noise_sigma
-from .common import Callback, Known, Model, check_start, clean_x0, evaluate, noise, noised_sigma, reimpose, require_rng, step_done
-
-
-def begin(x: np.ndarray, init: np.ndarray | None, s: NoiseSchedule, sigmas: np.ndarray, start: int) -> np.ndarray:
-    """Pure noise scaled by init_noise_sigma, or init noised to sigmas[start] (img2img)."""
-    return x * init_noise_sigma(s, sigmas) if init is None else noised_sigma(init, x, sigmas[start])
+from .common import Callback, Known, Model, Rng, begin, clean_x0, evaluate, noise, require_rng
+from .schedule import NoiseSchedule
+from .sigmas import euler_sigmas, init_noise_sigma
 
 
 def model_input(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -33,28 +28,17 @@ def denoised(output: np.ndarray, x: np.ndarray, sigma: float, prediction_type: s
 
 
 def sample_euler(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = math.inf,
-    s_noise: float = 1.0,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """Euler on the probability-flow ODE, churn optional (Karras et al. 2022, arXiv:2206.00364, Alg. 2)."""
     s = schedule.as_class("EulerDiscreteScheduler")
     if s_churn > 0:
         rng = require_rng(rng, "euler with s_churn > 0")
     timesteps, sigmas = euler_sigmas(s, steps, "euler")
-    check_start(start, steps, init, "euler")
-    unit, x = x, begin(x, init, s, sigmas, start)
+    scale = init_noise_sigma(s, sigmas)
+    x, run = begin(x, "euler", steps, sigma=lambda i: sigmas[i], scale=scale, init=init, start=start, known=known, callback=callback)
     for i in range(start, steps):
         t, sigma = timesteps[i], sigmas[i]
         out = evaluate(model, model_input(x, sigma), t)
@@ -64,30 +48,21 @@ def sample_euler(
             x = x + noise(rng, x) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5  # type: ignore[arg-type]
         x0 = denoised(out, x, sigma_hat if s.prediction_type == "epsilon" else sigma, s.prediction_type)
         x = x + (x - x0) / sigma_hat * (sigmas[i + 1] - sigma_hat)
-        x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigmas[i + 1]), final=i + 1 == steps)
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x
 
 
 def sample_euler_a(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """Euler ancestral: an Euler step down to sigma_down, fresh noise up to sigma_next (Karras et al. 2022; k-diffusion)."""
     s = schedule.as_class("EulerAncestralDiscreteScheduler")
     s.require("euler_a", prediction_type=("epsilon", "v_prediction"))
     rng = require_rng(rng, "euler_a")
     timesteps, sigmas = euler_sigmas(s, steps, "euler_a")
-    check_start(start, steps, init, "euler_a")
-    unit, x = x, begin(x, init, s, sigmas, start)
+    scale = init_noise_sigma(s, sigmas)
+    x, run = begin(x, "euler_a", steps, sigma=lambda i: sigmas[i], scale=scale, init=init, start=start, known=known, callback=callback)
     for i in range(start, steps):
         t, sigma, sigma_next = timesteps[i], sigmas[i], sigmas[i + 1]
         x0 = denoised(evaluate(model, model_input(x, sigma), t), x, sigma, s.prediction_type)
@@ -96,28 +71,19 @@ def sample_euler_a(
         x = x + (x - x0) / sigma * (sigma_down - sigma)
         if sigma_up > 0:  # diffusers also draws on the last step, where sigma_up is 0
             x = x + sigma_up * noise(rng, x)
-        x = reimpose(x, known, lambda z: noised_sigma(z, unit, sigma_next), final=i + 1 == steps)
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x
 
 
 def sample_heun(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """Heun's 2nd-order method, Euler on the last step (Karras et al. 2022, arXiv:2206.00364, Alg. 1)."""
     s = schedule.as_class("HeunDiscreteScheduler")
     timesteps, sigmas = euler_sigmas(s, steps, "heun")
-    check_start(start, steps, init, "heun")
-    unit, x = x, begin(x, init, s, sigmas, start)
+    scale = init_noise_sigma(s, sigmas)
+    x, run = begin(x, "heun", steps, sigma=lambda i: sigmas[i], scale=scale, init=init, start=start, known=known, callback=callback)
 
     def slope(x: np.ndarray, i: int) -> np.ndarray:
         x0 = denoised(evaluate(model, model_input(x, sigmas[i]), timesteps[i]), x, sigmas[i], s.prediction_type)
@@ -126,12 +92,9 @@ def sample_heun(
     for i in range(start, steps):
         t, dt = timesteps[i], sigmas[i + 1] - sigmas[i]
         d = slope(x, i)
-        renoised = lambda z: noised_sigma(z, unit, sigmas[i + 1])  # noqa: E731
-        if i + 1 < steps:
-            # diffusers re-imposes the known region on the Euler half-step too, before the second slope
-            x = x + (d + slope(reimpose(x + d * dt, known, renoised), i + 1)) / 2 * dt
+        if i + 1 < steps:  # diffusers re-imposes the known region on the Euler half-step too, before the second slope
+            x = x + (d + slope(run.reimpose(x + d * dt, i), i + 1)) / 2 * dt
         else:
             x = x + d * dt
-        x = reimpose(x, known, renoised, final=i + 1 == steps)
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x

@@ -6,67 +6,48 @@ import math
 
 import numpy as np
 
-from ..schedule import NoiseSchedule
-from ..sigmas import solver_sigmas
-from .common import Callback, Known, Model, check_start, clean_x0, evaluate, noised_vp, reimpose, step_done, to_x0_eps
+from .common import Callback, Known, Model, Rng, begin, predict_x0
+from .schedule import NoiseSchedule
+from .sigmas import solver_sigmas
 
-DPM = "DPMSolverMultistepScheduler"
 DPMPP_2M = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
 _NO_FLOW = dict(use_flow_sigmas=(False,), use_dynamic_shifting=(False,))
 
 
 def sample_dpmpp_2m(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), as diffusers' DPMSolverMultistepScheduler."""
-    s = schedule.as_class(DPM, **DPMPP_2M, use_karras_sigmas=False)
-    return _dpmpp_2m(model, x, s, steps, init, start, known, callback, "dpmpp_2m")
+    return _dpmpp_2m(model, x, schedule, steps, karras=False, init=init, start=start, known=known, callback=callback)
 
 
 def sample_dpmpp_2m_karras(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """DPM-Solver++(2M) on Karras et al. 2022's sigmas (arXiv:2206.00364, eq. 5)."""
-    s = schedule.as_class(DPM, **DPMPP_2M, use_karras_sigmas=True)
-    return _dpmpp_2m(model, x, s, steps, init, start, known, callback, "dpmpp_2m_karras")
+    return _dpmpp_2m(model, x, schedule, steps, karras=True, init=init, start=start, known=known, callback=callback)
 
 
 def _dpmpp_2m(
-    model: Model, x: np.ndarray, s: NoiseSchedule, steps: int, init: np.ndarray | None, start: int, known: Known | None,
-    callback: Callback, name: str,
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    karras: bool, init: np.ndarray | None, start: int, known: Known | None, callback: Callback,
 ) -> np.ndarray:  # fmt: skip
+    """DPM-Solver++(2M), on the Karras sigmas or the config's own spacing (use_karras_sigmas forced either way)."""
+    name = "dpmpp_2m_karras" if karras else "dpmpp_2m"
+    s = schedule.as_class("DPMSolverMultistepScheduler", **DPMPP_2M, use_karras_sigmas=karras)
     s.require(name, variance_type=(None,), **_NO_FLOW)
     timesteps, sigmas = solver_sigmas(s, steps, name)
-    check_start(start, steps, init, name)
     n, config = len(timesteps), s.config
     alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
-    unit, x = x, (x if init is None else noised_vp(init, x, alpha[start] ** 2))
+    x, run = begin(x, name, steps, abar=lambda i: alpha[i] ** 2, n=n, init=init, start=start, known=known, callback=callback)
     # diffusers' lower_order_final: a first-order last step for short runs, and always onto sigma 0
-    first_order_last = (
-        config["euler_at_final"] or (config["lower_order_final"] and n < 15) or config["final_sigmas_type"] == "zero"
-    )
+    first_order_last = config["euler_at_final"] or (config["lower_order_final"] and n < 15) or config["final_sigmas_type"] == "zero"
     previous = None
     for i in range(start, n):
         t = timesteps[i]
-        x0 = clean_x0(to_x0_eps(evaluate(model, x, t), x, alpha[i] ** 2, s.prediction_type)[0], s)
+        x0 = predict_x0(model, s, x, t, alpha[i] ** 2)
         ratio = sigmas[i + 1] / sigmas[i]  # exp(-h), h the step in log-SNR/2
         update = x0
         if previous is not None and not (i == n - 1 and first_order_last):
@@ -74,23 +55,14 @@ def _dpmpp_2m(
             update = x0 + (x0 - previous) / (2 * r)
         x = ratio * (alpha[i + 1] / alpha[i]) * x + alpha[i + 1] * (1.0 - ratio) * update
         previous = x0
-        x = reimpose(x, known, lambda z: noised_vp(z, unit, alpha[i + 1] ** 2), final=i + 1 == n)
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x
 
 
 def sample_unipc(
-    model: Model,
-    x: np.ndarray,
-    schedule: NoiseSchedule,
-    steps: int,
-    *,
-    init: np.ndarray | None = None,
-    start: int = 0,
-    known: Known | None = None,
-    rng: np.random.Generator | None = None,
-    callback: Callback = None,
-) -> np.ndarray:
+    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+) -> np.ndarray:  # fmt: skip
     """UniPC: UniP predictor + UniC corrector (Zhao et al. 2023, arXiv:2302.04867), as diffusers' UniPCMultistepScheduler."""
     s = schedule.as_class("UniPCMultistepScheduler")
     s.require("unipc", predict_x0=(True,), solver_p=(None,), solver_order=(1, 2, 3), **_NO_FLOW)
@@ -102,22 +74,20 @@ def sample_unipc(
             "unipc: lower_order_final=False with final_sigmas_type='zero' divides by zero on the last step "
             "(diffusers returns inf/NaN there); set lower_order_final=True or final_sigmas_type='sigma_min'"
         )
-    check_start(start, steps, init, "unipc")
     abar = 1.0 / (sigmas**2 + 1)
-    unit, x = x, (x if init is None else noised_vp(init, x, abar[start]))
+    x, run = begin(x, "unipc", steps, abar=lambda i: abar[i], n=n, init=init, start=start, known=known, callback=callback)
     x0s: list[np.ndarray] = []  # denoised predictions, newest last
     x_last, used = x, 1
     for i in range(start, n):
         t = timesteps[i]
-        x0 = clean_x0(to_x0_eps(evaluate(model, x, t), x, abar[i], s.prediction_type)[0], s)
+        x0 = predict_x0(model, s, x, t, abar[i])
         if i > start and i - 1 not in config["disable_corrector"]:
             x = _unipc(x_last, x0s, sigmas, i - 1, used, bh2, x0)
         x0s = (x0s + [x0])[-order:]
         used = min(min(order, n - i) if config["lower_order_final"] else order, i - start + 1)
         x_last = x
         x = _unipc(x, x0s, sigmas, i, used, bh2)
-        x = reimpose(x, known, lambda z: noised_vp(z, unit, abar[i + 1]), final=i + 1 == n)
-        x = step_done(x, i, t, callback)
+        x = run.end_step(x, i, t)
     return x
 
 

@@ -9,9 +9,10 @@ computed once per generation in float64; samplers cast at the boundary.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,7 @@ class NoiseSchedule:
         """An option read the way diffusers' `hasattr(self.config, key)` does: the class's, else the model's raw one."""
         return self.config[key] if key in self.config else self.source.get(key)
 
-    def as_class(self, class_name: str, **overrides: Any) -> "NoiseSchedule":
+    def as_class(self, class_name: str, **overrides: Any) -> NoiseSchedule:
         """This model's config as `class_name.from_config(config, **overrides)` would read it."""
         if class_name == self.class_name and all(self.config.get(k) == v for k, v in overrides.items()):
             return self

@@ -1,39 +1,21 @@
-"""Samplers: pure functions `sample_x(model, x, schedule, steps, *, rng=None, callback=None, **options) -> x`.
-
-Each one is step for step the diffusers scheduler of the same family, reading the model's
-scheduler config as `ThatScheduler.from_config(config)` would.
-`model(x, t)` returns the network's raw output (epsilon, v or x0, per the config's
-prediction_type) for latents x at timestep t; guidance is the model wrapper's business.
-`x` comes in as unit-variance noise: the sampler scales it by diffusers' init_noise_sigma,
-and scales the model's input where diffusers' scale_model_input does.
-img2img: `init` (clean latents) noised with x to step `start`'s level, then only steps start..steps-1
-run, as diffusers' add_noise + set_begin_index (start = steps - int(steps * strength)).
-Inpainting with an ordinary UNet: `known` (runtime.samplers.Known) resets the kept region to its
-latents noised with the same x to the next step's level after every step, and to the clean latents after the last.
-`callback(i, t, x)` runs after every step (one per requested step, however many model calls
-it took); noise comes only from the `rng` passed in, and only where a sampler draws it.
-The returned x is the final denoised latent, ready for the VAE.
-"""
+"""The sampler table: each sampler's name, the one a model's scheduler class calls for, and get_sampler's option check."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from .sampling.common import Callback, Known, Model, to_x0_eps
-from .sampling.consistency import sample_lcm, sample_tcd
-from .sampling.discrete import sample_ddim, sample_ddpm, sample_pndm
-from .sampling.karras import sample_euler, sample_euler_a, sample_heun
-from .sampling.multistep import sample_dpmpp_2m, sample_dpmpp_2m_karras, sample_unipc
+from .common import Model
+from .consistency import sample_lcm, sample_tcd
+from .discrete import sample_ddim, sample_ddpm, sample_pndm
+from .karras import sample_euler, sample_euler_a, sample_heun
+from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_karras, sample_unipc
 
-__all__ = [
-    "Model", "Callback", "Known", "to_x0_eps", "SAMPLERS", "DEFAULT_FOR_CLASS", "default_sampler", "get_sampler", "sampler_options",
-    "sample_ddpm", "sample_ddim", "sample_pndm", "sample_euler", "sample_euler_a", "sample_heun",
-    "sample_dpmpp_2m", "sample_dpmpp_2m_karras", "sample_unipc", "sample_lcm", "sample_tcd",
-]  # fmt: skip
+__all__ = ["SAMPLERS", "DEFAULT_FOR_CLASS", "COMMON", "default_sampler", "get_sampler", "sampler_options"]
 
 # What every sampler takes besides its own options.
 COMMON = ("init", "start", "known", "rng", "callback")
@@ -76,7 +58,7 @@ def default_sampler(class_name: str | None, config: Mapping[str, Any] | None = N
 
 
 def sampler_options(name: str) -> tuple[str, ...]:
-    """The keyword options a sampler takes besides rng and callback (e.g. ddim: eta)."""
+    """The keyword options a sampler takes besides the COMMON ones every sampler takes (e.g. ddim: eta)."""
     params = inspect.signature(_lookup(name)).parameters.values()
     return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in COMMON)
 
