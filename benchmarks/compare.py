@@ -19,9 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from runtime.bench import DEFAULT_PROMPT, STAGE_LABELS, STAGES, fmt_seconds, machine, machine_line, summarise
-
 from .footprint import DIFFUSERS_TORCH, RUNTIME, footprint
+from .runtime_bench import STAGE_LABELS, STAGES, add_run_options, fmt_seconds, machine, machine_line, summarise
 from .systems import SYSTEMS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,13 +162,13 @@ def run_comparison(
             "summary": summarise(figures),
         }
     images = {name: np.load(work / f"{name}.npy") for name in results}
-    precision = manifest.raw.get("precision", "fp32")
+    precision = manifest.precision
     return {
         "model": shown(model),
         "bundle": shown(bundle),
         "precision": precision,
-        "image": manifest.raw["image"],
-        "scheduler": manifest.raw["scheduler"]["class_name"],
+        "image": {"height": manifest.height, "width": manifest.width, "batch_size": manifest.batch_size},
+        "scheduler": manifest.scheduler.class_name,
         "settings": {"prompt": prompt, "steps": steps, "guidance_scale": guidance_scale, "seed": seed, "warmup": warmup, "runs": runs, "device": device or "default"},
         "systems": results,
         "failed": failed,
@@ -248,15 +247,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, help="bundle exported from --model (default: engines/<model>-*-b1-<precision>-onnxruntime)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="which default bundle to pick (default %(default)s)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="what to run (default: all)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default %(default)r)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared initial latents (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="uncounted rounds (default %(default)s)")
-    p.add_argument("--runs", type=int, default=5, help="counted rounds (default %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), help="execution device (default: cuda where installed, else cpu)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for NAME.json and NAME.md (default %(default)s)")
-    p.add_argument("--name", help="file stem (default compare-<model folder name>)")
+    add_run_options(p, out=DEFAULT_OUT, warmup=1, name="compare-<model folder name>", each="round")
     p.add_argument("--quick", action="store_true", help="smoke mode: 2 steps, no warm-up, 1 counted round")
     return p
 

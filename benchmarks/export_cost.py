@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.bench import bundle_size, machine
+from .runtime_bench import bundle_size, machine
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,8 @@ from diffusers import OnnxRuntimeModel
 
 from runtime import load_manifest
 from runtime.backends.onnxruntime import resolve_providers
-from runtime.bench import Call, run_figures
+
+from .runtime_bench import Call, run_figures
 
 SD_VAE_SCALING = 0.18215  # what OnnxStableDiffusionPipeline divides latents by, whatever the model
 
@@ -104,7 +105,7 @@ class DiffusersOnnx:
             for name in ("text_encoder", "unet", "vae_decoder")
         }
         models["vae_decoder"].rescale = SD_VAE_SCALING / manifest.vae_scaling_factor
-        scheduler_class = getattr(diffusers, manifest.raw["scheduler"]["class_name"])
+        scheduler_class = getattr(diffusers, manifest.scheduler.class_name)
         self.pipe = OnnxStableDiffusionPipeline(
             vae_encoder=None,
             vae_decoder=models["vae_decoder"],

@@ -1,10 +1,11 @@
-"""python -m runtime.bench: per-stage time, memory and footprint of one bundle on this machine.
+"""python -m benchmarks.runtime_bench: per-stage time, memory and footprint of one bundle on this machine.
 
 Stages are timed from outside the pipeline: every engine is wrapped in a timing proxy that
 keeps the Engine protocol, and the sampler's per-step callback marks the end of each step, so
 host time per step is the step's wall time minus the UNet time inside it (guidance mix,
 scheduler update, casts and copies). Warm-up runs are not counted; figures are the median and
-spread over the counted runs. Torch-free, like the rest of runtime/.
+spread over the counted runs. Torch-free, like runtime/ itself, which never imports this module:
+it runs on a Jetson with only the runtime installed.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def measure(
     device: str | None = None, on_run: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:  # fmt: skip
     """Load BUNDLE, run warm-up then counted generations; stage figures, memory and footprint."""
-    from .pipeline import Pipeline
+    from runtime.pipeline import Pipeline
 
     if runs < 1 or warmup < 0 or steps < 1:
         raise ValueError(f"need --runs >= 1, --warmup >= 0 and --steps >= 1 (got {runs}, {warmup}, {steps})")
@@ -248,9 +249,9 @@ def measure(
     return {
         "bundle": str(bundle),
         "bundle_bytes": bundle_size(bundle),
-        "precision": pipe.manifest.raw.get("precision"),
-        "image": pipe.manifest.raw["image"],
-        "backend": pipe.manifest.raw.get("backend"),
+        "precision": pipe.manifest.precision,
+        "image": {"height": pipe.height, "width": pipe.width, "batch_size": pipe.batch_size},
+        "backend": pipe.manifest.backend,
         "providers": providers,
         "settings": {**options, "warmup": warmup, "runs": runs},
         "load_s": load_s,
@@ -293,7 +294,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     gib = 2**30
     device_mem = result["device_memory_bytes"]
     lines = [
-        f"# runtime.bench: {Path(result['bundle']).name}",
+        f"# benchmarks.runtime_bench: {Path(result['bundle']).name}",
         "",
         f"{image['height']}x{image['width']}, batch {image['batch_size']}, {result['precision']}, {result['backend']} "
         f"({', '.join(result['providers']) or 'n/a'}); {settings['steps']} steps "
@@ -335,28 +336,36 @@ def write_results(result: Mapping[str, Any], out: Path, stem: str) -> tuple[Path
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m runtime.bench",
+        prog="python -m benchmarks.runtime_bench",
         description="Time one engine bundle stage by stage (text encoder, each UNet call, host time per step, VAE decode, "
         "total), with peak memory and `import runtime` time; writes JSON and a markdown table.",
     )
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="engine bundle folder (default %(default)s)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default %(default)r)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps per run (default %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    add_run_options(p, out=DEFAULT_OUT, warmup=2, name="runtime-<bundle folder name>")
     p.add_argument("--scheduler", help="sampler name (default: the one the model's scheduler config names)")
-    p.add_argument("--warmup", type=int, default=2, help="uncounted warm-up runs (default %(default)s)")
-    p.add_argument("--runs", type=int, default=5, help="counted runs (default %(default)s)")
     p.add_argument("--import-runs", type=int, default=7, help="fresh interpreters timing `import runtime` (default %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider (default: cuda where installed, else cpu)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for NAME.json and NAME.md (default %(default)s)")
-    p.add_argument("--name", help="file stem (default runtime-<bundle folder name>)")
     p.add_argument("--quick", action="store_true", help="smoke mode: 2 steps, 1 warm-up, 2 counted runs, 2 import probes")
     return p
 
 
+def add_run_options(p: argparse.ArgumentParser, *, out: Path, warmup: int, name: str, each: str = "run") -> None:
+    """The options every benchmark command shares: what to generate, how often, where to write.
+
+    EACH names what --warmup and --runs count: a "run" is one generation, compare's "round" one per system.
+    """
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default %(default)r)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per generation (default %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial latents (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"uncounted warm-up {each}s (default %(default)s)")
+    p.add_argument("--runs", type=int, default=5, help=f"counted {each}s (default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), help="execution device (default: cuda where installed, else cpu)")
+    p.add_argument("--out", type=Path, default=out, help="folder for NAME.json and NAME.md (default %(default)s)")
+    p.add_argument("--name", help=f"file stem (default {name})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .errors import BundleError
+    from runtime.errors import BundleError
 
     args = parser().parse_args(argv)
     if args.quick:

@@ -1,7 +1,7 @@
 """python -m benchmarks.sd15: a full-size Stable Diffusion 1.5-architecture pipeline with random weights.
 
 The component configs are SD 1.5's public ones, written out by hand (no hub access here); the
-tokenizer is the real CLIP vocabulary from tests/fixtures/clip. The weights are random, so the
+tokenizer is the real CLIP vocabulary from assets/clip-tokenizer. The weights are random, so the
 images are noise, but every tensor has SD 1.5's size: what a benchmark of speed and memory needs.
 """
 
@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from reference.architecture import CLIP_DIR
+
 REPO = Path(__file__).resolve().parent.parent
-CLIP_FIXTURE = REPO / "tests" / "fixtures" / "clip"
 DEFAULT_OUT = REPO / "models-generated" / "sd15-random"
 
 UNET = dict(
@@ -85,7 +86,7 @@ def build_pipeline(seed: int = 0):
         unet=UNet2DConditionModel(**UNET),
         vae=AutoencoderKL(**VAE),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)),
-        tokenizer=CLIPTokenizer.from_pretrained(CLIP_FIXTURE, pad_token="<|endoftext|>"),
+        tokenizer=CLIPTokenizer.from_pretrained(CLIP_DIR, pad_token="<|endoftext|>"),
         scheduler=PNDMScheduler(**SCHEDULER),
         safety_checker=None,
         feature_extractor=None,

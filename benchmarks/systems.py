@@ -1,10 +1,10 @@
 """The pipelines a comparison runs, each behind one interface: load once, then `generate(request, latents)`.
 
-- ours: runtime.Pipeline on the bundle (ONNX Runtime), instrumented by runtime.bench.
+- ours: runtime.Pipeline on the bundle (ONNX Runtime), instrumented by benchmarks.runtime_bench.
 - diffusers-torch: diffusers' StableDiffusionPipeline on torch, from the model folder.
 - diffusers-onnx: diffusers' OnnxStableDiffusionPipeline (ONNX Runtime) on the bundle's own ONNX files.
 
-Every system reports the same figures (runtime.bench.run_figures) from the same kind of
+Every system reports the same figures (runtime_bench.run_figures) from the same kind of
 evidence: the start and end of each text encoder, UNet and VAE decoder call, and a mark at the
 end of each denoising step. Only `ours` is defined here: its process must not import torch.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bench import instrument, run_figures
+from .runtime_bench import instrument, run_figures
 
 SYSTEMS = ("ours", "diffusers-torch", "diffusers-onnx")
 

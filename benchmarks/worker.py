@@ -18,8 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from runtime.bench import device_memory_bytes, peak_rss_bytes
-
+from .runtime_bench import device_memory_bytes, peak_rss_bytes
 from .systems import SYSTEMS, open_system
 
 

@@ -22,8 +22,9 @@ CLIP_EOS_ID = 49407
 CLIP_PAD_ID = 49407
 MAX_TOKENS = 77
 TEXT_HIDDEN = 64
-# The real CLIP vocabulary, committed with the tests; copied into every saved model.
-CLIP_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "clip"
+# The real CLIP vocabulary (assets/clip-tokenizer at the repository root; tests and benchmarks read it
+# from here too); copied into every saved model.
+CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip-tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 # Where a saved model (python -m reference.train) keeps each component's weights.

@@ -28,7 +28,7 @@ def load_tokenizer(directory: Path = CLIP_DIR) -> CLIPTokenizer:
     if missing:
         raise FileNotFoundError(
             f"CLIP tokenizer files {missing} not found in {directory}; pass the folder holding the real "
-            f"CLIP vocab.json and merges.txt (the repository keeps them in tests/fixtures/clip)"
+            f"CLIP vocab.json and merges.txt (the repository keeps them in assets/clip-tokenizer)"
         )
     tokenizer = CLIPTokenizer.from_pretrained(str(directory))
     found = (tokenizer.model_max_length, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)

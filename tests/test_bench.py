@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bench import STAGES, Call, TimedEngine, run_figures, spread, summarise
+from benchmarks.runtime_bench import STAGES, Call, TimedEngine, run_figures, spread, summarise
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,14 +65,14 @@ def test_timed_engine_keeps_the_engine_protocol():
 
 
 def test_runtime_bench_imports_no_torch():
-    probe = "import sys, runtime.bench; bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad)"
-    assert run("runtime.bench", "--help").stdout.startswith("usage: python -m runtime.bench")
+    probe = "import sys, benchmarks.runtime_bench; print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    assert run("benchmarks.runtime_bench", "--help").stdout.startswith("usage: python -m benchmarks.runtime_bench")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
 
 def test_runtime_bench_quick(bundle_fp32, tmp_path):
-    run("runtime.bench", "--bundle", str(bundle_fp32), "--quick", "--out", str(tmp_path), "--name", "tiny")
+    run("benchmarks.runtime_bench", "--bundle", str(bundle_fp32), "--quick", "--out", str(tmp_path), "--name", "tiny")
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert len(result["runs"]) == 2 and result["settings"]["steps"] == 2
     for stage in STAGES:

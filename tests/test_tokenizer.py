@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reference.architecture import CLIP_DIR
 from runtime.tokenizer import ClipTokenizer, PromptTruncatedWarning
 
-FIXTURE = Path(__file__).parent / "fixtures" / "clip"
 REPO = Path(__file__).parent.parent
 MAX_LENGTH = 77
 
@@ -266,7 +266,7 @@ ALL_PROMPTS = [p for group in PROMPTS.values() for p in group]
 
 @pytest.fixture(scope="module")
 def ours() -> ClipTokenizer:
-    return ClipTokenizer.from_dir(FIXTURE)
+    return ClipTokenizer.from_dir(CLIP_DIR)
 
 
 def reference_ids(hf_tokenizer, prompts: list[str]) -> np.ndarray:
@@ -301,7 +301,7 @@ def test_known_ids_of_the_real_vocabulary(ours):
 @pytest.mark.parametrize("group", list(PROMPTS))
 def test_same_ids_as_transformers(ours, class_name, group):
     transformers = pytest.importorskip("transformers")
-    hf_tokenizer = getattr(transformers, class_name).from_pretrained(FIXTURE)
+    hf_tokenizer = getattr(transformers, class_name).from_pretrained(CLIP_DIR)
     bad = mismatches(ours, hf_tokenizer, PROMPTS[group])
     assert not bad, f"{len(bad)} of {len(PROMPTS[group])} prompts differ:\n" + "\n".join(bad[:5])
 
@@ -356,7 +356,7 @@ def test_rejects_non_string_prompts(ours):
 def write_folder(path: Path, special_tokens_map: dict | None, tokenizer_config: dict) -> Path:
     path.mkdir()
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(FIXTURE / name, path / name)
+        shutil.copy(CLIP_DIR / name, path / name)
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     if special_tokens_map is not None:
         (path / "special_tokens_map.json").write_text(json.dumps(special_tokens_map))
@@ -365,8 +365,8 @@ def write_folder(path: Path, special_tokens_map: dict | None, tokenizer_config: 
 
 def sd2_style_folder(path: Path) -> Path:
     """SD 2.x's layout: special_tokens_map.json overrides the config's pad with "!" (id 0)."""
-    config = json.loads((FIXTURE / "tokenizer_config.json").read_text())
-    special = json.loads((FIXTURE / "special_tokens_map.json").read_text())
+    config = json.loads((CLIP_DIR / "tokenizer_config.json").read_text())
+    special = json.loads((CLIP_DIR / "special_tokens_map.json").read_text())
     return write_folder(path, {**special, "pad_token": "!"}, config)
 
 
@@ -426,14 +426,14 @@ def test_pad_token_outside_vocabulary_is_a_clear_error(tmp_path):
         ClipTokenizer.from_dir(folder)
 
 
-def test_fixture_vocab_follows_from_its_merges():
-    spec = importlib.util.spec_from_file_location("derive_vocab", FIXTURE / "derive_vocab.py")
+def test_clip_vocab_follows_from_its_merges():
+    spec = importlib.util.spec_from_file_location("derive_vocab", CLIP_DIR / "derive_vocab.py")
     derive = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(derive)
-    lines = (FIXTURE / "merges.txt").read_text(encoding="utf-8").splitlines()
+    lines = (CLIP_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "#version: 0.2"
     merges = [tuple(line.split()) for line in lines[1:]]
-    vocab = json.loads((FIXTURE / "vocab.json").read_text(encoding="utf-8"))
+    vocab = json.loads((CLIP_DIR / "vocab.json").read_text(encoding="utf-8"))
     assert derive.build_vocab(merges) == vocab
     assert (len(vocab), vocab["!"], vocab["!</w>"], vocab["<|endoftext|>"]) == (49408, 0, 256, 49407)
 
@@ -442,7 +442,7 @@ def test_import_and_use_without_torch_or_transformers():
     code = (
         "import sys\n"
         "from runtime.tokenizer import ClipTokenizer\n"
-        f"ClipTokenizer.from_dir({str(FIXTURE)!r})('a photo of a cat')\n"
+        f"ClipTokenizer.from_dir({str(CLIP_DIR)!r})('a photo of a cat')\n"
         "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

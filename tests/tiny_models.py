@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-CLIP_FIXTURE = Path(__file__).parent / "fixtures" / "clip"
+from reference.architecture import CLIP_DIR
+
 SD1_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 KINDS = ("sd15", "sd2", "turbo", "lcm", "inpaint", "upscaler")
 # as stabilityai/stable-diffusion-x4-upscaler ships them: the schedule that noises the low-resolution image, its limit
@@ -118,7 +119,7 @@ def _text_encoder(sd2: bool) -> Any:
 def _tokenizer(sd2: bool) -> Any:
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(CLIP_FIXTURE, pad_token="!" if sd2 else "<|endoftext|>")
+    return CLIPTokenizer.from_pretrained(CLIP_DIR, pad_token="!" if sd2 else "<|endoftext|>")
 
 
 def _save_upscaler(out: Path, sample_size: int) -> Path:

@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..engine import check_feed
 from ..errors import BundleError
+from ..feed import check_feed
 from ..manifest import Component
 
 PROVIDERS = {
