@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from runtime.manifest import MANIFEST, sha256_file
+from runtime.manifest import MANIFEST, Manifest, sha256_file
 
 ENGINES = Path("engines")
+Log = Callable[[str], None]  # where a build reports progress, one line at a time (print by default)
 
 
 def default_name(model: str, height: int, width: int, batch: int, precision: str, backend: str, guidance: str = "cfg") -> str:
@@ -53,10 +55,17 @@ def staging(out: Path, force: bool) -> Iterator[Path]:
     work.rename(out)
 
 
+def now() -> str:
+    """The manifest's `created` stamp: UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def file_hashes(bundle: Path) -> dict[str, str]:
     return {str(f.relative_to(bundle)): sha256_file(f) for f in sorted(bundle.rglob("*")) if f.is_file() and f.name != MANIFEST}
 
 
-def write_manifest(bundle: Path, manifest: dict[str, Any]) -> None:
-    manifest = {**manifest, "files": file_hashes(bundle)}
-    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+def write_manifest(bundle: Path, manifest: Manifest) -> None:
+    """Written last, with the sha256 of every other file; read back through the runtime's parser before it counts."""
+    doc = manifest.with_files(file_hashes(bundle)).to_json()
+    Manifest.from_json(json.loads(json.dumps(doc)), str(bundle / MANIFEST))
+    (bundle / MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")

@@ -11,21 +11,21 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from runtime.backends.tensorrt import TrtEngine, current_device, require_tensorrt
 from runtime.compat import Device
 from runtime.engine import Engine, load_engine
 from runtime.errors import BundleError
-from runtime.guidance import guidance_embedding
-from runtime.manifest import Component, Manifest, TensorSpec, load_manifest, sha256_file
+from runtime.manifest import Component, Manifest, TensorRTInfo, TensorSpec, load_manifest, sha256_file
 
-from .bundle import ENGINES, check_target, default_name, staging, write_manifest
+from .bundle import ENGINES, Log, check_target, default_name, now, staging, write_manifest
+from .gates import TOLERANCE, error_figures
+from .inputs import fixed_inputs
 from .onnx_export import onnx_files
-from .verify import error_figures
 from .tensorrt import (
     TIMING_CACHE_DIR,
     BuilderSettings,
@@ -34,13 +34,9 @@ from .tensorrt import (
     build_engine,
     choose_precision,
     has_qdq,
-    require_tensorrt,
     timing_cache_path,
 )
 
-# Engine vs the ONNX it was built from, max |engine - onnx| / max(1, max |onnx|) per output.
-TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 1e-1}
-Log = Callable[[str], None]
 BuildFn = Callable[[str, Path, Sequence[TensorSpec], Precision, BuilderSettings, Path | None], bytes]
 OpenFn = Callable[[Component, Path], Engine]
 
@@ -53,10 +49,10 @@ def onnx_component(component: Component) -> Component:
     """The ONNX a component was (or will be) built from: itself for an ONNX bundle, `build.onnx` for a plan."""
     if component.format == "onnx":
         return component
-    recorded = component.build.get("onnx")
-    if not isinstance(recorded, dict):
+    source = component.source_onnx
+    if source is None:
         raise BundleError(f"{component.name}: this TensorRT bundle does not carry the ONNX its engine was built from; rebuild from the ONNX bundle")
-    return Component.from_json(component.name, recorded)
+    return source
 
 
 def check_source_files(bundle: Path, manifest: Manifest, needed: Sequence[str]) -> None:
@@ -68,33 +64,6 @@ def check_source_files(bundle: Path, manifest: Manifest, needed: Sequence[str]) 
         if not f.is_file() or sha256_file(f) != digest:
             state = "is missing" if not f.is_file() else "was altered or corrupted"
             raise BundleError(f"{bundle}: {rel} {state}; re-export the ONNX bundle with `python -m export.build --backend onnxruntime --force`")
-
-
-def fixed_inputs(component: Component, manifest: Manifest, seed: int = 0) -> dict[str, np.ndarray]:
-    """Realistic fixed inputs: real token ids, unit-normal latents, a mid-schedule timestep, images in [-1, 1]."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for t in component.inputs:
-        value: np.ndarray
-        if t.name == "input_ids":
-            ids = np.full(t.shape, 49407, dtype=np.int64)  # <|endoftext|> padding, as SD 1.x
-            ids[:, 0] = 49406
-            ids[:, 1:6] = rng.integers(300, 40000, size=(t.shape[0], 5))
-            value = ids
-        elif t.name == "timestep_cond":  # an LCM UNet's guidance embedding
-            value = guidance_embedding(np.full(t.shape[0], 7.0), t.shape[1])
-        elif t.name == "timestep":
-            value = np.full(t.shape, 499.0)
-        elif t.name == "class_labels":  # the x4 upscaler's noise level
-            value = np.full(t.shape, 20)
-        elif t.name == "latent_sample":
-            value = rng.standard_normal(t.shape) / manifest.vae_scaling_factor
-        elif t.name == "sample" and component.name == "vae_encoder":
-            value = rng.uniform(-1, 1, t.shape)
-        else:
-            value = rng.standard_normal(t.shape)
-        out[t.name] = value.astype(t.dtype)
-    return out
 
 
 def run_engine(open_engine: OpenFn, component: Component, path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -120,11 +89,10 @@ def from_onnx_args(precision: str, settings: BuilderSettings) -> list[str]:
 
 def plan_precisions(manifest: Manifest, sources: Mapping[str, Component], bundle: Path, asked: str, major: int | None) -> dict[str, Precision]:
     """Each component's engine precision; with major None only the checks that need no TensorRT run."""
-    onnx_bundle_precision = str(manifest.raw.get("onnx_precision", manifest.raw.get("precision", "fp32")))
     plans = {}
     for name, src in sources.items():
         qdq = has_qdq(bundle / src.file)
-        kept = onnx_bundle_precision != "fp32" and src.precision == "fp32"
+        kept = manifest.source_precision != "fp32" and src.precision == "fp32"
         plans[name] = choose_precision(asked, name, src.precision, qdq, major if major is not None else 10, kept_fp32=kept)
     return plans
 
@@ -150,18 +118,16 @@ def build_from_onnx(
     source = Path(source)
     manifest = load_manifest(source, verify_files=False)
     sources = {name: onnx_component(c) for name, c in manifest.components.items()}
-    tokenizer_dir = str(manifest.raw["tokenizer"]["dir"])
+    tokenizer_dir = manifest.tokenizer.dir
     check_source_files(source, manifest, [*(f for c in sources.values() for f in _onnx_rel_files(source, c)), tokenizer_dir])
-    asked = precision or str(manifest.raw.get("onnx_precision", manifest.raw.get("precision", "fp16")))
+    asked = precision or manifest.source_precision
     plan_precisions(manifest, sources, source, asked, None)  # int8 without Q/DQ is refused before TensorRT is needed
     if device is None:
-        require_tensorrt()
-        from runtime.backends.tensorrt import current_device
-
+        require_tensorrt("building TensorRT engines")
         device = current_device()
     precisions = plan_precisions(manifest, sources, source, asked, int(device.tensorrt.split(".")[0]))
     out = out or ENGINES / default_name(
-        str(manifest.raw["model"]["name"]), manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}", manifest.guidance
+        manifest.model.name, manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}", manifest.guidance
     )
     check_target(out, force)
     log(f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, optimization level {settings.optimization_level})")
@@ -200,8 +166,6 @@ def _onnx_rel_files(bundle: Path, component: Component) -> list[str]:
 
 
 def _open_trt(component: Component, path: Path) -> Engine:
-    from runtime.backends.tensorrt import TrtEngine
-
     return TrtEngine(component, path, check_device=False)
 
 
@@ -233,7 +197,7 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
             "onnx": src.to_json(),
         },
     )
-    feed = fixed_inputs(src, job.manifest)
+    feed = fixed_inputs(src.inputs, name, job.manifest.vae_scaling_factor)
     reference = load_engine(src, work, backend="onnxruntime", device="cpu")(feed)
     figures = error_figures(run_engine(job.open_engine, component, work / plan_file, feed), reference, TOLERANCE[precision.name])
     figures["reference"] = f"the {src.precision} ONNX through ONNX Runtime (CPU), fixed inputs (seed 0)"
@@ -252,14 +216,16 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
     return replace(component, verification=figures)
 
 
-def _manifest(job: _Job, components: dict[str, Component], precision: str) -> dict[str, Any]:
-    source = job.manifest.raw
-    return {
-        **{k: v for k, v in source.items() if k not in ("files", "components", "tensorrt")},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backend": "tensorrt",
-        "precision": precision,
-        "onnx_precision": source.get("onnx_precision", source.get("precision")),
-        "tensorrt": {**job.device.to_json(), "builder": job.settings.to_json(), "from_onnx_args": job.args},
-        "components": {name: c.to_json() for name, c in components.items()},
-    }
+def _manifest(job: _Job, components: dict[str, Component], precision: str) -> Manifest:
+    """The source bundle's manifest with the engines in place of its ONNX components, and where they were built."""
+    device = job.device
+    return replace(
+        job.manifest,
+        created=now(),
+        backend="tensorrt",
+        precision=precision,
+        onnx_precision=job.manifest.source_precision,
+        tensorrt=TensorRTInfo(device.tensorrt, device.gpu, device.compute_capability, job.settings.to_json(), tuple(job.args)),
+        components=components,
+        files={},
+    )

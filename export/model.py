@@ -10,6 +10,8 @@ from typing import Any
 
 from runtime.manifest import sha256_file
 
+# The small model shipped in the repository: the default --model, and what the tests export.
+REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-ldm"
 REQUIRED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHTED = ("text_encoder", "unet", "vae")

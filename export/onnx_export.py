@@ -126,6 +126,17 @@ def export_onnx(spec: ComponentSpec, sample: dict[str, Any], out: Path) -> None:
         save_onnx(proto, out)
 
 
+def export_onnx_as(spec: ComponentSpec, sample: dict[str, Any], out: Path, precision: str) -> None:
+    """torch -> ONNX at `out` in `precision`: fp16 is exported in fp32 to a scratch folder, then converted."""
+    if precision != "fp16":
+        export_onnx(spec, sample, out)
+        return
+    with tempfile.TemporaryDirectory(prefix="fp32-") as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        export_onnx(spec, sample, fp32)
+        convert_fp16(fp32, out)
+
+
 def save_onnx(proto: Any, out: Path) -> list[Path]:
     """Save as one file, or with external data past 2 GB; return the files written."""
     import onnx

@@ -92,8 +92,8 @@ def commands_for(
     if component.format == "plan" and precision is None:
         engine_precision = recorded_precision(component)
     else:
-        asked = precision or str(manifest.raw.get("onnx_precision", manifest.raw.get("precision", "fp32")))
-        kept = manifest.raw.get("onnx_precision", manifest.raw.get("precision")) != "fp32" and src.precision == "fp32"
+        asked = precision or manifest.source_precision
+        kept = manifest.source_precision != "fp32" and src.precision == "fp32"
         # trtexec's TensorRT is unknown here: take 10.x (JetPack 6), where --fp16 still exists
         engine_precision = choose_precision(asked, component.name, src.precision, has_qdq(onnx), 10, kept_fp32=kept)
     if settings is None:

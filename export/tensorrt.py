@@ -8,23 +8,19 @@ optimization level, and a workspace limit for small-memory devices.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from runtime.backends.tensorrt import capturing_logger, require_tensorrt
 from runtime.compat import Device
 from runtime.manifest import TensorSpec
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INSTALL = (
-    "`pip install tensorrt cuda-python` on a desktop with CUDA 12, or on a Jetson the TensorRT that JetPack 6 "
-    "ships (python3-libnvinfer) plus `pip install cuda-python`"
-)
 TIMING_CACHE_DIR = Path("engines") / ".timing-cache"
 OPTIMIZATION_LEVELS = range(0, 6)
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -38,30 +34,6 @@ MODELOPT_HINT = (
 
 class EngineBuildError(RuntimeError):
     """An engine could not be built; the message says which input or limit to change."""
-
-
-class TensorRTMissing(EngineBuildError):
-    """TensorRT (or cuda-python) is not installed: the TensorRT path is refused, never replaced by another."""
-
-
-def installed(module: str) -> bool:
-    """Is `module` really installed, not just a folder of type stubs (a namespace package without code)?"""
-    try:
-        spec = importlib.util.find_spec(module)
-    except ModuleNotFoundError:  # find_spec imports the parent package (`cuda` for cuda.bindings)
-        return False
-    return spec is not None and spec.origin is not None
-
-
-def tensorrt_available() -> bool:
-    """True where both tensorrt and cuda-python's cudart are installed (without importing them)."""
-    return installed("tensorrt") and installed("cuda.bindings")
-
-
-def require_tensorrt(what: str = "building TensorRT engines", instead: str = "") -> None:
-    """Raise TensorRTMissing, naming the packages (and `instead`, an alternative), unless TensorRT is installed."""
-    if not tensorrt_available():
-        raise TensorRTMissing(f"{what} needs TensorRT and cuda-python, which are not installed here: {INSTALL}" + (f"; {instead}" if instead else ""))
 
 
 # -- builder settings ----------------------------------------------------------
@@ -241,10 +213,8 @@ def build_engine(
     timing_cache: Path | None = None,
 ) -> bytes:
     """Parse the ONNX, build a serialized engine for exactly the bundle's shapes, and update the timing cache."""
-    require_tensorrt()
+    require_tensorrt("building TensorRT engines")
     import tensorrt as trt
-
-    from runtime.backends.tensorrt import capturing_logger
 
     logger, messages = capturing_logger()
     builder = trt.Builder(logger)

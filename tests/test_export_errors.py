@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from export import build as build_mod
+from export import gates
 from export.build import build, main
 from export.model import ModelError
+from export.verify import VerificationError
+from runtime.backends.tensorrt import TensorRTMissing, tensorrt_available
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -61,9 +63,9 @@ def test_unknown_precision(tiny_model, tmp_path, capsys):
     assert code == 2 and "unknown precision 'fp8'" in err and "fp32, fp16" in err
 
 
-@pytest.mark.skipif(build_mod.tensorrt_available(), reason="TensorRT is installed here")
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 def test_tensorrt_backend_missing_is_refused(tiny_model, tmp_path):
-    with pytest.raises(build_mod.EngineBuildError, match="--backend tensorrt needs TensorRT.*pip install tensorrt.*--backend onnxruntime"):
+    with pytest.raises(TensorRTMissing, match="--backend tensorrt needs TensorRT.*pip install tensorrt.*--backend onnxruntime"):
         build(tiny_model, tmp_path / "b", backend="tensorrt", log=lambda _: None)
 
 
@@ -76,9 +78,9 @@ def test_existing_output_needs_force(bundle_fp32, tiny_model, capsys):
 
 def test_failed_verification_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     """A build over its gate raises and leaves neither a bundle nor a staging folder behind."""
-    monkeypatch.setitem(build_mod.compare.__globals__["TOLERANCE"], "fp32", 0.0)
+    monkeypatch.setitem(gates.TOLERANCE, "fp32", 0.0)
     out = tmp_path / "engines" / "b"
-    with pytest.raises(build_mod.VerificationError, match="text_encoder: the fp32 ONNX differs"):
+    with pytest.raises(VerificationError, match="text_encoder: the fp32 ONNX differs"):
         build(tiny_model, out, precision="fp32", log=lambda _: None)
     assert list((tmp_path / "engines").iterdir()) == []
 
@@ -94,7 +96,8 @@ def test_force_replaces_a_bundle(tiny_model, tmp_path):
 
 def test_manifest_contract(bundle_fp32, tiny_model):
     m = json.loads((bundle_fp32 / "manifest.json").read_text())
-    assert m["schema"] == "ldm-deploy/bundle" and m["schema_version"] == 1
+    assert m["schema"] == "ldm-deploy/bundle" and m["schema_version"] == 2
+    assert (m["model"]["family"], m["model"]["architecture"], m["model"]["kind"]) == ("sd", "custom", "text2image")
     assert m["image"] == {"height": 64, "width": 64, "batch_size": 1}
     assert m["guidance"] == {"mode": "cfg", "unet_batch": 2}
     assert m["scheduler"]["class_name"] == "DDIMScheduler" and m["scheduler"]["config"]["steps_offset"] == 1

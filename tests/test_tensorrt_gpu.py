@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 import runtime
-from export.from_onnx import TOLERANCE, build_from_onnx, error_figures, fixed_inputs, onnx_component
-from export.tensorrt import tensorrt_available
+from export.from_onnx import build_from_onnx, onnx_component
+from export.gates import TOLERANCE, error_figures
+from export.inputs import fixed_inputs
+from runtime.backends.tensorrt import tensorrt_available
 from runtime.engine import load_engine
 from runtime.errors import BundleError
 from runtime.manifest import load_manifest
@@ -73,7 +75,7 @@ def test_manifest_records_this_machine_and_passing_figures(trt_bundle):
 
     manifest = load_manifest(trt_bundle)
     here = current_device()
-    assert manifest.raw["tensorrt"]["tensorrt"] == here.tensorrt and manifest.raw["tensorrt"]["gpu"] == here.gpu
+    assert manifest.tensorrt is not None and manifest.tensorrt.tensorrt == here.tensorrt and manifest.tensorrt.gpu == here.gpu
     for c in manifest.components.values():
         assert (c.build["tensorrt"], c.build["gpu"], c.build["compute_capability"]) == (here.tensorrt, here.gpu, here.compute_capability)
         assert c.verification["passed"] is True, (c.name, c.verification)
@@ -83,7 +85,7 @@ def test_engines_match_their_onnx_through_onnx_runtime(trt_bundle):
     manifest, trt_engines = engines(trt_bundle)
     for name, engine in trt_engines.items():
         src = onnx_component(manifest.components[name])
-        feed = fixed_inputs(src, manifest, seed=1)  # not the inputs the build verified with
+        feed = fixed_inputs(src.inputs, src.name, manifest.vae_scaling_factor, seed=1)  # not the inputs the build verified with
         reference = load_engine(src, trt_bundle, backend="onnxruntime", device="cpu")(feed)
         with engine:
             figures = error_figures(engine(feed), reference, TOLERANCE[engine.component.precision])
@@ -94,7 +96,7 @@ def test_engines_match_their_onnx_through_onnx_runtime(trt_bundle):
 def test_cuda_graph_gives_the_plain_engines_outputs(trt_bundle):
     manifest = load_manifest(trt_bundle)
     unet = manifest.components["unet"]
-    first, second = fixed_inputs(unet, manifest, seed=2), fixed_inputs(unet, manifest, seed=3)
+    first, second = (fixed_inputs(unet.inputs, unet.name, manifest.vae_scaling_factor, seed=s) for s in (2, 3))
     with load_engine(unet, trt_bundle) as plain, load_engine(unet, trt_bundle, cuda_graph=True) as graphed:
         assert graphed.uses_cuda_graph and not plain.uses_cuda_graph
         a, b = graphed(first)["out_sample"], graphed(second)["out_sample"]
@@ -109,7 +111,7 @@ def test_pipeline_on_tensorrt_matches_onnx_runtime(trt_bundle, onnx_bundle):
     latents = initial_latents(trt_pipe.manifest.latent_shape, seed=7)
     ours = trt_pipe.txt2img(PROMPT, steps=4, latents=latents, output_type="np")
     ref = ort_pipe.txt2img(PROMPT, steps=4, latents=latents, output_type="np")
-    tolerance = 5e-3 if trt_pipe.manifest.raw["precision"] == "fp32" else 5e-2
+    tolerance = 5e-3 if trt_pipe.manifest.precision == "fp32" else 5e-2
     assert ref.std() > 0.01 and np.abs(ours - ref).max() < tolerance
 
 
@@ -145,4 +147,4 @@ def test_closed_engine_refuses_calls(trt_bundle):
     engine.close()
     engine.close()
     with pytest.raises(BundleError, match="was closed"):
-        engine(fixed_inputs(unet, manifest))
+        engine(fixed_inputs(unet.inputs, unet.name, manifest.vae_scaling_factor))

@@ -10,6 +10,8 @@ and replayed with one `cudaGraphLaunch`.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,10 @@ from typing import TYPE_CHECKING, Mapping, TypeVar
 
 import numpy as np
 
-from ..compat import Device, check_compatible, device_from_properties, rebuild_command
-from ..engine import check_feed
+from ..compat import Device, check_compatible, device_from_properties
 from ..errors import BundleError
-from ..manifest import Component, TensorSpec
+from ..feed import check_feed
+from ..manifest import Component, TensorSpec, rebuild_command
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -31,26 +33,52 @@ INSTALL = (
     "install TensorRT's Python package and cuda-python: `pip install tensorrt cuda-python` on a desktop "
     "(CUDA 12), or on a Jetson the JetPack 6 TensorRT packages (python3-libnvinfer) plus `pip install cuda-python`"
 )
+# What the TensorRT path imports, named as a user would install it.
+PACKAGES = (("TensorRT", "tensorrt"), ("cuda-python >= 12.6 (cuda.bindings)", "cuda.bindings.runtime"))
 
 # numpy dtype name of each TensorRT DataType the bundles use (by member name, stable across 10.x and 11.x).
 DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 T = TypeVar("T")
 
 
-def require_tensorrt() -> None:
-    """Raise a BundleError naming the packages to install unless tensorrt and cuda-python import (no fallback)."""
-    try:
-        import tensorrt
+class TensorRTMissing(BundleError):
+    """TensorRT or cuda-python is not installed: the TensorRT path is refused, never replaced by another backend."""
 
-        version = getattr(tensorrt, "__version__", None)
-    except ImportError:
-        version = None
-    if version is None:  # absent, or only tensorrt-stubs' folder of .pyi files (an empty namespace package)
-        raise BundleError(f"this bundle holds TensorRT engines, and TensorRT is not installed here: {INSTALL}")
+
+def _installed(module: str) -> bool:
+    """Is `module` really installed, not just a folder of type stubs (tensorrt-stubs: a namespace package without code)?"""
     try:
-        from cuda.bindings import runtime  # noqa: F401
-    except ImportError:
-        raise BundleError(f"the TensorRT backend needs cuda-python >= 12.6 (cuda.bindings), which is not installed: {INSTALL}") from None
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # find_spec imports the parent package (`cuda` for cuda.bindings)
+        return False
+    return spec is not None and spec.origin is not None
+
+
+def _importable(module: str) -> bool:
+    """Does `module` import as code? tensorrt-stubs' folder of .pyi files imports too, as a namespace package (no origin)."""
+    try:
+        imported = importlib.import_module(module)
+    except ImportError:  # absent, or installed with libraries that do not load
+        return False
+    spec = imported.__spec__
+    return spec is None or spec.origin is not None  # None: a module made at runtime (the tests' stand-ins)
+
+
+def tensorrt_available() -> bool:
+    """True where tensorrt and cuda-python's cudart are installed; asks without importing them (that loads CUDA)."""
+    return _installed("tensorrt") and _installed("cuda.bindings")
+
+
+def require_tensorrt(what: str, instead: str = "") -> None:
+    """Raise TensorRTMissing, naming what is missing and how to install it, unless tensorrt and cudart import.
+
+    what: the task, as the message's subject ("building TensorRT engines"); instead: an alternative to offer.
+    """
+    missing = [name for name, module in PACKAGES if not _importable(module)]
+    if not missing:
+        return
+    which = "which are not installed here" if len(missing) == len(PACKAGES) else f"and {missing[0]} is not installed here"
+    raise TensorRTMissing(f"{what} needs TensorRT and cuda-python, {which}: {INSTALL}" + (f"; {instead}" if instead else ""))
 
 
 class CudaError(BundleError):
@@ -79,7 +107,7 @@ def done(result: tuple[cudart.cudaError_t], what: str) -> None:
 
 def current_device(index: int = 0) -> Device:
     """This machine's TensorRT version and GPU `index`, as a bundle records them."""
-    require_tensorrt()
+    require_tensorrt("reading this machine's GPU and TensorRT version")
     import tensorrt as trt
     from cuda.bindings import runtime as cudart
 
@@ -164,7 +192,7 @@ class TrtEngine:
         self.path = path
         self.bundle = bundle if bundle is not None else path.parent.parent
         self._closed = True
-        require_tensorrt()
+        require_tensorrt("this bundle holds TensorRT engines: running them")
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
 

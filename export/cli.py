@@ -1,0 +1,129 @@
+"""`python -m export.build`'s command line: flags -> BuildOptions, or --from-onnx; every error is one `error: ...` line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from runtime.errors import BundleError
+from runtime.manifest import GUIDANCE_MODES
+
+from .build_bundle import build_bundle
+from .from_onnx import build_from_onnx
+from .model import REFERENCE_MODEL, ModelError
+from .options import BACKENDS, BuildOptions
+from .tensorrt import PRESETS, EngineBuildError, builder_settings
+from .verify import VerificationError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export.build",
+        description="Turn a local diffusers Stable Diffusion folder into a verified engine bundle (ONNX files, "
+        "manifest.json, tokenizer) that `python -m runtime` and `runtime.Pipeline.load` run without torch.",
+    )
+    add_bundle_flags(p)
+    add_tensorrt_flags(p)
+    return p
+
+
+def add_bundle_flags(p: argparse.ArgumentParser) -> None:
+    """The model, the bundle's shapes and what it serves: BuildOptions' fields, by name."""
+    p.add_argument(
+        "--model", type=Path, default=REFERENCE_MODEL, help="diffusers model folder (default: the shipped reference model, %(default)s)"
+    )
+    p.add_argument("--out", type=Path, help="bundle folder (default: engines/<model>-<H>x<W>-b<B>-<precision>-<backend>)")
+    p.add_argument(
+        "--precision",
+        help="fp32 or fp16 (fp16 keeps a component in fp32 where it would overflow); default fp16. "
+        "With --from-onnx also int8 (needs a UNet ONNX with Q/DQ nodes); default there: the bundle's own precision",
+    )
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call; the engines have static shapes (default 1)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="engine backend (default auto)")
+    p.add_argument(
+        "--guidance",
+        choices=("auto", *GUIDANCE_MODES),
+        default="auto",
+        help="how the UNet is guided: cfg (classifier-free, batch-2B UNet), none (batch-B UNet: Turbo-style models, "
+        "guidance_scale <= 1), embedded (LCM guidance embedding); default auto: embedded where the UNet takes one, else cfg",
+    )
+    p.add_argument(
+        "--pipelines",
+        metavar="LIST",
+        help="comma-separated pipelines the bundle serves, from what the model can do: txt2img,img2img,inpaint for a "
+        "text-to-image model (txt2img alone leaves out the VAE encoder), inpaint for an inpainting model, upscale for "
+        "the x4 upscaler; default: all the model can do",
+    )
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="also load .bin/.ckpt pickle weights (they can run code: trusted files only)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing bundle folder; with TensorRT also keep an engine over its verification gate",
+    )
+
+
+def add_tensorrt_flags(p: argparse.ArgumentParser) -> None:
+    """--from-onnx and TensorRT's builder limits, in a group of their own in --help."""
+    trt = p.add_argument_group("TensorRT engines (--backend tensorrt, --from-onnx)")
+    trt.add_argument(
+        "--from-onnx",
+        type=Path,
+        metavar="BUNDLE",
+        help="build TensorRT engines from an existing bundle's ONNX files, without torch (export on a workstation, "
+        "build on the target); writes a new bundle (default engines/<model>-<H>x<W>-b<B>-<precision>-tensorrt-<gpu>-<trt version>)",
+    )
+    trt.add_argument(
+        "--builder-optimization-level", type=int, metavar="N", help="TensorRT builder optimization level, 0 (fast build) to 5; default 3"
+    )
+    trt.add_argument(
+        "--workspace", type=int, metavar="MIB", help="limit of TensorRT's builder workspace memory pool, in MiB (default: the whole GPU)"
+    )
+    trt.add_argument(
+        "--device-preset",
+        choices=sorted(PRESETS),
+        help="builder limits for a device class, e.g. jetson-orin-nano: 1024 MiB workspace, one stream",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
+    """Each flag is the BuildOptions field of its name; a flag left unset (None) keeps the field's default."""
+    given = {f.name: getattr(args, f.name) for f in fields(BuildOptions)}
+    return BuildOptions(**{name: value for name, value in given.items() if value is not None})
+
+
+def from_onnx_from_args(args: argparse.Namespace) -> Path:
+    """--from-onnx: the bundle fixes shapes, pipelines and backend; only precision and builder flags apply."""
+    given = (
+        ("--height", args.height),
+        ("--width", args.width),
+        ("--backend onnxruntime", args.backend == "onnxruntime"),
+        ("--pipelines", args.pipelines),
+    )
+    clashes = [flag for flag, v in given if v]
+    if clashes or args.batch_size != 1:
+        raise ValueError(f"--from-onnx builds the bundle's own shapes with TensorRT; drop {', '.join(clashes or ['--batch-size'])}")
+    settings = builder_settings(args.device_preset, args.builder_optimization_level, args.workspace)
+    return build_from_onnx(args.from_onnx, args.out, precision=args.precision, settings=settings, force=args.force)
+
+
+def build_from_args(args: argparse.Namespace) -> Path:
+    """The CLI's two roads: a diffusers model folder, or --from-onnx an existing bundle."""
+    if args.from_onnx is not None:
+        return from_onnx_from_args(args)
+    return build_bundle(args.model, args.out, options_from_args(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        build_from_args(args)
+    except (ModelError, FileExistsError, VerificationError, BundleError, EngineBuildError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,46 @@
+"""Fixed verification inputs, one recipe for every gate (export.verify and export.from_onnx).
+
+Imports only numpy and runtime: export.from_onnx runs on a Jetson without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from runtime.guidance import guidance_embedding
+from runtime.manifest import TensorSpec
+
+# CLIP's <|startoftext|> and <|endoftext|> (SD 1.x pads with the latter)
+START, END = 49406, 49407
+
+
+def fixed_inputs(inputs: Sequence[TensorSpec], component_name: str, vae_scaling_factor: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Realistic inputs, the same for a given seed, each cast to its TensorSpec's dtype.
+
+    Real-looking token ids, unit-normal latents, a mid-schedule timestep, the upscaler's default
+    noise level, images in [-1, 1]: values the component meets in use, so the gate measures the
+    error a user would see.
+    """
+    rng = np.random.default_rng(seed)
+    return {t.name: _value(t, component_name, vae_scaling_factor, rng).astype(t.dtype) for t in inputs}
+
+
+def _value(t: TensorSpec, component_name: str, vae_scaling_factor: float, rng: np.random.Generator) -> np.ndarray:
+    if t.name == "input_ids":
+        ids = np.full(t.shape, END, dtype=np.int64)
+        ids[:, 0] = START
+        ids[:, 1:6] = rng.integers(300, 40000, size=(t.shape[0], 5))
+        return ids
+    if t.name == "timestep_cond":  # an LCM UNet's guidance embedding, at guidance scale 7
+        return guidance_embedding(np.full(t.shape[0], 7.0), t.shape[1])
+    if t.name == "timestep":  # mid-way through a 1000-step schedule
+        return np.full(t.shape, 499.0)
+    if t.name == "class_labels":  # the x4 upscaler's noise level, at diffusers' default
+        return np.full(t.shape, 20)
+    if t.name == "latent_sample":  # what the VAE decoder meets: unit-normal latents, unscaled
+        return rng.standard_normal(t.shape) / vae_scaling_factor
+    if t.name == "sample" and component_name == "vae_encoder":  # an image
+        return rng.uniform(-1, 1, t.shape)
+    return rng.standard_normal(t.shape)

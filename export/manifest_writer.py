@@ -1,0 +1,66 @@
+"""The manifest of an ONNX bundle exported from a diffusers model (the TensorRT one: export.from_onnx)."""
+
+from __future__ import annotations
+
+from runtime.manifest import (
+    Component,
+    GuidanceInfo,
+    ImageInfo,
+    Manifest,
+    ModelInfo,
+    SchedulerInfo,
+    TokenizerInfo,
+    UpscaleInfo,
+    VaeInfo,
+)
+
+from .bundle import now
+from .model import SourceModel
+
+# cross_attention_dim -> the checkpoint architecture it belongs to; the reference model and others are "custom"
+ARCHITECTURES = {768: "sd1", 1024: "sd2"}
+
+
+def manifest_for(
+    model: SourceModel,
+    components: dict[str, Component],
+    *,
+    height: int,
+    width: int,
+    batch: int,
+    precision: str,
+    backend: str,
+    guidance: str,
+    pipelines: tuple[str, ...] = ("txt2img",),
+) -> Manifest:
+    """Everything the runtime needs to drive the exported components, from the model folder's own configs."""
+    upscale = None
+    if model.kind == "upscaler":
+        settings = model.upscale_settings()
+        upscale = UpscaleInfo(int(settings["max_noise_level"]), SchedulerInfo.from_json(settings["low_res_scheduler"]))
+    return Manifest(
+        created=now(),
+        model=ModelInfo(
+            name=model.name,
+            kind=model.kind,
+            family="sd",
+            architecture=ARCHITECTURES.get(model.unet.config.cross_attention_dim, "custom"),
+            prediction_type=model.scheduler_config.get("prediction_type", "epsilon"),
+            source=str(model.path.resolve()),
+            source_hashes=model.hashes,
+        ),
+        pipelines=tuple(pipelines),
+        scheduler=SchedulerInfo(model.scheduler_class, model.scheduler_config),
+        vae=VaeInfo(float(model.vae.config.scaling_factor), int(model.vae.config.latent_channels), model.vae_factor),
+        image=ImageInfo(height, width, batch),
+        guidance_info=GuidanceInfo(
+            guidance,
+            2 * batch if guidance == "cfg" else batch,
+            int(model.unet.config.time_cond_proj_dim) if guidance == "embedded" else None,
+        ),
+        tokenizer=TokenizerInfo("tokenizer", int(model.text_encoder.config.max_position_embeddings)),
+        backend=backend,
+        precision=precision,
+        components=components,
+        upscale=upscale,
+    )

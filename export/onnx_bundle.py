@@ -1,0 +1,102 @@
+"""The ONNX road: a diffusers model folder -> a verified ONNX Runtime bundle (the TensorRT road starts here too)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.manifest import Component
+
+from . import onnx_export
+from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
+from .inputs import fixed_inputs
+from .manifest_writer import manifest_for
+from .model import SourceModel, load_model, write_tokenizer
+from .options import BuildOptions
+from .resolve import image_size, needed_components, resolve_guidance, resolve_pipelines
+from .verify import FP16_MAX, VerificationError, activation_peak, compare, torch_reference
+
+BACKEND = "onnxruntime"
+
+
+def export_onnx_bundle(model_path: Path, out: Path | None, options: BuildOptions, log: Log) -> Path:
+    """Export, verify and publish an ONNX bundle at `out` (default: under engines/); returns its folder."""
+    model = load_model(model_path, allow_pickle=options.allow_pickle)
+    height, width = image_size(model, options.height, options.width)
+    guidance = resolve_guidance(model, options.guidance)
+    pipelines = resolve_pipelines(model, options.pipelines)
+    batch, precision = options.batch_size, options.precision
+    out = out or ENGINES / default_name(model.name, height, width, batch, precision, BACKEND, guidance)
+    check_target(out, options.force)
+    what = f"{height}x{width}, batch {batch}, {precision}, {BACKEND}, guidance {guidance}; {', '.join(pipelines)}"
+    log(f"building {out} from {model.path} ({what})")
+    t0 = time.perf_counter()
+    with staging(out, options.force) as work:
+        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
+        components = {s.name: export_component(s, model, work, precision, log) for s in specs if s.name in needed_components(pipelines)}
+        write_tokenizer(model.tokenizer_dir, work / "tokenizer")
+        manifest = manifest_for(
+            model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
+            pipelines=pipelines,
+        )  # fmt: skip
+        write_manifest(work, manifest)
+    log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
+    return out
+
+
+def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log) -> Component:
+    """Export one component, choose its precision, verify it against the fp32 module."""
+    feed = fixed_inputs(spec.inputs, spec.name, float(model.vae.config.scaling_factor))
+    reference = torch_reference(spec, feed)
+    chosen, note = component_precision(spec, feed, precision)
+    target = work / spec.name / "model.onnx"
+    t0 = time.perf_counter()
+    onnx_export.export_onnx_as(spec, feed, target, chosen)
+    component = Component(
+        name=spec.name,
+        file=str(target.relative_to(work)),
+        format="onnx",
+        precision=chosen,
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        build=build_record(time.perf_counter() - t0, note),
+    )
+    figures = compare(component, work, reference, feed)
+    size = sum(f.stat().st_size for f in onnx_export.onnx_files(target)) / 2**20
+    log(
+        f"  {spec.name:<13} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
+        + (f"  [{note}]" if note else "")
+    )
+    if not figures["passed"]:
+        raise VerificationError(
+            f"{spec.name}: the {chosen} ONNX differs from the fp32 torch module by {figures['rel_err']:.3g} "
+            f"(relative to its output range; the gate is {figures['tolerance']:g}); nothing was written. "
+            + ("Try --precision fp32." if chosen == "fp16" else "This is an export bug: please report it with the model's config.")
+        )
+    return replace(component, verification=figures)
+
+
+def component_precision(spec: onnx_export.ComponentSpec, feed: dict[str, np.ndarray], asked: str) -> tuple[str, str]:
+    """The precision to export in, and why it is not the one asked for ("" when it is)."""
+    if asked == "fp16":
+        peak = activation_peak(spec, feed)
+        if peak > FP16_MAX / 2:  # half the range: headroom for inputs larger than the fixed ones
+            return "fp32", f"kept fp32: activations reach {peak:.3g}, past half of fp16's range"
+    return asked, ""
+
+
+def build_record(seconds: float, note: str) -> dict[str, Any]:
+    """What the manifest keeps of an ONNX export: the tools, and why a component kept fp32."""
+    import torch
+
+    record: dict[str, Any] = {
+        "exporter": "torch.onnx.export (TorchScript)",
+        "torch": torch.__version__,
+        "opset": onnx_export.OPSET,
+        "seconds": round(seconds, 2),
+    }
+    return {**record, "note": note} if note else record
