@@ -21,7 +21,7 @@ DESCRIPTIONS = {
 
 
 def parser(command: str = "txt2img") -> argparse.ArgumentParser:
-    from .samplers import SAMPLERS
+    from .sampling import SAMPLERS
 
     upscale = command == "upscale"
     prog = "python -m runtime" + ("" if command == "txt2img" else f" {command}")
@@ -96,31 +96,24 @@ def open_image(path: Path, what: str) -> Any:
 
 
 def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
-    """Load the bundle and run the asked pipeline with the CLI's options."""
-    from .pipeline import Pipeline
+    """Load the bundle and run the asked task with the CLI's options; PIL images back."""
+    from .pipeline import Pipeline, Sampling
 
     pipe = Pipeline.load(args.bundle, device=args.device)
-    options: dict[str, Any] = dict(
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        guidance_rescale=args.guidance_rescale,
-        seed=seed,
-        scheduler=args.scheduler,
-        eta=args.eta,
-        callback=None if args.quiet else progress_bar(),
-    )
+    options: Sampling = {
+        "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "seed": seed,
+        "scheduler": args.scheduler, "eta": args.eta, "callback": None if args.quiet else progress_bar(),
+    }  # fmt: skip
     if command == "txt2img":
-        return pipe.txt2img(args.prompt, args.negative_prompt, **options)  # type: ignore[no-any-return]
+        return list(pipe.txt2img(args.prompt, args.negative_prompt, **options))
     image = open_image(args.image, "--image")
     if command == "img2img":
-        return pipe.img2img(args.prompt, image, args.negative_prompt, strength=args.strength, resize=args.resize, **options)  # type: ignore[no-any-return]
+        return list(pipe.img2img(args.prompt, image, args.negative_prompt, strength=args.strength, resize=args.resize, **options))
     if command == "inpaint":
         mask = open_image(args.mask, "--mask")
         composite = False if args.no_composite else None
-        return pipe.inpaint(  # type: ignore[no-any-return]
-            args.prompt, image, mask, args.negative_prompt, strength=args.strength, composite=composite, resize=args.resize, **options
-        )
-    return pipe.upscale(args.prompt, image, args.negative_prompt, noise_level=args.noise_level, resize=args.resize, **options)  # type: ignore[no-any-return]
+        return list(pipe.inpaint(args.prompt, image, mask, args.negative_prompt, strength=args.strength, composite=composite, resize=args.resize, **options))
+    return list(pipe.upscale(args.prompt, image, args.negative_prompt, noise_level=args.noise_level, resize=args.resize, **options))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,12 @@ command that rebuilds it here from the ONNX files it carries.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from .errors import BundleError
-from .manifest import Component
+from .manifest import Component, rebuild_command
 
 DEVICE_FIELDS = ("tensorrt", "gpu", "compute_capability")
 
@@ -60,15 +59,6 @@ def differences(built: Device, here: Device) -> list[str]:
     if built.gpu != here.gpu:
         out.append(f"it was built on a {built.gpu}, this GPU is a {here.gpu}")
     return out
-
-
-def rebuild_command(bundle: Path, component: Component | None = None, *, in_place: bool = False) -> str:
-    """The exact `export.build --from-onnx` line that rebuilds the bundle's engines with the flags it was built with."""
-    args: Sequence[str] = component.build.get("from_onnx_args", []) if component else []
-    words = ["python", "-m", "export.build", "--from-onnx", str(bundle)]
-    if in_place:
-        words += ["--out", str(bundle), "--force"]
-    return shlex.join([*words, *args])
 
 
 def check_compatible(component: Component, bundle: Path, here: Device) -> None:

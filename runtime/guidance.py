@@ -7,31 +7,38 @@ none (batch-B call, Turbo-style models), and a guidance embedding fed to the UNe
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import warnings
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from .engine import Engine, cast_feed
-from .samplers import Model
+from .errors import BundleError
+from .families import Conditioning, Family
+from .manifest import GUIDANCE_MODES, GuidanceInfo
+from .sampling.common import Model
 
-MODES = ("cfg", "none", "embedded")
+MODES = GUIDANCE_MODES
 
 
 Extra = Mapping[str, np.ndarray]
 
 
-def unet_call(unet: Engine, sample: np.ndarray, t: float, context: np.ndarray, extra: Extra | None = None) -> np.ndarray:
+def unet_call(unet: Engine, sample: np.ndarray, t: float, text: Conditioning, image: Extra | None = None) -> np.ndarray:
     """One UNet engine call at timestep t for every row; the output comes back as float32.
 
-    extra: image conditioning, per row. `channels` is concatenated to the latents (inpainting's mask and
-    masked-image latents, the upscaler's low-resolution image); any other key is fed as is (class_labels,
-    timestep_cond).
+    text: the prompts' context and the family's extra inputs. image: conditioning per row beyond the
+    prompts: `channels` is concatenated to the latents (inpainting's mask and masked-image latents,
+    the upscaler's low-resolution image); any other key is fed as is (class_labels, timestep_cond).
     """
-    extra = dict(extra or {})
-    channels = extra.pop("channels", None)
+    image = dict(image or {})
+    channels = image.pop("channels", None)
     if channels is not None:
         sample = np.concatenate([sample, np.asarray(channels, dtype=sample.dtype)], axis=1)
-    feed = {"sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float64), "encoder_hidden_states": context, **extra}
+    feed = {
+        "sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float64),
+        "encoder_hidden_states": text.context, **text.extra, **image,
+    }  # fmt: skip
     out = unet(cast_feed(unet.component, feed))
     return np.asarray(out[unet.component.outputs[0].name], dtype=np.float32)
 
@@ -43,13 +50,15 @@ def rescale_cfg(guided: np.ndarray, cond: np.ndarray, factor: float) -> np.ndarr
     return factor * rescaled + (1 - factor) * guided
 
 
-def classifier_free(unet: Engine, cond: np.ndarray, uncond: np.ndarray, scale: float, rescale: float = 0.0, extra: Extra | None = None) -> Model:
-    """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): one batch-2B call, split, mix."""
-    context = np.concatenate([uncond, cond])
-    doubled = {k: np.concatenate([v, v]) for k, v in (extra or {}).items()}  # both halves see the same image
+def classifier_free(unet: Engine, text: Conditioning, scale: float, rescale: float = 0.0, image: Extra | None = None) -> Model:
+    """Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598): one batch-2B call, split, mix.
+
+    text: 2B rows, the negative prompts' half first.
+    """
+    doubled = {k: np.concatenate([v, v]) for k, v in (image or {}).items()}  # both halves see the same image
 
     def model(x: np.ndarray, t: float) -> np.ndarray:
-        u, c = np.split(unet_call(unet, np.concatenate([x, x]), t, context, doubled), 2)
+        u, c = np.split(unet_call(unet, np.concatenate([x, x]), t, text, doubled), 2)
         if scale <= 1.0:  # no guidance, as in diffusers: the conditional half alone
             return c
         guided = u + scale * (c - u)
@@ -58,13 +67,49 @@ def classifier_free(unet: Engine, cond: np.ndarray, uncond: np.ndarray, scale: f
     return model
 
 
-def unguided(unet: Engine, cond: np.ndarray, extra: Extra | None = None) -> Model:
-    """A batch-B call on the prompt alone; extra's `timestep_cond` carries an LCM guidance embedding."""
+def unguided(unet: Engine, text: Conditioning, image: Extra | None = None) -> Model:
+    """A batch-B call on the prompts alone; image's `timestep_cond` carries an LCM guidance embedding."""
 
     def model(x: np.ndarray, t: float) -> np.ndarray:
-        return unet_call(unet, x, t, cond, extra)
+        return unet_call(unet, x, t, text, image)
 
     return model
+
+
+def guided(
+    unet: Engine,
+    family: Family,
+    guidance: GuidanceInfo,
+    prompts: Sequence[str],
+    negatives: Sequence[str],
+    scale: float,
+    rescale: float = 0.0,
+    image: Extra | None = None,
+) -> Model:
+    """The UNet wrapped for the bundle's guidance mode; refuses settings that mode cannot honour."""
+    mode = guidance.mode
+    if rescale and mode != "cfg":
+        raise ValueError(f"guidance_rescale needs classifier-free guidance, and this bundle was built with guidance {mode!r}")
+    if mode == "cfg":
+        return classifier_free(unet, family.encode(prompts, negatives), scale, rescale, image)
+    has_negative = any(n.strip() for n in negatives)
+    if mode == "none":
+        if scale > 1:
+            raise ValueError(
+                f"guidance_scale {scale} needs classifier-free guidance, but this bundle was built without it "
+                "(batch-B UNet); use guidance_scale <= 1, or rebuild with `python -m export.build --guidance cfg`"
+            )
+        if has_negative:
+            warnings.warn("negative_prompt has no effect without classifier-free guidance", stacklevel=4)
+        return unguided(unet, family.encode(prompts), image)
+    if mode == "embedded":
+        if has_negative:
+            warnings.warn("negative_prompt has no effect on a guidance-embedding (LCM) model", stacklevel=4)
+        if guidance.embedding_dim is None:
+            raise BundleError("the bundle's guidance mode is 'embedded' but its manifest gives no embedding_dim; rebuild the bundle")
+        w = guidance_embedding(np.full(len(prompts), scale - 1.0), guidance.embedding_dim)
+        return unguided(unet, family.encode(prompts), {**(image or {}), "timestep_cond": w})
+    raise BundleError(f"bundle guidance mode {mode!r} is unknown to this runtime (known: {', '.join(MODES)}); rebuild the bundle")
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import pytest
 
 import runtime
 from runtime.errors import BundleError, Cancelled, FeedError
+from runtime.manifest import SCHEMA_VERSION, Manifest
 from runtime.tokenizer import PromptTruncatedWarning
 
 PROMPT = "a blue square"
@@ -47,7 +48,42 @@ def test_newer_schema_is_refused(bundle_copy):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["schema_version"] = 99
     (bundle_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="schema_version 99 but this runtime reads version 1"):
+    with pytest.raises(BundleError, match="schema_version 99 but this runtime reads versions 1, 2; rebuild the bundle"):
+        runtime.Pipeline.load(bundle_copy)
+
+
+def test_manifest_round_trips_through_the_schema(bundle_fp32):
+    raw = json.loads((bundle_fp32 / "manifest.json").read_text())
+    manifest = Manifest.from_json(raw)
+    assert manifest.to_json() == raw
+    assert manifest.model.family == "sd" and raw["schema_version"] == SCHEMA_VERSION
+
+
+def test_version_1_manifest_still_loads(bundle_copy):
+    """Bundles written before the family seam: model.family held the architecture, and no onnx_precision for ONNX bundles."""
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["schema_version"] = 1
+    architecture = m["model"]["family"] = m["model"].pop("architecture")
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    pipe = runtime.Pipeline.load(bundle_copy)
+    assert (pipe.manifest.model.family, pipe.manifest.model.architecture) == ("sd", architecture)
+    assert pipe.txt2img(PROMPT, steps=2, seed=0, output_type="np").shape == (1, pipe.height, pipe.width, 3)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["image"].pop("height"), r"malformed manifest \(KeyError: 'height'\).*export.build --force"),
+        (lambda m: m["vae"].update(scaling_factor="big"), r"malformed manifest \(ValueError"),
+        (lambda m: m.update(components=[]), r"malformed manifest \(AttributeError: 'list' object"),
+        (lambda m: m["model"].update(family="dit"), r"model family 'dit', which this runtime does not know \(known: sd\)"),
+    ],
+)
+def test_malformed_manifest_is_named(bundle_copy, edit, message):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    edit(m)
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=message):
         runtime.Pipeline.load(bundle_copy)
 
 

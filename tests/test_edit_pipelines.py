@@ -229,7 +229,7 @@ def test_export_refuses_pipelines_the_model_cannot_run(inpaint_model):
 def test_manifest_records_kind_and_pipelines(bundle_fp32, inpaint_bundle):
     for bundle, kind, pipelines in ((bundle_fp32, "text2image", ("txt2img", "img2img", "inpaint")), (inpaint_bundle, "inpainting", ("inpaint",))):
         pipe = runtime.Pipeline.load(bundle)
-        assert pipe.manifest.raw["model"]["kind"] == kind and pipe.pipelines == pipelines
+        assert pipe.manifest.model.kind == kind and pipe.pipelines == pipelines
         assert "vae_encoder" in pipe.manifest.components
 
 

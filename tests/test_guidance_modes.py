@@ -59,7 +59,7 @@ def test_sd2_v_prediction_with_guidance_rescale(family):
 
     model, bundle = family("sd2")
     pipe = runtime.Pipeline.load(bundle)
-    assert pipe.tokenizer.pad_id == 0, "SD 2.x tokenizers pad with '!'"
+    assert pipe.family.tokenizer.pad_id == 0, "SD 2.x tokenizers pad with '!'"
     assert pipe.schedule.prediction_type == "v_prediction"
     latents = np.random.default_rng(2).standard_normal(pipe.manifest.latent_shape, dtype=np.float32)
     ours = pipe.txt2img(PROMPT, steps=6, guidance_scale=6.0, guidance_rescale=0.7, latents=latents, output_type="np")
@@ -97,7 +97,7 @@ def test_lcm_guidance_embedding(family, monkeypatch):
     assert manifest["guidance"] == {"mode": "embedded", "unet_batch": 1, "embedding_dim": 16}
     assert [t["name"] for t in manifest["components"]["unet"]["inputs"]][-1] == "timestep_cond"
     pipe = runtime.Pipeline.load(bundle)
-    assert pipe.manifest.raw["scheduler"]["class_name"] == "LCMScheduler"
+    assert pipe.manifest.scheduler.class_name == "LCMScheduler"
     latents = np.random.default_rng(4).standard_normal(pipe.manifest.latent_shape, dtype=np.float32)
     ours = pipe.txt2img(PROMPT, steps=4, guidance_scale=8.0, seed=11, latents=latents, output_type="np")
 

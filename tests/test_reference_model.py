@@ -22,10 +22,10 @@ def reference_bundle(tmp_path_factory):
 def test_shipped_weights_are_small_and_export(reference_bundle):
     size = sum(f.stat().st_size for f in REFERENCE_MODEL.rglob("*.safetensors"))
     assert size <= 25 * 2**20
-    manifest = runtime.load_manifest(reference_bundle).raw
-    assert manifest["image"] == {"height": 64, "width": 64, "batch_size": 1}
-    assert manifest["vae"]["downscale_factor"] == 4
-    assert all(c["verification"]["passed"] for c in manifest["components"].values())
+    manifest = runtime.load_manifest(reference_bundle)
+    assert (manifest.height, manifest.width, manifest.batch_size) == (64, 64, 1)
+    assert manifest.vae.downscale_factor == 4
+    assert all(c.verification["passed"] for c in manifest.components.values())
 
 
 def test_it_draws_what_the_prompt_says(reference_bundle):

@@ -105,13 +105,13 @@ def test_seed_draws_image_noise_then_latents(pipe, low_res):
 
 
 def test_manifest_records_the_upscaler(pipe):
-    raw = pipe.manifest.raw
-    assert raw["pipelines"] == ["upscale"]
-    assert raw["model"]["kind"] == "upscaler"
-    assert raw["upscale"]["max_noise_level"] == MAX_NOISE_LEVEL
-    low_res_scheduler = raw["upscale"]["low_res_scheduler"]
-    assert low_res_scheduler["class_name"] == "DDPMScheduler" and low_res_scheduler["config"]["beta_schedule"] == "scaled_linear"
-    assert raw["vae"] == {"scaling_factor": 0.08333, "latent_channels": 4, "downscale_factor": 4}
+    manifest = pipe.manifest
+    assert manifest.pipelines == ("upscale",)
+    assert manifest.model.kind == "upscaler"
+    assert manifest.upscale is not None and manifest.upscale.max_noise_level == MAX_NOISE_LEVEL
+    low_res_scheduler = manifest.upscale.low_res_scheduler
+    assert low_res_scheduler.class_name == "DDPMScheduler" and low_res_scheduler.config["beta_schedule"] == "scaled_linear"
+    assert (manifest.vae.scaling_factor, manifest.vae.latent_channels, manifest.vae.downscale_factor) == (0.08333, 4, 4)
     components = pipe.manifest.components
     assert sorted(components) == ["text_encoder", "unet", "vae_decoder"]
     unet = {t.name: (t.shape, t.dtype) for t in components["unet"].inputs}

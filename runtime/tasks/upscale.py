@@ -7,17 +7,19 @@ channels and the noise level fed as its class label; the VAE decodes at 4x the s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import images as img
-from .errors import BundleError
-from .sampling.common import noised_vp
-from .schedule import noise_schedule
+from .. import images as img
+from ..core import Core, Images, Prompt, Sampling, sampling_options
+from ..errors import BundleError
+from ..manifest import UpscaleInfo
+from ..sampling import noise_schedule
+from ..sampling.common import noised_vp
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline, Progress
+    from typing_extensions import Unpack
 
 
 def check_noise_level(noise_level: Any, limit: int) -> int:
@@ -31,30 +33,24 @@ def check_noise_level(noise_level: Any, limit: int) -> int:
     return int(noise_level)
 
 
-def low_res_alphas_cumprod(settings: Mapping[str, Any]) -> np.ndarray:
+def low_res_alphas_cumprod(settings: UpscaleInfo) -> np.ndarray:
     """alpha-bar (float64) of the schedule that noises the input image; diffusers requires a DDPMScheduler there."""
-    return noise_schedule(settings["low_res_scheduler"]["config"], "DDPMScheduler").alphas_cumprod
+    return noise_schedule(dict(settings.low_res_scheduler.config), "DDPMScheduler").alphas_cumprod
 
 
 def upscale(
-    pipe: "Pipeline",
-    prompt: str | Sequence[str],
+    pipe: Core,
+    prompt: Prompt,
     image: img.ImageLike,
-    negative_prompt: str | Sequence[str] = "",
+    negative_prompt: Prompt = "",
     *,
     noise_level: int = 20,
-    steps: int = 75,
-    guidance_scale: float = 9.0,
-    guidance_rescale: float = 0.0,
-    seed: int | None = None,
     latents: np.ndarray | None = None,
     image_noise: np.ndarray | None = None,
     resize: bool = False,
-    scheduler: str | None = None,
-    eta: float | None = None,
     output_type: str = "pil",
-    callback: "Progress" = None,
-) -> Any:
+    **sampling: Unpack[Sampling],
+) -> Images:
     """Upscale `image` 4x guided by `prompt`. Returns PIL images, or float32 (B, H, W, 3) in [0, 1] for 'np'.
 
     image: PIL or array at the bundle's input size, a quarter of its output size (resize=True resizes it, Lanczos).
@@ -62,17 +58,19 @@ def upscale(
     seed: one `np.random.default_rng(seed)` draws, in order, `image_noise` (B, 3, h, w), the noise added to
     the input image, then `latents` (B, 4, h, w), the initial noise, then any sampler noise: the order in
     which diffusers' pipeline draws them from its generator. Pass either array to use your own.
-    Defaults (75 steps, guidance 9, noise level 20) are diffusers'.
+    sampling: steps=75, guidance_scale=9.0 (diffusers' defaults, as noise_level 20), guidance_rescale=0,
+    seed, scheduler, eta, callback (see core.Sampling).
     """
+    options = sampling_options("upscale", sampling, steps=75, guidance_scale=9.0)
     pipe.require("upscale")
     img.check_output_type(output_type)
-    settings = pipe.manifest.raw.get("upscale")
+    settings = pipe.manifest.upscale
     if settings is None:
         raise BundleError(f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; rebuild it with `python -m export.build`")
-    level = check_noise_level(noise_level, int(settings["max_noise_level"]))
+    level = check_noise_level(noise_level, settings.max_noise_level)
     batch, shape = pipe.batch_size, pipe.manifest.latent_shape
     pixels = img.image_tensor(image, shape[2:], batch, resize=resize, scale=pipe.height // shape[2])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(options["seed"])
     noise_for_image = pipe.draw(image_noise, rng, pixels.shape, "image_noise")
     noise = pipe.draw(latents, rng, shape, "latents")
     extra = {
@@ -80,6 +78,5 @@ def upscale(
         "channels": noised_vp(pixels, noise_for_image, float(low_res_alphas_cumprod(settings)[level])).astype(np.float32),
         "class_labels": np.full(batch, level, dtype=np.int64),
     }
-    model = pipe.guided_model(prompt, negative_prompt, guidance_scale, guidance_rescale, extra)
-    x = pipe.denoise(model, noise, steps=steps, scheduler=scheduler, eta=eta, rng=rng, callback=callback)
-    return pipe.finish(x, output_type)
+    model = pipe.guided_model(prompt, negative_prompt, options, extra)
+    return pipe.finish(pipe.denoise(model, noise, options, rng), output_type)

@@ -1,0 +1,285 @@
+"""The core every task shares: a bundle's engines, its family's text side, one denoise loop, the VAE.
+
+Tasks (runtime/tasks/) compose these parts; `runtime.Pipeline` is this core with the tasks as methods.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TypedDict, Union
+
+import numpy as np
+
+from . import images as img
+from .engine import Engine, cast_feed, load_engine
+from .errors import BundleError, Cancelled
+from .families import Family, open_family
+from .guidance import Extra, guided
+from .manifest import Component, Manifest, load_manifest
+from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from typing_extensions import Self
+
+Prompt = Union[str, Sequence[str]]
+Progress = Optional[Callable[[int, int, float], Optional[bool]]]
+# output_type 'pil': a list of PIL images; 'np': float32 (B, H, W, 3) in [0, 1]; 'latent': the final latents
+Images = Union[list["Image"], np.ndarray]
+
+# Components every generation needs; the VAE encoder opens on first use.
+NEEDED = ("unet", "vae_decoder")
+
+
+class Sampling(TypedDict, total=False):
+    """The options every task takes, as keywords.
+
+    steps: denoising steps. guidance_scale: classifier-free guidance strength (<= 1 turns it off).
+    guidance_rescale: Lin et al. 2023's CFG rescale (SD 2.x v-prediction models like 0.7).
+    seed: one `np.random.default_rng(seed)` draws the task's noise, in the order its docstring gives,
+    then any noise the sampler adds. scheduler: a sampler name (default: the one the model's
+    scheduler config names). eta: DDIM's and TCD's stochasticity (an error for samplers without it).
+    callback(step, total, t) runs after every step, steps numbered 1..total; returning False cancels.
+    """
+
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    seed: Optional[int]
+    scheduler: Optional[str]
+    eta: Optional[float]
+    callback: Progress
+
+
+DEFAULTS: Sampling = {
+    "steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": None, "scheduler": None, "eta": None, "callback": None,
+}  # fmt: skip
+
+
+def sampling_options(task: str, given: Mapping[str, Any], **task_defaults: Any) -> Sampling:
+    """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's."""
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)})")
+    return {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
+
+
+def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
+    """The documented seed contract: float32 standard normal, the first draw of numpy's default_rng(seed) (PCG64).
+
+    The same seed gives the same latents, hence the same image, on every backend and machine.
+    """
+    return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
+def start_step(steps: int, strength: float) -> int:
+    """How many of the schedule's first steps img2img skips, as diffusers' get_timesteps: the noise level of strength."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1] (1: start from pure noise, small: stay close to the image), got {strength}")
+    kept = min(int(steps * strength), steps)
+    if kept == 0:
+        raise ValueError(
+            f"strength {strength} with {steps} steps leaves no denoising step (int(steps * strength) = 0); "
+            f"raise strength to at least {1 / steps:g} or use more steps"
+        )
+    return steps - kept
+
+
+class Core:
+    """A loaded bundle: its manifest, engines and model family, ready to generate."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None):
+        self.bundle, self.manifest, self.engines = bundle, manifest, engines
+        self._options = dict(options or {})
+        self.family: Family = open_family(bundle, manifest, self.engine)
+        class_name = manifest.scheduler.class_name
+        self.schedule = noise_schedule(dict(manifest.scheduler.config), class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
+
+    @classmethod
+    def load(cls, bundle: str | Path, *, device: str | None = None, verify: bool = True, cuda_graph: bool = False) -> Self:
+        """Open BUNDLE; the backend follows the component files (onnx -> ONNX Runtime, plan -> TensorRT).
+
+        device: for ONNX bundles, 'cpu' | 'cuda' | 'tensorrt' execution provider (default: CUDA where
+        onnxruntime-gpu is installed, else CPU). verify: check every file's sha256 first.
+        cuda_graph: capture the TensorRT UNet call once and replay it every step (static shapes allow it).
+        """
+        bundle = Path(bundle)
+        manifest = load_manifest(bundle, verify_files=verify)
+        options: dict[str, Any] = {"device": device} if device else {}
+        missing = [c for c in ("text_encoder", *NEEDED) if c not in manifest.components]
+        if missing:
+            raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `python -m export.build`")
+        if cuda_graph and manifest.components["unet"].format != "plan":
+            raise ValueError(f"cuda_graph=True needs TensorRT engines, and {bundle} holds ONNX; build them with `python -m export.build --from-onnx {bundle}`")
+        engines = {
+            name: load_engine(c, bundle, **_engine_options(c, options), **({"cuda_graph": True} if cuda_graph and name == "unet" else {}))
+            for name, c in manifest.components.items()
+            if name in NEEDED
+        }
+        return cls(bundle, manifest, engines, options)
+
+    def engine(self, name: str) -> Engine:
+        """A component's engine, opened on first use."""
+        if name not in self.engines:
+            if name not in self.manifest.components:
+                raise BundleError(f"bundle {self.bundle} has no {name}; rebuild it with `python -m export.build`")
+            component = self.manifest.components[name]
+            self.engines[name] = load_engine(component, self.bundle, **_engine_options(component, self._options))
+        return self.engines[name]
+
+    @property
+    def pipelines(self) -> tuple[str, ...]:
+        """What this bundle can do: txt2img, img2img, inpaint (text-to-image models), or inpaint / upscale alone."""
+        return self.manifest.pipelines
+
+    def require(self, pipeline: str) -> None:
+        """Refuse a pipeline the bundle was not built for, saying why and what builds it."""
+        if pipeline in self.pipelines:
+            return
+        kind = self.manifest.model.kind
+        if kind != "text2image" or pipeline == "upscale":
+            why = {
+                "inpainting": "an inpainting model (its UNet takes the mask and masked image as extra channels)",
+                "upscaler": "an upscaler (its UNet takes the low-resolution image)",
+                "text2image": "a text-to-image model",
+            }.get(kind, f"a {kind} model")
+            raise BundleError(
+                f"{pipeline} is not available: bundle {self.bundle} holds {why}, which runs {', '.join(self.pipelines)} only; "
+                f"build a bundle from a model made for {pipeline}"
+            )
+        encoder = " (adds the VAE encoder)" if pipeline in ("img2img", "inpaint") else ""
+        raise BundleError(
+            f"{pipeline} is not available: bundle {self.bundle} was built for {', '.join(self.pipelines)} only; "
+            f"rebuild it with `python -m export.build --pipelines txt2img,img2img,inpaint`{encoder}"
+        )
+
+    def close(self) -> None:
+        """Release the engines' device memory and streams (TensorRT); safe to call twice."""
+        for engine in self.engines.values():
+            getattr(engine, "close", lambda: None)()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # the bundle's static shapes
+    batch_size = property(lambda self: self.manifest.batch_size)
+    height = property(lambda self: self.manifest.height)
+    width = property(lambda self: self.manifest.width)
+
+    def prompts(self, prompt: Prompt, what: str) -> list[str]:
+        """One prompt repeated, or exactly batch-size prompts; an empty `prompt` is refused."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) == 1:
+            prompts = prompts * self.batch_size
+        if what == "prompt" and any(not p.strip() for p in prompts):
+            raise ValueError("prompt is empty: describe the image to generate (an empty prompt gives unconditioned noise)")
+        if len(prompts) != self.batch_size:
+            raise ValueError(
+                f"{what}: {len(prompts)} prompts for a bundle built with batch size {self.batch_size}; "
+                f"pass one prompt or exactly {self.batch_size} (or rebuild with --batch-size {len(prompts)})"
+            )
+        return prompts
+
+    def guided_model(self, prompt: Prompt, negative_prompt: Prompt, options: Sampling, image: Extra | None = None) -> Model:
+        """The UNet wrapped for the bundle's guidance mode, conditioned on the prompts by the model's family.
+
+        image: per-image UNet conditioning beyond latents and text (see guidance.unet_call), batch B.
+        """
+        prompts = self.prompts(prompt, "prompt")  # checked before the negatives: an empty prompt is the likelier mistake
+        negatives = self.prompts(negative_prompt, "negative_prompt")
+        return guided(
+            self.engines["unet"], self.family, self.manifest.guidance_info, prompts, negatives,
+            options["guidance_scale"], options["guidance_rescale"], image,
+        )  # fmt: skip
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> float32 images (B, H, W, 3) in [0, 1]; NaN (fp16 overflow) is an error, not a black image."""
+        vae = self.engines["vae_decoder"]
+        out = vae(cast_feed(vae.component, {"latent_sample": latents / self.manifest.vae.scaling_factor}))["sample"]
+        images = img.to_images(np.asarray(out))
+        if not np.isfinite(images).all():
+            raise FloatingPointError(
+                f"the VAE decoder produced NaN/inf ({vae.component.precision} engine): fp16 overflow; "
+                "rebuild with `python -m export.build --precision fp32` (or keep the VAE in fp32)"
+            )
+        return images
+
+    def encode_image(self, image: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise."""
+        enc = self.engine("vae_encoder")
+        params = np.asarray(enc(cast_feed(enc.component, {"sample": image}))["latent_parameters"], dtype=np.float64)
+        mean, logvar = np.split(params, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamps the same
+        return ((mean + std * noise) * self.manifest.vae.scaling_factor).astype(np.float32)
+
+    def denoise(
+        self,
+        model: Model,
+        noise: np.ndarray,
+        options: Sampling,
+        rng: np.random.Generator,
+        *,
+        init: np.ndarray | None = None,
+        start: int = 0,
+        known: Known | None = None,
+    ) -> np.ndarray:
+        """The one sampling loop every task shares; see runtime.sampling for init, start and known."""
+        sampler = get_sampler(options["scheduler"] or self._default_sampler())
+        eta = {} if options["eta"] is None else {"eta": options["eta"]}
+        steps = options["steps"]
+        return sampler(
+            model, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng,
+            callback=_step_callback(options["callback"], start, steps),
+        )  # fmt: skip
+
+    def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
+        """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""
+        if output_type == "latent":
+            return latents
+        images = self.decode(latents)
+        if keep is not None:
+            images = img.composite(images, *keep)
+        return images if output_type == "np" else img.to_pil(images)
+
+    def draw(self, given: np.ndarray | None, rng: np.random.Generator, shape: Sequence[int], what: str) -> np.ndarray:
+        """A caller's noise, checked, or the generator's next draw."""
+        if given is None:
+            return rng.standard_normal(tuple(shape), dtype=np.float32)
+        if tuple(given.shape) != tuple(shape):
+            raise ValueError(f"{what}: shape {tuple(given.shape)} but this bundle needs {tuple(shape)}")
+        return np.asarray(given, dtype=np.float32)
+
+    def _default_sampler(self) -> str:
+        class_name = self.manifest.scheduler.class_name
+        if class_name not in DEFAULT_FOR_CLASS:
+            warnings.warn(
+                f"the model's scheduler is {class_name}, which this runtime does not reproduce; sampling with DDIM "
+                "from the same noise schedule (pass scheduler='ddim' to silence this)",
+                stacklevel=4,
+            )
+        return default_sampler(class_name, self.manifest.scheduler.config)
+
+
+def _engine_options(component: Component, options: Mapping[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime's worker threads spin after a run, waiting for the next; only the UNet, called every
+    step, has a next run coming. Spinning after a once-per-image call steals a core from the UNet calls
+    that follow (15% of a reference-model image on 2 cores)."""
+    return {**options, "spin": component.name == "unet"} if component.format == "onnx" else dict(options)
+
+
+def _step_callback(progress: Progress, start: int, steps: int) -> Callable[[int, float, np.ndarray], None] | None:
+    """The sampler counts schedule steps (img2img starts at `start`); the caller sees the steps that run, 1..total."""
+    if progress is None:
+        return None
+    total = steps - start
+
+    def on_step(i: int, t: float, x: np.ndarray) -> None:
+        done = i - start + 1
+        if progress(done, total, t) is False:
+            raise Cancelled(f"generation cancelled by the progress callback after step {done} of {total}")
+
+    return on_step

@@ -1,0 +1,48 @@
+"""What a model family gives the denoise loop: prompts in, UNet conditioning out.
+
+Families differ in their text encoders, in how prompts become the UNet's conditioning and in
+the extra inputs that UNet takes; the loop, samplers, guidance and tasks see only `Conditioning`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..engine import Engine
+from ..manifest import Manifest
+
+OpenEngine = Callable[[str], Engine]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The UNet's view of a batch of prompts: cross-attention context (N, L, D) and extra per-row inputs.
+
+    extra: further UNet inputs by name (SDXL's text_embeds and time_ids), each with N rows.
+    """
+
+    context: np.ndarray
+    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return int(self.context.shape[0])
+
+
+class Family(Protocol):
+    """One model family's text side, opened over a bundle."""
+
+    def encode(self, prompts: Sequence[str], negatives: Sequence[str] | None = None) -> Conditioning:
+        """Conditioning for `prompts`; with `negatives`, the 2N rows [negatives; prompts] classifier-free guidance uses.
+
+        The family decides how an empty negative prompt is encoded (SD: the empty string's embedding).
+        """
+        ...
+
+
+class FamilyLoader(Protocol):
+    def __call__(self, bundle: Path, manifest: Manifest, engine: OpenEngine) -> Family: ...
