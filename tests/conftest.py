@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .tiny_models import make_tiny_sd
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+from tests.helpers.tiny_models import make_tiny_sd
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 
 from runtime.sampling import SAMPLERS, Known, get_sampler, noise_schedule
-from tests.test_samplers import CONFIGS, NO_SAMPLE_PREDICTION, REFERENCE, SHAPE, assert_same_steps, full_step_done, use_precise_schedule
-from tests.test_schedule import toy_model
+from tests.helpers.sampler_checks import (
+    CONFIGS,
+    NO_SAMPLE_PREDICTION,
+    REFERENCE,
+    SHAPE,
+    assert_same_steps,
+    full_step_done,
+    toy_model,
+    use_precise_schedule,
+)
 
 INIT = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32) * 0.8  # the image's latents
 MASK = (np.random.default_rng(2).random((SHAPE[0], 1, *SHAPE[2:])) < 0.4).astype(np.float32)  # 1 = repaint
@@ -38,7 +46,8 @@ def run_ours(name, config, steps, start, *, img2img, inpaint, seed=7):
         edits["init"] = INIT
     if inpaint:
         edits["known"] = Known(INIT, MASK)
-    get_sampler(name)(mixing_model, unit_noise(), noise_schedule(config), steps, start=start, rng=np.random.default_rng(seed), callback=record, **edits)
+    sampler, rng = get_sampler(name), np.random.default_rng(seed)
+    sampler(mixing_model, unit_noise(), noise_schedule(config), steps, start=start, rng=rng, callback=record, **edits)
     return states
 
 
@@ -105,12 +114,14 @@ def test_known_region_follows_the_image_and_the_rest_is_free():
     """Before the last step the kept latents are exactly the image's, noised; the last step denoises them too."""
     states = []
     noise = unit_noise()
-    get_sampler("ddim")(toy_model, noise, noise_schedule(CONFIGS["sd15-leading-eps"]), 5, known=Known(INIT, MASK), callback=lambda i, t, x: states.append(x))
+    schedule = noise_schedule(CONFIGS["sd15-leading-eps"])
+    get_sampler("ddim")(toy_model, noise, schedule, 5, known=Known(INIT, MASK), callback=lambda i, t, x: states.append(x))
     acp = noise_schedule(CONFIGS["sd15-leading-eps"]).as_class("DDIMScheduler").alphas_cumprod
     t_next = 601  # leading spacing, 5 steps, offset 1: 801, 601, 401, 201, 1
     expected = acp[t_next] ** 0.5 * INIT + (1 - acp[t_next]) ** 0.5 * noise
     keep = MASK == 0
-    np.testing.assert_allclose(np.broadcast_to(states[0], SHAPE)[np.broadcast_to(keep, SHAPE)], expected[np.broadcast_to(keep, SHAPE)], rtol=1e-5, atol=1e-6)
+    kept = np.broadcast_to(keep, SHAPE)
+    np.testing.assert_allclose(np.broadcast_to(states[0], SHAPE)[kept], expected[kept], rtol=1e-5, atol=1e-6)
     assert not np.allclose(states[0][np.broadcast_to(~keep, SHAPE)], expected[np.broadcast_to(~keep, SHAPE)], atol=1e-2)
 
 

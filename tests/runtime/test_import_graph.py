@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 PACKAGES = ("runtime", "export")
 MAX_CYCLES_LISTED = 50
 

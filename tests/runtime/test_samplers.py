@@ -13,44 +13,20 @@ import numpy as np
 import pytest
 
 from runtime.sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, SAMPLERS, default_sampler, get_sampler, noise_schedule, sampler_options
-from tests.test_schedule import toy_model
+from tests.helpers.sampler_checks import (
+    CONFIGS,
+    NO_SAMPLE_PREDICTION,
+    REFERENCE,
+    SD15_JSON,
+    SHAPE,
+    assert_same_steps,
+    full_step_done,
+    toy_model,
+    use_precise_schedule,
+)
 
-DPMPP_2M = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
-# Our sampler -> the diffusers scheduler it reproduces, and the options it fixes (from_config kwargs).
-REFERENCE = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(DPMPP_2M, use_karras_sigmas=False)),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(DPMPP_2M, use_karras_sigmas=True)),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "tcd": ("TCDScheduler", {}),
-}
 STOCHASTIC = {"ddpm", "euler_a", "lcm", "tcd"}
-
-# SD 1.5's scheduler_config.json as shipped (a PNDMScheduler config saved by diffusers 0.6: no spacing key)
-SD15_JSON = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None, clip_sample=False,
-)  # fmt: skip
-CONFIGS = {
-    "sd15-leading-eps": dict(SD15_JSON, timestep_spacing="leading", prediction_type="epsilon"),
-    "linear-trailing-v": dict(
-        beta_schedule="linear", timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=False, skip_prk_steps=True
-    ),
-    "zero-snr-trailing-v": dict(SD15_JSON, timestep_spacing="trailing", prediction_type="v_prediction", rescale_betas_zero_snr=True),
-    "sd15-as-shipped": SD15_JSON,
-    "cosine-linspace-sample": dict(
-        beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", prediction_type="sample", clip_sample=False
-    ),
-}
 STEPS = {"lcm": (1, 2, 3, 4, 8), "tcd": (1, 2, 3, 4, 8)}
-NO_SAMPLE_PREDICTION = {"pndm", "euler_a"}  # diffusers refuses prediction_type='sample' there too
-SHAPE = (2, 4, 8, 8)
 
 
 def run_ours(name, config, steps, options=None, seed=7):
@@ -93,39 +69,6 @@ def run_diffusers(name, config, steps, monkeypatch, options=None, seed=7, own_sc
         if full_step_done(name, ref, steps):
             states.append(x.numpy().copy())
     return states
-
-
-def use_precise_schedule(ref, alphas_cumprod):
-    """Swap a diffusers scheduler's alphas_cumprod (and what its __init__ derived from it) for ours."""
-    import torch
-
-    acp = torch.from_numpy(alphas_cumprod)
-    ref.alphas_cumprod = acp
-    if hasattr(ref, "final_alpha_cumprod"):
-        ref.final_alpha_cumprod = torch.tensor(1.0 if ref.config.set_alpha_to_one else alphas_cumprod[0], dtype=torch.float64)
-    if hasattr(ref, "lambda_t"):
-        ref.alpha_t, ref.sigma_t = acp.sqrt(), (1 - acp).sqrt()
-        ref.lambda_t = ref.alpha_t.log() - ref.sigma_t.log()
-
-
-def full_step_done(name, ref, steps):
-    """Heun and PNDM take several scheduler calls per step; the others one."""
-    if name == "heun":
-        return ref.state_in_first_order or ref.step_index == len(ref.timesteps)
-    if name == "pndm" and not ref.config.skip_prk_steps:
-        return ref.counter > 12 or ref.counter % 4 == 0
-    if name == "pndm":
-        return ref.counter >= 2 or steps == 1  # PLMS's first step is two calls
-    return True
-
-
-def assert_same_steps(ours, theirs, what):
-    """Equal to 1e-5 relative to the step's scale: the larger of its input and output latents (step 0: its output)."""
-    assert len(ours) == len(theirs), f"{what}: {len(ours)} steps, diffusers {len(theirs)}"
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        scale = max(1.0, float(np.abs(b).max()), float(np.abs(theirs[i - 1]).max()) if i else 0.0)
-        err = float(np.abs(a - b).max()) / scale
-        assert err <= 1e-5, f"{what}: step {i} differs by {err:.2e} (relative)"
 
 
 CASES = [
@@ -250,7 +193,7 @@ def test_every_step_count_gives_one_callback_per_step():
         for steps in (1, 2, 4):
             seen = []
             sampler = get_sampler(name)
-            record = lambda i, t, x: seen.append((i, x.dtype))  # noqa: E731
+            record = lambda i, t, x: seen.append((i, x.dtype))  # noqa: E731, B023 (called before the iteration ends)
             sampler(toy_model, np.zeros(SHAPE, np.float32), noise_schedule(SD15), steps, rng=np.random.default_rng(0), callback=record)
             assert seen == [(i, np.float32) for i in range(steps)], name
 
@@ -306,11 +249,13 @@ BAD_REQUESTS = [  # (sampler, config, steps, options, the error it must raise)
     ("heun", SD15, 3, dict(eta=0.5, gamma=1), r"sampler 'heun' has no option eta, gamma; it takes no options"),
     ("tcd", SD15, 3, dict(eta=1.5), r"tcd: eta \(the paper's gamma\) must be between 0"),
     ("ddim", SD15, 3, dict(eta=-1.0), r"ddim: eta must be >= 0"),
-    ("euler_a", SAMPLE, 3, {}, r"euler_a: scheduler config prediction_type='sample' is not supported \(supported: 'epsilon', 'v_prediction'\)"),
+    ("euler_a", SAMPLE, 3, {}, r"euler_a: scheduler config prediction_type='sample' is not supported "
+                               r"\(supported: 'epsilon', 'v_prediction'\)"),
     ("pndm", SAMPLE, 3, {}, r"pndm: scheduler config prediction_type='sample' is not supported"),
     ("pndm", dict(SD15, skip_prk_steps=False), 3, {}, r"pndm with skip_prk_steps=False needs at least 4 steps"),
     ("ddpm", dict(SD15, variance_type="learned_range"), 3, {}, r"ddpm: scheduler config variance_type='learned_range' is not supported"),
-    ("euler", dict(SD15, use_karras_sigmas=True, use_exponential_sigmas=True), 3, {}, r"euler: scheduler config turns on use_karras_sigmas and"),
+    ("euler", dict(SD15, use_karras_sigmas=True, use_exponential_sigmas=True), 3, {},
+     r"euler: scheduler config turns on use_karras_sigmas and"),
     ("dpmpp_2m", dict(SD15, use_beta_sigmas=True), 3, {}, r"dpmpp_2m: scheduler config use_beta_sigmas=True is not supported"),
     ("euler", dict(SD15, interpolation_type="cubic"), 3, {}, r"euler: scheduler config interpolation_type 'cubic' is not one of"),
     ("euler", dict(SD15, final_sigmas_type="one"), 3, {}, r"euler: scheduler config final_sigmas_type 'one' is not one of"),
@@ -319,7 +264,7 @@ BAD_REQUESTS = [  # (sampler, config, steps, options, the error it must raise)
     ("lcm", SD15, 51, {}, r"steps \(51\) cannot exceed the scheduler config's original_inference_steps \(50\)"),
     ("euler", SD15, 0, {}, r"steps must be between 1 and the model's 1000 training timesteps, got 0"),
     ("dpmpp_2m", SD15, 2.5, {}, r"steps must be a whole number, got 2.5"),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name, config, steps, options, message", BAD_REQUESTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_REQUESTS)])

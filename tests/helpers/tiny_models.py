@@ -20,7 +20,9 @@ from typing import Any
 
 from reference.architecture import CLIP_DIR
 
-SD1_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SD1_SCHEDULE = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+)
 KINDS = ("sd15", "sd2", "turbo", "lcm", "inpaint", "upscaler")
 # as stabilityai/stable-diffusion-x4-upscaler ships them: the schedule that noises the low-resolution image, its limit
 LOW_RES_SCHEDULE = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", clip_sample=False, variance_type="fixed_small")

@@ -9,8 +9,7 @@ import pytest
 
 import runtime
 from export.build import build
-
-from .tiny_models import make_tiny_sd
+from tests.helpers.tiny_models import make_tiny_sd
 
 PROMPT = "a large green triangle in the bottom right on a gray background"
 
@@ -49,7 +48,10 @@ def test_sd15_dpmpp_2m_karras(family):
     latents = np.random.default_rng(1).standard_normal(pipe.manifest.latent_shape, dtype=np.float32)
     ours = pipe.txt2img(PROMPT, "blue", steps=9, guidance_scale=7.5, latents=latents, scheduler="dpmpp_2m_karras", output_type="np")
     karras = lambda c: DPMSolverMultistepScheduler.from_config(c, use_karras_sigmas=True)  # noqa: E731
-    ref = reference(StableDiffusionPipeline, model, karras, prompt=PROMPT, negative_prompt="blue", num_inference_steps=9, guidance_scale=7.5, latents=latents)
+    ref = reference(
+        StableDiffusionPipeline, model, karras,
+        prompt=PROMPT, negative_prompt="blue", num_inference_steps=9, guidance_scale=7.5, latents=latents,
+    )  # fmt: skip
     assert ref.std() > 0.01
     assert np.abs(ours - ref).max() <= 1e-3
 
@@ -63,7 +65,9 @@ def test_sd2_v_prediction_with_guidance_rescale(family):
     assert pipe.schedule.prediction_type == "v_prediction"
     latents = np.random.default_rng(2).standard_normal(pipe.manifest.latent_shape, dtype=np.float32)
     ours = pipe.txt2img(PROMPT, steps=6, guidance_scale=6.0, guidance_rescale=0.7, latents=latents, output_type="np")
-    ref = reference(StableDiffusionPipeline, model, prompt=PROMPT, num_inference_steps=6, guidance_scale=6.0, guidance_rescale=0.7, latents=latents)
+    ref = reference(
+        StableDiffusionPipeline, model, prompt=PROMPT, num_inference_steps=6, guidance_scale=6.0, guidance_rescale=0.7, latents=latents
+    )
     plain = pipe.txt2img(PROMPT, steps=6, guidance_scale=6.0, latents=latents, output_type="np")
     assert np.abs(ours - ref).max() <= 1e-3
     assert np.abs(ours - plain).max() > 1e-3, "guidance_rescale changed nothing"
@@ -103,7 +107,8 @@ def test_lcm_guidance_embedding(family, monkeypatch):
 
     # the same noise for diffusers' LCM steps: what our sampler drew from default_rng(seed), in order
     rng = np.random.default_rng(11)
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **_: torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)))
+    draw = lambda shape, **_: torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))  # noqa: E731
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", draw)
     ref = reference(LatentConsistencyModelPipeline, model, prompt=PROMPT, num_inference_steps=4, guidance_scale=8.0, latents=latents)
     assert np.abs(ours - ref).max() <= 1e-3
     with pytest.warns(UserWarning, match="negative_prompt has no effect on a guidance-embedding"):

@@ -1,7 +1,7 @@
 """The TensorRT path on a real GPU: engines built by TensorRT against the ONNX they came from.
 
 Skipped (with the reason) where TensorRT, cuda-python or a CUDA GPU is missing. Run on a GPU
-machine or a Jetson with `python -m pytest -m tensorrt -rs tests/test_tensorrt_gpu.py`; where
+machine or a Jetson with `python -m pytest -m tensorrt -rs tests/export/test_tensorrt_gpu.py`; where
 torch is not installed (a Jetson), point LDM_TEST_BUNDLE at an ONNX bundle exported elsewhere.
 """
 
@@ -28,8 +28,7 @@ from runtime.engine import load_engine
 from runtime.errors import BundleError
 from runtime.manifest import load_manifest
 from runtime.pipeline import initial_latents
-
-from .conftest import REPO
+from tests.helpers import REPO
 
 PROMPT = "a small red circle in the top left on a black background"
 
@@ -125,7 +124,8 @@ def test_bundle_for_another_gpu_is_refused_and_its_rebuild_command_works(trt_bun
         runtime.Pipeline.load(moved)
     command = re.search(r"`(python -m export\.build --from-onnx [^`]+)`", str(e.value))[1]
     argv = shlex.split(command)
-    done = subprocess.run([sys.executable, *argv[1:], "--out", str(tmp_path / "rebuilt")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    rebuild = [sys.executable, *argv[1:], "--out", str(tmp_path / "rebuilt")]
+    done = subprocess.run(rebuild, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     runtime.Pipeline.load(tmp_path / "rebuilt")
 
@@ -136,7 +136,9 @@ def test_corrupt_plan_is_refused_with_the_rebuild_command(trt_bundle, tmp_path):
     plan.write_bytes(plan.read_bytes()[: plan.stat().st_size // 2])
     with pytest.raises(BundleError, match=r"unet/model.plan was altered or corrupted.*--from-onnx"):
         runtime.Pipeline.load(broken)
-    with pytest.raises(BundleError, match=r"model.plan could not be deserialised by TensorRT .*rebuild it with `python -m export.build --from-onnx"):
+    with pytest.raises(
+        BundleError, match=r"model.plan could not be deserialised by TensorRT .*rebuild it with `python -m export.build --from-onnx"
+    ):
         load_engine(load_manifest(broken, verify_files=False).components["unet"], broken)
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from reference.architecture import CLIP_DIR
 from runtime.tokenizer import ClipTokenizer, PromptTruncatedWarning
+from tests.helpers import REPO
 
-REPO = Path(__file__).parent.parent
 MAX_LENGTH = 77
 
 LONG = (

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.sampling import noise_schedule, sample_ddim, spaced_timesteps
+from tests.helpers.sampler_checks import toy_model
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 CONFIGS = {
@@ -15,11 +16,6 @@ CONFIGS = {
     "cosine-linspace-clipped": dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", clip_sample=True),
     "sample-prediction": dict(SD15, prediction_type="sample"),
 }
-
-
-def toy_model(x: np.ndarray, t: float) -> np.ndarray:
-    """A deterministic stand-in network: any smooth function of (x, t) exercises the update rule."""
-    return (np.tanh(x * 0.7) * np.cos(t / 300.0) + 0.1 * np.sin(t / 50.0)).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -33,7 +29,8 @@ def test_ddim_matches_diffusers_step_for_step(name, steps):
     ref.set_timesteps(steps)
     schedule = noise_schedule(ref.config)
     assert np.array_equal(spaced_timesteps(schedule, steps), ref.timesteps.numpy())
-    np.testing.assert_allclose(schedule.alphas_cumprod, ref.alphas_cumprod.double().numpy(), rtol=2e-6, atol=1e-9)  # diffusers computes in float32
+    # diffusers computes in float32
+    np.testing.assert_allclose(schedule.alphas_cumprod, ref.alphas_cumprod.double().numpy(), rtol=2e-6, atol=1e-9)
 
     x0 = np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32)
     ours = []

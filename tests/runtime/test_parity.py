@@ -29,7 +29,9 @@ def diffusers_images(model_dir, prompt, negative, latents, steps, guidance_scale
     return out.images
 
 
-@pytest.mark.parametrize(("steps", "guidance_scale", "negative"), [(1, 7.5, ""), (7, 7.5, "blurry, low quality"), (20, 3.0, ""), (5, 1.0, "")])
+@pytest.mark.parametrize(
+    ("steps", "guidance_scale", "negative"), [(1, 7.5, ""), (7, 7.5, "blurry, low quality"), (20, 3.0, ""), (5, 1.0, "")]
+)
 def test_fp32_bundle_matches_diffusers(tiny_model, bundle_fp32, steps, guidance_scale, negative):
     pipe = runtime.Pipeline.load(bundle_fp32)
     latents = initial_latents(pipe.manifest.latent_shape, seed=123)
@@ -69,7 +71,8 @@ def test_seed_contract(bundle_fp32):
     a = pipe.txt2img(PROMPT, steps=3, seed=42, output_type="np")
     b = pipe.txt2img(PROMPT, steps=3, seed=42, output_type="np")
     c = pipe.txt2img(PROMPT, steps=3, seed=43, output_type="np")
-    explicit = pipe.txt2img(PROMPT, steps=3, output_type="np", latents=np.random.default_rng(42).standard_normal((1, 4, 8, 8), dtype=np.float32))
+    seeded = np.random.default_rng(42).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    explicit = pipe.txt2img(PROMPT, steps=3, output_type="np", latents=seeded)
     assert np.array_equal(a, b) and np.array_equal(a, explicit)
     assert np.abs(a - c).max() > 0.01
 

@@ -16,9 +16,8 @@ from PIL import Image, ImageDraw
 
 import runtime
 from runtime.errors import BundleError
-
-from .conftest import REPO
-from .tiny_models import make_tiny_sd
+from tests.helpers import REPO
+from tests.helpers.tiny_models import make_tiny_sd
 
 PROMPT = "a large blue square in the center on a white background"
 STEPS = 10
@@ -51,7 +50,6 @@ def draws(shape, seed=0):
 def patch_diffusers_noise(monkeypatch, module, noise, encoder_noise):
     """diffusers' pipeline-level draw gets `noise`, its VAE posterior draw `encoder_noise`."""
     import torch
-
     from diffusers.models.autoencoders import vae
 
     monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(noise).to(k.get("dtype")))
@@ -79,7 +77,12 @@ def inpaint_bundle(inpaint_model, tmp_path_factory) -> Path:
     return build(inpaint_model, tmp_path_factory.mktemp("engines") / "tiny-inpaint-fp32", precision="fp32", log=lambda _: None)
 
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 
 
 @pytest.mark.parametrize(
@@ -119,7 +122,9 @@ def test_dedicated_inpainting_unet_matches_diffusers(inpaint_model, inpaint_bund
     pipe = runtime.Pipeline.load(inpaint_bundle)
     assert pipe.pipelines == ("inpaint",)
     noise, encoder_noise = draws(pipe.manifest.latent_shape, seed=1)
-    ours = pipe.inpaint(PROMPT, IMAGE, MASK, strength=strength, steps=STEPS, scheduler=sampler, latents=noise, encoder_noise=encoder_noise, output_type="np")
+    ours = pipe.inpaint(
+        PROMPT, IMAGE, MASK, strength=strength, steps=STEPS, scheduler=sampler, latents=noise, encoder_noise=encoder_noise, output_type="np"
+    )
     patch_diffusers_noise(monkeypatch, module, noise, encoder_noise)
     ref = diffusers_pipe("StableDiffusionInpaintPipeline", inpaint_model, SCHEDULERS[sampler])(
         PROMPT, image=IMAGE, mask_image=MASK, strength=strength, num_inference_steps=STEPS, output_type="np"
@@ -180,7 +185,9 @@ def test_degenerate_masks_warn_and_do_the_sensible_thing(bundle_fp32):
 def test_wrong_image_size_is_refused_and_resize_offered(bundle_fp32):
     pipe = runtime.Pipeline.load(bundle_fp32)
     big = IMAGE.resize((96, 80))
-    with pytest.raises(ValueError, match=r"image is 96x80 \(width x height\) but this bundle's engines are built for 64x64; pass resize=True"):
+    with pytest.raises(
+        ValueError, match=r"image is 96x80 \(width x height\) but this bundle's engines are built for 64x64; pass resize=True"
+    ):
         pipe.img2img(PROMPT, big, steps=3, seed=0)
     with pytest.raises(ValueError, match=r"mask_image is 96x80"):
         pipe.inpaint(PROMPT, IMAGE, MASK.resize((96, 80)), steps=3, seed=0)
@@ -188,7 +195,10 @@ def test_wrong_image_size_is_refused_and_resize_offered(bundle_fp32):
     assert out[0].size == (64, 64)
 
 
-@pytest.mark.parametrize("strength, message", [(0.0, r"strength must be in \(0, 1\]"), (1.5, r"strength must be in \(0, 1\]"), (0.05, r"leaves no denoising step")])
+@pytest.mark.parametrize(
+    "strength, message",
+    [(0.0, r"strength must be in \(0, 1\]"), (1.5, r"strength must be in \(0, 1\]"), (0.05, r"leaves no denoising step")],
+)
 def test_bad_strength_is_refused_by_message(bundle_fp32, strength, message):
     pipe = runtime.Pipeline.load(bundle_fp32)
     with pytest.raises(ValueError, match=message):
@@ -206,13 +216,20 @@ def test_bad_noise_shape_is_refused_by_message(bundle_fp32):
 def test_pipelines_a_bundle_was_not_built_for_are_refused_with_the_flag(tiny_model, tmp_path, inpaint_bundle):
     out = tmp_path / "txt2img-only"
     done = subprocess.run(
-        [sys.executable, "-m", "export.build", "--model", str(tiny_model), "--precision", "fp32", "--pipelines", "txt2img", "--out", str(out)],
+        [sys.executable, "-m", "export.build", "--model", str(tiny_model), "--precision", "fp32", "--pipelines", "txt2img",
+         "--out", str(out)],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     pipe = runtime.Pipeline.load(out)
     assert pipe.pipelines == ("txt2img",) and "vae_encoder" not in pipe.manifest.components
-    with pytest.raises(BundleError, match=r"img2img is not available: .* built for txt2img only; rebuild it with `python -m export.build --pipelines txt2img,img2img,inpaint`"):
+    with pytest.raises(
+        BundleError,
+        match=(
+            r"img2img is not available: .* built for txt2img only; "
+            r"rebuild it with `python -m export.build --pipelines txt2img,img2img,inpaint`"
+        ),
+    ):
         pipe.img2img(PROMPT, IMAGE, steps=3)
     inpainter = runtime.Pipeline.load(inpaint_bundle)
     with pytest.raises(BundleError, match=r"txt2img is not available: .* holds an inpainting model .* runs inpaint only"):
@@ -227,7 +244,10 @@ def test_export_refuses_pipelines_the_model_cannot_run(inpaint_model):
 
 
 def test_manifest_records_kind_and_pipelines(bundle_fp32, inpaint_bundle):
-    for bundle, kind, pipelines in ((bundle_fp32, "text2image", ("txt2img", "img2img", "inpaint")), (inpaint_bundle, "inpainting", ("inpaint",))):
+    for bundle, kind, pipelines in (
+        (bundle_fp32, "text2image", ("txt2img", "img2img", "inpaint")),
+        (inpaint_bundle, "inpainting", ("inpaint",)),
+    ):
         pipe = runtime.Pipeline.load(bundle)
         assert pipe.manifest.model.kind == kind and pipe.pipelines == pipelines
         assert "vae_encoder" in pipe.manifest.components
@@ -256,7 +276,8 @@ def test_cli_edit_errors_are_one_line_messages(bundle_fp32, tmp_path):
     IMAGE.resize((32, 32)).save(tmp_path / "small.png")
     done = run_cli("img2img", PROMPT, "--bundle", bundle_fp32, "--image", tmp_path / "small.png", "--steps", 3)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "error: image is 32x32 (width x height) but this bundle's engines are built for 64x64; pass resize=True (CLI: --resize)" in done.stderr
+    refusal = "error: image is 32x32 (width x height) but this bundle's engines are built for 64x64; pass resize=True (CLI: --resize)"
+    assert refusal in done.stderr
     done = run_cli("img2img", PROMPT, "--bundle", bundle_fp32, "--image", tmp_path / "nope.png")
     assert done.returncode == 2 and f"error: --image {tmp_path / 'nope.png'} does not exist" in done.stderr
     (tmp_path / "text.png").write_text("not an image")

@@ -13,8 +13,9 @@ import ctypes
 import enum
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -140,7 +141,7 @@ class FakeEngine:
     def get_tensor_dtype(self, name: str) -> DataType:
         return DataType(DTYPE_NAMES[self.tensors[name][1]])
 
-    def create_execution_context(self) -> "FakeContext":
+    def create_execution_context(self) -> FakeContext:
         return FakeContext(self)
 
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.runtime_bench import STAGES, Call, TimedEngine, run_figures, spread, summarise
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -87,7 +85,9 @@ def test_runtime_bench_quick(bundle_fp32, tmp_path):
 
 
 def test_compare_quick_runs_all_three_and_the_images_agree(tiny_model, bundle_fp32, tmp_path):
-    done = run("benchmarks.compare", "--model", str(tiny_model), "--bundle", str(bundle_fp32), "--quick", "--out", str(tmp_path), "--name", "tiny")
+    done = run(
+        "benchmarks.compare", "--model", str(tiny_model), "--bundle", str(bundle_fp32), "--quick", "--out", str(tmp_path), "--name", "tiny"
+    )
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert list(result["systems"]) == ["ours", "diffusers-torch", "diffusers-onnx"] and result["failed"] == {}
     for name, system in result["systems"].items():
@@ -123,7 +123,10 @@ def test_chart_refuses_a_file_that_is_not_a_comparison(tmp_path):
 
 def test_compare_names_the_export_command_when_the_bundle_is_missing(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare", "--model", str(tmp_path / "nowhere"), "--quick"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks.compare", "--model", str(tmp_path / "nowhere"), "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2 and "python -m export.build --model" in done.stderr
 

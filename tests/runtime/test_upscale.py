@@ -13,9 +13,8 @@ import pytest
 
 import runtime
 from runtime.errors import BundleError
-
-from .conftest import REPO
-from .tiny_models import MAX_NOISE_LEVEL, make_tiny_sd
+from tests.helpers import REPO
+from tests.helpers.tiny_models import MAX_NOISE_LEVEL, make_tiny_sd
 
 PROMPT = "a small red circle in the top left on a black background"
 LOW, HIGH = 16, 64  # input and output size
@@ -30,7 +29,8 @@ def upscaler_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def upscaler_bundle(upscaler_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Exported through the real CLI; --height/--width are the output size."""
     out = tmp_path_factory.mktemp("engines") / "tiny-upscaler-fp32"
-    cmd = [sys.executable, "-m", "export.build", "--model", str(upscaler_model), "--precision", "fp32", "--height", str(HIGH), "--width", str(HIGH), "--out", str(out)]
+    cmd = [sys.executable, "-m", "export.build", "--model", str(upscaler_model), "--precision", "fp32"]
+    cmd += ["--height", str(HIGH), "--width", str(HIGH), "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return out
@@ -66,7 +66,9 @@ def diffusers_upscale(model_dir, monkeypatch, image, latents, image_noise, **kwa
     return images
 
 
-@pytest.mark.parametrize(("noise_level", "guidance_scale", "steps", "negative"), [(20, 9.0, 4, ""), (300, 1.0, 3, ""), (0, 4.0, 3, "blurry")])
+@pytest.mark.parametrize(
+    ("noise_level", "guidance_scale", "steps", "negative"), [(20, 9.0, 4, ""), (300, 1.0, 3, ""), (0, 4.0, 3, "blurry")]
+)
 def test_fp32_bundle_matches_diffusers(upscaler_model, pipe, low_res, monkeypatch, noise_level, guidance_scale, steps, negative):
     rng = np.random.default_rng(noise_level)
     latents = rng.standard_normal((1, 4, LOW, LOW), dtype=np.float32)
@@ -75,7 +77,8 @@ def test_fp32_bundle_matches_diffusers(upscaler_model, pipe, low_res, monkeypatc
     ours = pipe.upscale(PROMPT, low_res, **settings, steps=steps, latents=latents, image_noise=image_noise, output_type="np")
     from PIL import Image
 
-    ref = diffusers_upscale(upscaler_model, monkeypatch, Image.fromarray(low_res), latents, image_noise, **settings, num_inference_steps=steps)
+    low_res_image = Image.fromarray(low_res)
+    ref = diffusers_upscale(upscaler_model, monkeypatch, low_res_image, latents, image_noise, **settings, num_inference_steps=steps)
     assert ours.shape == ref.shape == (1, HIGH, HIGH, 3)
     assert ref.std() > 0.01, "reference image is flat: the comparison would prove nothing"
     assert np.abs(ours - ref).max() <= 1e-3
@@ -98,7 +101,8 @@ def test_seed_draws_image_noise_then_latents(pipe, low_res):
     seeded = pipe.upscale(PROMPT, low_res, steps=2, seed=3, output_type="np")
     explicit = pipe.upscale(PROMPT, low_res, steps=2, image_noise=first, latents=second, output_type="np")
     swapped_rng = np.random.default_rng(3)
-    lat, img = swapped_rng.standard_normal((1, 4, LOW, LOW), dtype=np.float32), swapped_rng.standard_normal((1, 3, LOW, LOW), dtype=np.float32)
+    lat = swapped_rng.standard_normal((1, 4, LOW, LOW), dtype=np.float32)
+    img = swapped_rng.standard_normal((1, 3, LOW, LOW), dtype=np.float32)
     swapped = pipe.upscale(PROMPT, low_res, steps=2, image_noise=img, latents=lat, output_type="np")
     assert np.array_equal(seeded, explicit)
     assert np.abs(seeded - swapped).max() > 1e-2
@@ -132,7 +136,9 @@ def test_bad_noise_level(pipe, low_res, level):
 
 def test_image_size_must_match_unless_resized(pipe, low_res):
     big = np.repeat(np.repeat(low_res, 2, axis=0), 2, axis=1)
-    with pytest.raises(ValueError, match=rf"image is {2 * LOW}x{2 * LOW} .* built for {LOW}x{LOW}; pass resize=True.*--width {8 * LOW} --height {8 * LOW}"):
+    with pytest.raises(
+        ValueError, match=rf"image is {2 * LOW}x{2 * LOW} .* built for {LOW}x{LOW}; pass resize=True.*--width {8 * LOW} --height {8 * LOW}"
+    ):
         pipe.upscale(PROMPT, big, steps=1)
     images = pipe.upscale(PROMPT, big, steps=1, seed=0, resize=True)
     assert len(images) == 1 and images[0].size == (HIGH, HIGH)
@@ -162,7 +168,8 @@ def test_cli_upscale_writes_the_api_image(upscaler_bundle, pipe, low_res, tmp_pa
 
     Image.fromarray(low_res).save(tmp_path / "low.png")
     cmd = [sys.executable, "-m", "runtime", "upscale", PROMPT, "--bundle", str(upscaler_bundle), "--image", str(tmp_path / "low.png")]
-    done = subprocess.run(cmd + ["--steps", "3", "--noise-level", "40", "--seed", "2", "--quiet", "-o", str(tmp_path / "up.png")], cwd=REPO, capture_output=True, text=True)
+    args = ["--steps", "3", "--noise-level", "40", "--seed", "2", "--quiet", "-o", str(tmp_path / "up.png")]
+    done = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     api = pipe.upscale(PROMPT, low_res, steps=3, noise_level=40, seed=2)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "up.png")), np.asarray(api))

@@ -22,8 +22,7 @@ from reference.pacing import PhaseClock, learning_rate
 from reference.phases import border_median, vae_loss
 from reference.presets import PRESETS, resolve_recipe
 from reference.train import main, pick_preset
-
-from .conftest import REPO
+from tests.helpers import REPO
 
 PROMPT = "a large red circle in the top left on a black background"
 
