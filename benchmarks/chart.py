@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SEGMENTS = (
     ("text_encoder", "text encoder", "#8da0cb"),
@@ -65,7 +66,11 @@ def draw(results: list[Mapping[str, Any]], out: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
     machine = results[0].get("machine", {})
-    fig.suptitle(f"Per-stage time, ours vs diffusers ({machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('gpu') or 'no GPU'})", fontsize=11)
+    fig.suptitle(
+        f"Per-stage time, ours vs diffusers ({machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+        f"{machine.get('gpu') or 'no GPU'})",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -14,8 +14,9 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,9 @@ class Worker:
     def __init__(self, system: str, model: Path, bundle: Path, device: str | None):
         self.system = system
         cmd = [sys.executable, "-m", "benchmarks.worker", system, "--model", str(model.resolve()), "--bundle", str(bundle.resolve())]
-        self.proc = subprocess.Popen(cmd + (["--device", device] if device else []), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd + (["--device", device] if device else []), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.ready = self._reply()
 
     def _reply(self) -> dict[str, Any]:
@@ -144,7 +147,10 @@ def run_comparison(
                 last[name] = reply
                 if r >= warmup:
                     counted[name].append(reply["figures"])
-                log(f"{'warm-up' if r < warmup else 'run'} {r + 1 - (0 if r < warmup else warmup)} {name}: {reply['figures']['total']:.3f} s")
+                log(
+                    f"{'warm-up' if r < warmup else 'run'} {r + 1 - (0 if r < warmup else warmup)} {name}: "
+                    f"{reply['figures']['total']:.3f} s"
+                )
     finally:
         for w in workers.values():
             w.close()
@@ -169,7 +175,15 @@ def run_comparison(
         "precision": precision,
         "image": {"height": manifest.height, "width": manifest.width, "batch_size": manifest.batch_size},
         "scheduler": manifest.scheduler.class_name,
-        "settings": {"prompt": prompt, "steps": steps, "guidance_scale": guidance_scale, "seed": seed, "warmup": warmup, "runs": runs, "device": device or "default"},
+        "settings": {
+            "prompt": prompt,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "warmup": warmup,
+            "runs": runs,
+            "device": device or "default",
+        },
         "systems": results,
         "failed": failed,
         "ratios": ratios(results),
@@ -187,20 +201,30 @@ def markdown(result: Mapping[str, Any]) -> str:
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for stage in (*STAGES, "unet_total"):
         label = "UNet, all calls" if stage == "unet_total" else STAGE_LABELS[stage]
-        cells = [f"{fmt_seconds(systems[n]['summary'][stage]['median'])} (±{50 * systems[n]['summary'][stage]['rel_spread']:.0f}%)" for n in names]
-        rows.append("| " + " | ".join([label, *cells, *(f"{ratio[o].get(stage, float('nan')):.2f}x" for o in others)]) + " |")
-    rows.append("| UNet calls per run | " + " | ".join(str(systems[n]["summary"]["unet_calls_per_run"]) for n in names) + " |" + " |" * len(others))
-    rows.append("| host per step / UNet call | " + " | ".join(f"{100 * systems[n]['summary']['host_share_of_unet_call']['median']:.2f}%" for n in names) + " |" + " |" * len(others))
-    rows.append("| images/s | " + " | ".join(f"{systems[n]['summary']['images_per_s']['median']:.3g}" for n in names) + " |" + " |" * len(others))
-    rows.append("| load | " + " | ".join(f"{systems[n]['load_s']:.2f} s" for n in names) + " |" + " |" * len(others))
-    rows.append("| peak RSS (process) | " + " | ".join(f"{systems[n]['peak_rss_bytes'] / gib:.2f} GiB" for n in names) + " |" + " |" * len(others))
+        cells = [
+            f"{fmt_seconds(systems[n]['summary'][stage]['median'])} (±{50 * systems[n]['summary'][stage]['rel_spread']:.0f}%)"
+            for n in names
+        ]
+        stage_ratios = (f"{ratio[o].get(stage, float('nan')):.2f}x" for o in others)
+        rows.append("| " + " | ".join([label, *cells, *stage_ratios]) + " |")
+
+    def row(label: str, cells: Iterable[str]) -> str:
+        """A table row of one figure per system, its ratio columns left empty."""
+        return f"| {label} | " + " | ".join(cells) + " |" + " |" * len(others)
+
+    summary = {n: systems[n]["summary"] for n in names}
+    rows.append(row("UNet calls per run", (str(summary[n]["unet_calls_per_run"]) for n in names)))
+    rows.append(row("host per step / UNet call", (f"{100 * summary[n]['host_share_of_unet_call']['median']:.2f}%" for n in names)))
+    rows.append(row("images/s", (f"{summary[n]['images_per_s']['median']:.3g}" for n in names)))
+    rows.append(row("load", (f"{systems[n]['load_s']:.2f} s" for n in names)))
+    rows.append(row("peak RSS (process)", (f"{systems[n]['peak_rss_bytes'] / gib:.2f} GiB" for n in names)))
     lines = [
         f"# benchmarks.compare: {Path(result['model']).name}",
         "",
         f"{image['height']}x{image['width']}, batch {image['batch_size']}, {result['precision']} bundle `{Path(result['bundle']).name}`; "
         f"{settings['steps']} steps of the model's {result['scheduler']}, guidance {settings['guidance_scale']}, seed {settings['seed']}, "
-        f"prompt {settings['prompt']!r}; {settings['warmup']} warm-up round(s) not counted, {settings['runs']} counted, systems alternating "
-        "in a rotating order, one worker process each. Median over counted runs (± half the min-max spread).",
+        f"prompt {settings['prompt']!r}; {settings['warmup']} warm-up round(s) not counted, {settings['runs']} counted, "
+        "systems alternating in a rotating order, one worker process each. Median over counted runs (± half the min-max spread).",
         "",
         *rows,
         "",
@@ -211,14 +235,18 @@ def markdown(result: Mapping[str, Any]) -> str:
     if result["agreement"]:
         a = result["agreement"]
         pairs = "; ".join(f"{k}: {v['max_abs_diff']:.2e}" for k, v in a["pairs"].items())
-        lines.append(f"- images (max abs pixel difference on [0, 1], tolerance {a['tolerance']:g}): {pairs} -> {'agree' if a['all_agree'] else 'DISAGREE'}")
+        lines.append(
+            f"- images (max abs pixel difference on [0, 1], tolerance {a['tolerance']:g}): "
+            f"{pairs} -> {'agree' if a['all_agree'] else 'DISAGREE'}"
+        )
     device = [f"{n} {systems[n]['device_memory_bytes'] / gib:.2f} GiB" for n in names if systems[n]["device_memory_bytes"] is not None]
     lines.append("- device memory: " + (", ".join(device) if device else "not measured (no NVIDIA GPU here)"))
     if "footprint" in result:
         f = result["footprint"]
         ours, theirs = f["runtime"]["total_bytes"], f["diffusers_torch"]["total_bytes"]
         lines.append(
-            f"- install footprint: runtime + ONNX Runtime {ours / 2**20:.0f} MiB ({', '.join(f['runtime']['roots'])} and their requirements) vs "
+            f"- install footprint: runtime + ONNX Runtime {ours / 2**20:.0f} MiB "
+            f"({', '.join(f['runtime']['roots'])} and their requirements) vs "
             f"diffusers + torch {theirs / 2**20:.0f} MiB ({', '.join(f['diffusers_torch']['roots'])} and theirs): {ours / theirs:.2f}x"
         )
     lines += ["", machine_line(result["machine"])]

@@ -21,7 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def build_command(model: Path, precision: str, out: Path, force: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "export.build", "--model", str(model), "--precision", precision, "--backend", "onnxruntime", "--out", str(out)]
+    cmd = [
+        sys.executable, "-m", "export.build",
+        "--model", str(model), "--precision", precision, "--backend", "onnxruntime", "--out", str(out),
+    ]  # fmt: skip
     return cmd + (["--force"] if force else [])
 
 

@@ -19,9 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -206,7 +207,9 @@ def _meminfo_kib(key: str) -> int | None:
 
 def _gpu_name() -> str | None:
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
@@ -281,7 +284,10 @@ def stage_table(summary: Mapping[str, Any]) -> list[str]:
     rows = ["| stage | median | min | max | spread |", "|---|---|---|---|---|"]
     for stage in STAGES:
         s = summary[stage]
-        rows.append(f"| {STAGE_LABELS[stage]} | {fmt_seconds(s['median'])} | {fmt_seconds(s['min'])} | {fmt_seconds(s['max'])} | {100 * s['rel_spread']:.1f}% |")
+        rows.append(
+            f"| {STAGE_LABELS[stage]} | {fmt_seconds(s['median'])} | {fmt_seconds(s['min'])} | {fmt_seconds(s['max'])} | "
+            f"{100 * s['rel_spread']:.1f}% |"
+        )
     ips = summary["images_per_s"]
     rows.append(f"| images/s | {ips['median']:.3g} | {ips['min']:.3g} | {ips['max']:.3g} | {100 * ips['rel_spread']:.1f}% |")
     return rows
@@ -306,7 +312,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         f"- host time per step: {100 * s['host_share_of_unet_call']['median']:.3f}% of a UNet call",
         f"- load (sessions created): {result['load_s']:.2f} s; bundle {result['bundle_bytes'] / 2**20:.1f} MiB",
-        f"- peak resident memory: {result['peak_rss_after_load_bytes'] / gib:.2f} GiB after load, {result['peak_rss_bytes'] / gib:.2f} GiB after the runs",
+        f"- peak resident memory: {result['peak_rss_after_load_bytes'] / gib:.2f} GiB after load, "
+        f"{result['peak_rss_bytes'] / gib:.2f} GiB after the runs",
         "- device memory: " + ("not measured (no NVIDIA GPU here)" if device_mem is None else f"{device_mem / gib:.2f} GiB (nvidia-smi)"),
         f"- `import runtime`: {fmt_seconds(result['import']['import runtime']['median'])}; "
         f"`from runtime import Pipeline` (numpy, samplers): {fmt_seconds(result['import']['from runtime import Pipeline']['median'])} "
@@ -379,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         here = Path(__file__).resolve().parent.parent
         result = {
             **result,
-            "import": {stmt: import_seconds(stmt, args.import_runs, cwd=here) for stmt in ("import runtime", "from runtime import Pipeline")},
+            "import": {
+                stmt: import_seconds(stmt, args.import_runs, cwd=here) for stmt in ("import runtime", "from runtime import Pipeline")
+            },
             "machine": machine(),
         }
     except (BundleError, ValueError, FileNotFoundError, RuntimeError) as e:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -51,7 +51,9 @@ def onnx_component(component: Component) -> Component:
         return component
     source = component.source_onnx
     if source is None:
-        raise BundleError(f"{component.name}: this TensorRT bundle does not carry the ONNX its engine was built from; rebuild from the ONNX bundle")
+        raise BundleError(
+            f"{component.name}: this TensorRT bundle does not carry the ONNX its engine was built from; rebuild from the ONNX bundle"
+        )
     return source
 
 
@@ -63,7 +65,9 @@ def check_source_files(bundle: Path, manifest: Manifest, needed: Sequence[str]) 
         f = bundle / rel
         if not f.is_file() or sha256_file(f) != digest:
             state = "is missing" if not f.is_file() else "was altered or corrupted"
-            raise BundleError(f"{bundle}: {rel} {state}; re-export the ONNX bundle with `python -m export.build --backend onnxruntime --force`")
+            raise BundleError(
+                f"{bundle}: {rel} {state}; re-export the ONNX bundle with `python -m export.build --backend onnxruntime --force`"
+            )
 
 
 def run_engine(open_engine: OpenFn, component: Component, path: Path, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -87,7 +91,9 @@ def from_onnx_args(precision: str, settings: BuilderSettings) -> list[str]:
     return args
 
 
-def plan_precisions(manifest: Manifest, sources: Mapping[str, Component], bundle: Path, asked: str, major: int | None) -> dict[str, Precision]:
+def plan_precisions(
+    manifest: Manifest, sources: Mapping[str, Component], bundle: Path, asked: str, major: int | None
+) -> dict[str, Precision]:
     """Each component's engine precision; with major None only the checks that need no TensorRT run."""
     plans = {}
     for name, src in sources.items():
@@ -130,7 +136,10 @@ def build_from_onnx(
         manifest.model.name, manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}", manifest.guidance
     )
     check_target(out, force)
-    log(f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, optimization level {settings.optimization_level})")
+    log(
+        f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, "
+        f"optimization level {settings.optimization_level})"
+    )
     t0 = time.perf_counter()
     with staging(out, force) as work:
         job = _Job(
@@ -204,7 +213,8 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
     if src.verification:
         figures["onnx_vs_fp32_torch"] = src.verification.get("rel_err")
     job.log(
-        f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
+        f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  "
+        f"error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
         + ("" if figures["passed"] else "  OVER THE GATE")
     )
     if not figures["passed"] and not job.force:

@@ -42,7 +42,8 @@ class SourceModel:
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return factor
 
     @property
     def kind(self) -> str:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from runtime.manifest import TensorSpec
 
@@ -61,7 +62,7 @@ def component_specs(model: Any, *, height: int, width: int, batch: int, guidance
         (TensorSpec("input_ids", (b2, seq), "int32"),),
         (TensorSpec("last_hidden_state", (b2, seq, dim), "float32"), TensorSpec("pooler_output", (b2, dim), "float32")),
     )
-    unet_inputs = (
+    unet_inputs: tuple[TensorSpec, ...] = (
         TensorSpec("sample", (b2, c, h, w), "float32"),
         TensorSpec("timestep", (b2,), "float32"),
         TensorSpec("encoder_hidden_states", (b2, seq, unet.config.cross_attention_dim), "float32"),

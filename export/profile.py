@@ -15,16 +15,26 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from runtime.compat import recorded_device
 from runtime.errors import BundleError
 from runtime.manifest import Component, Manifest, TensorSpec, load_manifest
 
 from .from_onnx import onnx_component
-from .tensorrt import TIMING_CACHE_DIR, BuilderSettings, EngineBuildError, Precision, builder_settings, choose_precision, dynamic_inputs, has_qdq, timing_cache_path
+from .tensorrt import (
+    TIMING_CACHE_DIR,
+    BuilderSettings,
+    EngineBuildError,
+    Precision,
+    builder_settings,
+    choose_precision,
+    dynamic_inputs,
+    has_qdq,
+    timing_cache_path,
+)
 
 TRTEXEC_HINT = "trtexec ships with TensorRT (on JetPack: /usr/src/tensorrt/bin/trtexec); put it on PATH or pass --trtexec"
 
@@ -103,7 +113,10 @@ def commands_for(
     # trtexec refuses shape flags for a static ONNX ("Static model does not take explicit shapes"): profiles only for dynamic inputs
     dynamic = [t for t in src.inputs if t.name in set(dynamic_inputs(onnx))]
     profile = [f"--{which}Shapes={shape_spec(dynamic)}" for which in ("min", "opt", "max")] if dynamic else []
-    build = [trtexec, f"--onnx={onnx}", f"--saveEngine={rebuilt}", *profile, *precision_flags(engine_precision), *builder_flags(settings, timing_cache), "--skipInference"]
+    build = [
+        trtexec, f"--onnx={onnx}", f"--saveEngine={rebuilt}", *profile,
+        *precision_flags(engine_precision), *builder_flags(settings, timing_cache), "--skipInference",
+    ]  # fmt: skip
     timed = bundle / component.file if component.format == "plan" else rebuilt
     time = [trtexec, f"--loadEngine={timed}", f"--shapes={shape_spec(src.inputs)}", "--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
     return EngineCommands(component.name, str(onnx), str(rebuilt), str(timed), str(timing_cache), build, time)
@@ -130,7 +143,9 @@ def bundle_commands(
     manifest = load_manifest(bundle, verify_files=False)
     engine_dir = engine_dir if engine_dir is not None else Path("engines") / ".trtexec" / bundle.name
     return [
-        commands_for(bundle, manifest, c, trtexec=trtexec, engine_dir=engine_dir, timing_cache=timing_cache, precision=precision, settings=settings)
+        commands_for(
+            bundle, manifest, c, trtexec=trtexec, engine_dir=engine_dir, timing_cache=timing_cache, precision=precision, settings=settings
+        )
         for c in manifest.components.values()
     ]
 
@@ -184,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = builder_settings(args.device_preset, args.builder_optimization_level, args.workspace) if custom else None
         commands = bundle_commands(
-            args.bundle, trtexec=args.trtexec, engine_dir=args.engine_dir, timing_cache=args.timing_cache, precision=args.precision, settings=settings
+            args.bundle,
+            trtexec=args.trtexec,
+            engine_dir=args.engine_dir,
+            timing_cache=args.timing_cache,
+            precision=args.precision,
+            settings=settings,
         )
         if args.run:
             return run(commands, args.trtexec)

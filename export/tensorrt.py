@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from runtime.backends.tensorrt import capturing_logger, require_tensorrt
 from runtime.compat import Device
@@ -66,7 +67,9 @@ def builder_settings(preset: str | None = None, optimization_level: int | None =
         raise ValueError(f"unknown --device-preset {preset!r}: choose one of {', '.join(PRESETS)}")
     base = PRESETS[preset] if preset else BuilderSettings()
     if optimization_level is not None and optimization_level not in OPTIMIZATION_LEVELS:
-        raise ValueError(f"--builder-optimization-level {optimization_level}: TensorRT takes 0 (fastest build) to 5 (most search); 3 is its default")
+        raise ValueError(
+            f"--builder-optimization-level {optimization_level}: TensorRT takes 0 (fastest build) to 5 (most search); 3 is its default"
+        )
     if workspace_mib is not None and workspace_mib < 1:
         raise ValueError(f"--workspace {workspace_mib}: give the workspace memory limit in MiB, at least 1 (e.g. 1024)")
     return BuilderSettings(
@@ -93,7 +96,9 @@ class Precision:
         return {"strongly_typed": self.strongly_typed, "fp16": self.fp16_flag, "tf32": self.tf32}
 
 
-def choose_precision(asked: str, component: str, onnx_precision: str, has_qdq: bool, tensorrt_major: int, kept_fp32: bool = False) -> Precision:
+def choose_precision(
+    asked: str, component: str, onnx_precision: str, has_qdq: bool, tensorrt_major: int, kept_fp32: bool = False
+) -> Precision:
     """The engine precision for one component, or an EngineBuildError saying how to get the ONNX it needs.
 
     kept_fp32: the exporter kept this component in fp32 on purpose (fp16 overflows): it stays fp32.
@@ -102,7 +107,10 @@ def choose_precision(asked: str, component: str, onnx_precision: str, has_qdq: b
         raise ValueError(f"unknown precision {asked!r}: choose fp32, fp16 or int8")
     if has_qdq:
         if asked == "fp32":
-            raise EngineBuildError(f"{component}: the ONNX is quantized (Q/DQ nodes); an fp32 engine needs the fp32 ONNX bundle (`python -m export.build --precision fp32`)")
+            raise EngineBuildError(
+                f"{component}: the ONNX is quantized (Q/DQ nodes); "
+                "an fp32 engine needs the fp32 ONNX bundle (`python -m export.build --precision fp32`)"
+            )
         return Precision("int8", strongly_typed=True, fp16_flag=False, tf32=True)
     if asked == "int8" and component == "unet":
         raise EngineBuildError(
@@ -111,7 +119,10 @@ def choose_precision(asked: str, component: str, onnx_precision: str, has_qdq: b
         )
     if asked == "fp32" or kept_fp32:
         if onnx_precision != "fp32":
-            raise EngineBuildError(f"{component}: its ONNX is {onnx_precision}; an fp32 engine needs the fp32 ONNX bundle (`python -m export.build --precision fp32`)")
+            raise EngineBuildError(
+                f"{component}: its ONNX is {onnx_precision}; "
+                "an fp32 engine needs the fp32 ONNX bundle (`python -m export.build --precision fp32`)"
+            )
         return Precision("fp32", strongly_typed=True, fp16_flag=False, tf32=False)
     if onnx_precision == "fp16":
         return Precision("fp16", strongly_typed=True, fp16_flag=False, tf32=True)
@@ -172,7 +183,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # -- the build ------------------------------------------------------------------
 
-OOM_PATTERNS = re.compile(r"out of memory|could not be allocated|cudaErrorMemoryAllocation|insufficient memory|OutOfMemory|failed to allocate", re.I)
+OOM_PATTERNS = re.compile(
+    r"out of memory|could not be allocated|cudaErrorMemoryAllocation|insufficient memory|OutOfMemory|failed to allocate", re.I
+)
 
 
 def build_failure(name: str, messages: Sequence[str], settings: BuilderSettings) -> EngineBuildError:
@@ -193,7 +206,9 @@ def check_network_inputs(name: str, network_inputs: dict[str, tuple[int, ...]], 
     """The ONNX must take the bundle's inputs with its shapes; returns the dynamic ones (they get a profile)."""
     expected = {t.name: t.shape for t in specs}
     if sorted(network_inputs) != sorted(expected):
-        raise EngineBuildError(f"{name}: the ONNX inputs {sorted(network_inputs)} are not the manifest's {sorted(expected)}; rebuild the ONNX bundle")
+        raise EngineBuildError(
+            f"{name}: the ONNX inputs {sorted(network_inputs)} are not the manifest's {sorted(expected)}; rebuild the ONNX bundle"
+        )
     dynamic = []
     for input_name, shape in network_inputs.items():
         want = expected[input_name]

@@ -23,7 +23,19 @@ from typing import Any
 import numpy as np
 
 from reference import checker
-from reference.dataset import COLORS, POSITION_JITTER, POSITIONS, SHAPES, SIZE_JITTER, SIZES, Attributes, canonical_caption, caption_grid, render, sample_attributes
+from reference.dataset import (
+    COLORS,
+    POSITION_JITTER,
+    POSITIONS,
+    SHAPES,
+    SIZE_JITTER,
+    SIZES,
+    Attributes,
+    canonical_caption,
+    caption_grid,
+    render,
+    sample_attributes,
+)
 
 NAMES = [f.name for f in fields(Attributes)]
 MARGIN = 3  # pixels of anti-aliasing and slack around the largest object the jitter can draw
@@ -64,7 +76,9 @@ def accuracy(images: list[np.ndarray], wanted: list[Attributes]) -> dict[str, fl
     return {n: 100.0 * float(np.mean(h)) for n, h in hits.items()}
 
 
-def run_inpaint(pipe: Any, items: list[tuple[np.ndarray, Attributes, Attributes]], steps: int, guidance: float) -> tuple[dict[str, float], list[np.ndarray]]:
+def run_inpaint(
+    pipe: Any, items: list[tuple[np.ndarray, Attributes, Attributes]], steps: int, guidance: float
+) -> tuple[dict[str, float], list[np.ndarray]]:
     outputs, unchanged, t0 = [], [], time.perf_counter()
     for i, (image, _, want) in enumerate(items):
         mask = box_mask(want)
@@ -78,7 +92,9 @@ def run_inpaint(pipe: Any, items: list[tuple[np.ndarray, Attributes, Attributes]
     return metrics, outputs
 
 
-def run_img2img(pipe: Any, items: list[tuple[np.ndarray, Attributes, Attributes]], steps: int, guidance: float, strength: float) -> tuple[dict[str, float], list[np.ndarray]]:
+def run_img2img(
+    pipe: Any, items: list[tuple[np.ndarray, Attributes, Attributes]], steps: int, guidance: float, strength: float
+) -> tuple[dict[str, float], list[np.ndarray]]:
     wanted = [replace(a, color=w.color) for _, a, w in items]  # only the colour changes
     outputs, t0 = [], time.perf_counter()
     for i, ((image, _, _), want) in enumerate(zip(items, wanted)):
@@ -112,7 +128,12 @@ def table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m reference.edit_demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, default=Path("engines/shapes-ldm-64x64-b1-fp32-onnxruntime"), help="a shapes bundle with img2img and inpaint (default %(default)s)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=Path("engines/shapes-ldm-64x64-b1-fp32-onnxruntime"),
+        help="a shapes bundle with img2img and inpaint (default %(default)s)",
+    )
     p.add_argument("--n", type=int, default=60, help="images per edit (default %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s)")
     p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default %(default)s)")
@@ -141,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(DDIM, {args.n} dataset images, seed {args.seed}); accuracy in % of the asked attributes, read by reference.checker\n\n"
     )
     (args.out / "results.md").write_text(header + table(rows) + "\n")
-    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": dict(rows)}, indent=2) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": dict(rows)}, indent=2) + "\n"
+    )
     print(table(rows))
 
 

@@ -24,9 +24,9 @@ from diffusers import DDIMScheduler
 
 from reference.architecture import (
     CLIP_DIR,
+    WEIGHT_FILES,
     build_text_encoder,
     build_unet,
-    WEIGHT_FILES,
     build_vae,
     scheduler_config,
     size_report,
@@ -36,8 +36,8 @@ from reference.dataset import make_dataset
 from reference.ema import EMA
 from reference.model_folder import save_pipeline, save_vae, weight_files, write_json
 from reference.pacing import PhaseClock, Ticker, learning_rate, say
-from reference.probe import probe_ids, sensitivity
 from reference.presets import Recipe
+from reference.probe import probe_ids, sensitivity
 
 LOG_NAME = "training_log.json"
 LATENT_BATCH = 512
@@ -335,7 +335,9 @@ def load_init(folder: Path, device: torch.device) -> tuple[torch.nn.Module, floa
         try:
             model.load_state_dict(load_file(folder / WEIGHT_FILES[name]))
         except RuntimeError as error:
-            raise ValueError(f"--init {folder}: its {name} is not this recipe's architecture (reference/architecture.py): {error}") from None
+            raise ValueError(
+                f"--init {folder}: its {name} is not this recipe's architecture (reference/architecture.py): {error}"
+            ) from None
     scale = float(json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"])
     previous = folder / LOG_NAME
     return models["vae"].to(device).eval(), scale, (models["text_encoder"], models["unet"]), {
@@ -406,4 +408,6 @@ def _log_header(setup: Setup) -> dict:
 
 def _finish(log: dict, status: str, out: Path, started: float) -> dict:
     files = weight_files(out)
-    return {**log, "status": status, "files": files, "total_weight_bytes": sum(files.values()), "total_seconds": time.perf_counter() - started}
+    return {
+        **log, "status": status, "files": files, "total_weight_bytes": sum(files.values()), "total_seconds": time.perf_counter() - started
+    }

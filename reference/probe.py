@@ -15,7 +15,6 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from reference.caption_bank import load_tokenizer, tokenize
@@ -34,7 +33,9 @@ def probe_ids(tokenizer) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def sensitivity(text_encoder, unet, ids: dict[str, torch.Tensor], abar: torch.Tensor, latent_shape: tuple[int, int, int], seed: int = 0, n: int = 8) -> dict[str, float]:
+def sensitivity(
+    text_encoder, unet, ids: dict[str, torch.Tensor], abar: torch.Tensor, latent_shape: tuple[int, int, int], seed: int = 0, n: int = 8
+) -> dict[str, float]:
     """Per attribute: mean over n noisy latents of the prediction's std across the attribute's values,
     divided by the mean |prediction(base caption) - prediction('')|."""
     device = next(unet.parameters()).device

@@ -7,8 +7,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_BUNDLE = Path("engines") / "shapes-ldm-64x64-b1-fp16-onnxruntime"
 SUBCOMMANDS = ("txt2img", "img2img", "inpaint", "upscale")
@@ -35,28 +36,69 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", help="what to draw")
     if command != "txt2img":
-        p.add_argument("--image", type=Path, required=True, help="input image (PNG/JPEG)" + (", a quarter of the output size" if upscale else ""))
-        p.add_argument("--resize", action="store_true", help="resize the input to the bundle's static size (Lanczos) instead of refusing it")
+        p.add_argument(
+            "--image", type=Path, required=True, help="input image (PNG/JPEG)" + (", a quarter of the output size" if upscale else "")
+        )
+        p.add_argument(
+            "--resize", action="store_true", help="resize the input to the bundle's static size (Lanczos) instead of refusing it"
+        )
     if command == "inpaint":
         p.add_argument("--mask", type=Path, required=True, help="mask image: white (>= 50%% gray) is repainted, black kept")
-        p.add_argument("--no-composite", action="store_true", help="return the decoded image as is, without pasting it into the original through the mask")
+        p.add_argument(
+            "--no-composite",
+            action="store_true",
+            help="return the decoded image as is, without pasting it into the original through the mask",
+        )
     if command in ("img2img", "inpaint"):
         default = 0.75 if command == "img2img" else 1.0
-        p.add_argument("--strength", type=float, default=default, help="noise level to start from, (0, 1]: 1 ignores the image's content (default %(default)s)")
+        p.add_argument(
+            "--strength",
+            type=float,
+            default=default,
+            help="noise level to start from, (0, 1]: 1 ignores the image's content (default %(default)s)",
+        )
     if upscale:
-        p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-resolution image first, 0 to the model's maximum (default %(default)s)")
-    p.add_argument("--bundle", type=Path, default=None if upscale else DEFAULT_BUNDLE, required=upscale, help="engine bundle folder" + ("" if upscale else " (default: %(default)s, the reference model)"))
+        p.add_argument(
+            "--noise-level",
+            type=int,
+            default=20,
+            help="noise added to the low-resolution image first, 0 to the model's maximum (default %(default)s)",
+        )
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None if upscale else DEFAULT_BUNDLE,
+        required=upscale,
+        help="engine bundle folder" + ("" if upscale else " (default: %(default)s, the reference model)"),
+    )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
     p.add_argument("--steps", type=int, default=75 if upscale else 50, help="denoising steps (default %(default)s)")
     p.add_argument(
-        "--guidance-scale", type=float, default=9.0 if upscale else 7.5, help="classifier-free guidance strength; <= 1 turns it off (default %(default)s)"
+        "--guidance-scale",
+        type=float,
+        default=9.0 if upscale else 7.5,
+        help="classifier-free guidance strength; <= 1 turns it off (default %(default)s)",
     )
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale (Lin et al. 2023); SD 2.x v-prediction models like 0.7 (default 0)")
+    p.add_argument(
+        "--guidance-rescale", type=float, default=0.0, help="CFG rescale (Lin et al. 2023); SD 2.x v-prediction models like 0.7 (default 0)"
+    )
     p.add_argument("--seed", type=int, help="random seed; the same seed gives the same image on every backend (default: random, printed)")
-    p.add_argument("--scheduler", choices=sorted(SAMPLERS), help="sampler (default: the one the model's scheduler config names; see the README's table)")
+    p.add_argument(
+        "--scheduler",
+        choices=sorted(SAMPLERS),
+        help="sampler (default: the one the model's scheduler config names; see the README's table)",
+    )
     p.add_argument("--eta", type=float, help="ddim/tcd stochasticity: 0 is deterministic DDIM (ddim's default), 1 is DDPM-like")
-    p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider (default: cuda where installed, else cpu)")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG file to write; with batch > 1, NAME-0.png, NAME-1.png, ... (default %(default)s)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider (default: cuda where installed, else cpu)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="PNG file to write; with batch > 1, NAME-0.png, NAME-1.png, ... (default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -112,7 +154,11 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     if command == "inpaint":
         mask = open_image(args.mask, "--mask")
         composite = False if args.no_composite else None
-        return list(pipe.inpaint(args.prompt, image, mask, args.negative_prompt, strength=args.strength, composite=composite, resize=args.resize, **options))
+        return list(
+            pipe.inpaint(
+                args.prompt, image, mask, args.negative_prompt, strength=args.strength, composite=composite, resize=args.resize, **options
+            )
+        )
     return list(pipe.upscale(args.prompt, image, args.negative_prompt, noise_level=args.noise_level, resize=args.resize, **options))
 
 
@@ -120,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "txt2img"
     args = parser(command).parse_args(argv)
-    warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"  # type: ignore[assignment]
+    warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
     from .errors import BundleError, Cancelled, FeedError
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")

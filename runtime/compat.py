@@ -7,9 +7,10 @@ command that rebuilds it here from the ONNX files it carries.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import BundleError
 from .manifest import Component, rebuild_command

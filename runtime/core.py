@@ -6,8 +6,9 @@ Tasks (runtime/tasks/) compose these parts; `runtime.Pipeline` is this core with
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TypedDict, Union
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -23,10 +24,10 @@ if TYPE_CHECKING:
     from PIL.Image import Image
     from typing_extensions import Self
 
-Prompt = Union[str, Sequence[str]]
-Progress = Optional[Callable[[int, int, float], Optional[bool]]]
+Prompt = str | Sequence[str]
+Progress = Callable[[int, int, float], bool | None] | None
 # output_type 'pil': a list of PIL images; 'np': float32 (B, H, W, 3) in [0, 1]; 'latent': the final latents
-Images = Union[list["Image"], np.ndarray]
+Images = list["Image"] | np.ndarray
 
 # Components every generation needs; the VAE encoder opens on first use.
 NEEDED = ("unet", "vae_decoder")
@@ -46,9 +47,9 @@ class Sampling(TypedDict, total=False):
     steps: int
     guidance_scale: float
     guidance_rescale: float
-    seed: Optional[int]
-    scheduler: Optional[str]
-    eta: Optional[float]
+    seed: int | None
+    scheduler: str | None
+    eta: float | None
     callback: Progress
 
 
@@ -111,9 +112,13 @@ class Core:
         if missing:
             raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `python -m export.build`")
         if cuda_graph and manifest.components["unet"].format != "plan":
-            raise ValueError(f"cuda_graph=True needs TensorRT engines, and {bundle} holds ONNX; build them with `python -m export.build --from-onnx {bundle}`")
+            raise ValueError(
+                f"cuda_graph=True needs TensorRT engines, and {bundle} holds ONNX; "
+                f"build them with `python -m export.build --from-onnx {bundle}`"
+            )
+        graph: dict[str, Any] = {"cuda_graph": True} if cuda_graph else {}
         engines = {
-            name: load_engine(c, bundle, **_engine_options(c, options), **({"cuda_graph": True} if cuda_graph and name == "unet" else {}))
+            name: load_engine(c, bundle, **_engine_options(c, options), **(graph if name == "unet" else {}))
             for name, c in manifest.components.items()
             if name in NEEDED
         }
@@ -166,9 +171,17 @@ class Core:
         self.close()
 
     # the bundle's static shapes
-    batch_size = property(lambda self: self.manifest.batch_size)
-    height = property(lambda self: self.manifest.height)
-    width = property(lambda self: self.manifest.width)
+    @property
+    def batch_size(self) -> int:
+        return self.manifest.batch_size
+
+    @property
+    def height(self) -> int:
+        return self.manifest.height
+
+    @property
+    def width(self) -> int:
+        return self.manifest.width
 
     def prompts(self, prompt: Prompt, what: str) -> list[str]:
         """One prompt repeated, or exactly batch-size prompts; an empty `prompt` is refused."""
@@ -214,7 +227,8 @@ class Core:
         params = np.asarray(enc(cast_feed(enc.component, {"sample": image}))["latent_parameters"], dtype=np.float64)
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamps the same
-        return ((mean + std * noise) * self.manifest.vae.scaling_factor).astype(np.float32)
+        latents: np.ndarray = ((mean + std * noise) * self.manifest.vae.scaling_factor).astype(np.float32)
+        return latents
 
     def denoise(
         self,

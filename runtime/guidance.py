@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -47,7 +47,8 @@ def rescale_cfg(guided: np.ndarray, cond: np.ndarray, factor: float) -> np.ndarr
     """guidance_rescale (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4): match the conditional output's std."""
     axes = tuple(range(1, guided.ndim))
     rescaled = guided * (cond.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True))
-    return factor * rescaled + (1 - factor) * guided
+    mixed: np.ndarray = factor * rescaled + (1 - factor) * guided
+    return mixed
 
 
 def classifier_free(unet: Engine, text: Conditioning, scale: float, rescale: float = 0.0, image: Extra | None = None) -> Model:

@@ -6,7 +6,8 @@ becomes 2x - 1; masks become grayscale, then 1 where >= 0.5 (repaint) and 0 else
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,8 @@ def check_output_type(output_type: str) -> None:
 
 def to_images(decoded: np.ndarray) -> np.ndarray:
     """VAE output (B, 3, H, W) in [-1, 1] -> float32 (B, H, W, 3) in [0, 1], as diffusers' postprocess."""
-    return np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    images: np.ndarray = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return images
 
 
 def to_pil(images: np.ndarray) -> list[Any]:
@@ -62,10 +64,15 @@ def _to_pil(item: Any, mode: str, what: str) -> Any:
     if isinstance(item, Image.Image):
         return item.convert(mode)
     if not isinstance(item, np.ndarray) or item.ndim not in (2, 3):
-        raise ValueError(f"{what}: expected a PIL image or an (H, W, C) numpy array, got {type(item).__name__} {getattr(item, 'shape', '')}")
+        raise ValueError(
+            f"{what}: expected a PIL image or an (H, W, C) numpy array, got {type(item).__name__} {getattr(item, 'shape', '')}"
+        )
     if item.dtype != np.uint8:
         if item.size and (np.nanmin(item) < 0 or np.nanmax(item) > 1):
-            raise ValueError(f"{what}: a float array must hold values in [0, 1] (got {np.nanmin(item):.3g} to {np.nanmax(item):.3g}); pass uint8 for 0-255")
+            raise ValueError(
+                f"{what}: a float array must hold values in [0, 1] (got {np.nanmin(item):.3g} to {np.nanmax(item):.3g}); "
+                "pass uint8 for 0-255"
+            )
         item = (np.clip(item, 0, 1) * 255).round().astype(np.uint8)
     if item.ndim == 3 and item.shape[2] == 1:
         item = item[..., 0]
@@ -77,10 +84,13 @@ def _batch(arrays: list[np.ndarray], batch: int, what: str) -> np.ndarray:
         arrays = arrays * batch
     if len(arrays) != batch:
         raise ValueError(f"{what}: {len(arrays)} images for a bundle built with batch size {batch}; pass one, or exactly {batch}")
-    return np.stack(arrays).transpose(0, 3, 1, 2)
+    stacked: np.ndarray = np.stack(arrays).transpose(0, 3, 1, 2)
+    return stacked
 
 
-def image_tensor(image: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, what: str = "image", scale: int = 1) -> np.ndarray:
+def image_tensor(
+    image: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, what: str = "image", scale: int = 1
+) -> np.ndarray:
     """RGB image(s) -> float32 (B, 3, H, W) in [-1, 1], the VAE encoder's (or the upscaler's) input."""
     return _batch(_as_arrays(image, "RGB", size, resize, what, scale), batch, what) * 2.0 - 1.0
 
@@ -101,7 +111,8 @@ def downsample_nearest(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def composite(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Pixels (B, H, W, 3) in [0, 1]: generated where mask (B, 1, H, W) is 1, the original elsewhere."""
     m = mask.transpose(0, 2, 3, 1)
-    return generated * m + original * (1.0 - m)
+    pixels: np.ndarray = generated * m + original * (1.0 - m)
+    return pixels
 
 
 def mask_coverage(mask: np.ndarray) -> Sequence[float]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 from .errors import BundleError
 
@@ -296,7 +297,9 @@ class Manifest:
         try:
             return _parse(raw)
         except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e}); rebuild the bundle with `python -m export.build --force`") from None
+            raise BundleError(
+                f"{where}: malformed manifest ({type(e).__name__}: {e}); rebuild the bundle with `python -m export.build --force`"
+            ) from None
 
 
 def _fields(record: Any) -> dict[str, Any]:

@@ -6,8 +6,10 @@ pattern; byte-level BPE with the ``</w>`` end-of-word suffix; ``bos ... eos``, p
 """
 
 import json
+import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -32,22 +34,23 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder's context and lost its tail."""
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     """A JSON file's object, or {} where the file is absent."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return data
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-export the engine bundle's tokenizer files") from e
 
 
-def _content(value: str | dict) -> str:
+def _content(value: str | dict[str, Any]) -> str:
     """A config entry's token text."""
     return value if isinstance(value, str) else value["content"]
 
 
-def _special_token(value: str | dict) -> AddedToken:
+def _special_token(value: str | dict[str, Any]) -> AddedToken:
     """An AddedToken from a config entry: a bare string is matched verbatim (not normalized), as in transformers."""
     if isinstance(value, str):
         return AddedToken(value, special=True, normalized=False)
@@ -109,7 +112,7 @@ class ClipTokenizer:
         )
 
     @classmethod
-    def from_dir(cls, path) -> "ClipTokenizer":
+    def from_dir(cls, path: str | os.PathLike[str]) -> "ClipTokenizer":
         """Load vocab.json + merges.txt (+ tokenizer_config.json, special_tokens_map.json) from a folder."""
         folder = Path(path)
         for name in ("vocab.json", "merges.txt"):

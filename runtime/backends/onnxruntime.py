@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ PROVIDERS = {
 }
 
 
-def _import_ort():
+def _import_ort() -> Any:
     try:
         import onnxruntime
     except ImportError:

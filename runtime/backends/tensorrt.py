@@ -13,10 +13,11 @@ import ctypes
 import importlib
 import importlib.util
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Mapping, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -296,7 +297,8 @@ class TrtEngine:
 
         self._enqueue()
         done(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        done(cudart.cudaStreamBeginCapture(self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal), "starting CUDA graph capture")
+        global_mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        done(cudart.cudaStreamBeginCapture(self._stream, global_mode), "starting CUDA graph capture")
         try:
             self._enqueue()
         finally:

@@ -28,4 +28,5 @@ def open_family(bundle: Path, manifest: Manifest, engine: OpenEngine) -> Family:
         )
     module, name = FAMILIES[family]
     loader = getattr(importlib.import_module(module, __name__), name)
-    return loader.load(bundle, manifest, engine)  # type: ignore[no-any-return]
+    opened: Family = loader.load(bundle, manifest, engine)
+    return opened

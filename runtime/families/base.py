@@ -6,9 +6,10 @@ the extra inputs that UNet takes; the loop, samplers, guidance and tasks see onl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -6,8 +6,8 @@ negative prompt is encoded like any other prompt (the empty string's embedding),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

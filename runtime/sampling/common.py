@@ -47,7 +47,8 @@ def threshold(x0: np.ndarray, ratio: float, max_value: float) -> np.ndarray:
     """Dynamic thresholding (Saharia et al. 2022, arXiv:2205.11487): clip each sample at its |x0| quantile."""
     flat = x0.reshape(len(x0), -1)
     s = np.clip(np.quantile(np.abs(flat), ratio, axis=1), 1.0, max_value)[:, None]
-    return (np.clip(flat, -s, s) / s).reshape(x0.shape)
+    clipped: np.ndarray = (np.clip(flat, -s, s) / s).reshape(x0.shape)
+    return clipped
 
 
 def clean_x0(x0: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
@@ -56,7 +57,8 @@ def clean_x0(x0: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
     if config.get("thresholding"):
         return threshold(x0, float(config["dynamic_thresholding_ratio"]), float(config["sample_max_value"]))
     if config.get("clip_sample"):
-        return np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+        clipped: np.ndarray = np.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+        return clipped
     return x0
 
 
@@ -73,7 +75,8 @@ def noise(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
 
 def noised_vp(init: np.ndarray, noise: np.ndarray, abar: float) -> np.ndarray:
     """init at noise level abar in variance-preserving form: sqrt(abar) init + sqrt(1 - abar) noise (add_noise)."""
-    return abar**0.5 * np.asarray(init, dtype=np.float64) + (1.0 - abar) ** 0.5 * noise
+    noised: np.ndarray = abar**0.5 * np.asarray(init, dtype=np.float64) + (1.0 - abar) ** 0.5 * noise
+    return noised
 
 
 def noised_sigma(init: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarray:
@@ -123,7 +126,8 @@ class Run:
         if self.known is None:
             return x
         kept = self.known.latents if i + 1 == self.n else self.noised(self.known.latents, i + 1)
-        return (1.0 - self.known.mask) * kept + self.known.mask * x
+        blended: np.ndarray = (1.0 - self.known.mask) * kept + self.known.mask * x
+        return blended
 
     def end_step(self, x: np.ndarray, i: int, t: float) -> np.ndarray:
         """End of step i at timestep t: the known region re-imposed, then step_done."""

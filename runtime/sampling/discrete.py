@@ -124,7 +124,8 @@ def _plms(model: Model, s: NoiseSchedule, x: np.ndarray, run: Run, listed: np.nd
 
 
 def _adams_bashforth(history: list[np.ndarray]) -> np.ndarray:
-    return sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(history)], reversed(history)))  # type: ignore[return-value]
+    combined: np.ndarray = sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(history)], reversed(history)))
+    return combined
 
 
 def _prk_step(model: Model, s: NoiseSchedule, x: np.ndarray, t: int, t_next: int, half: int, out: np.ndarray) -> np.ndarray:
@@ -142,4 +143,5 @@ def _transfer(s: NoiseSchedule, x: np.ndarray, t: int, prev: int, out: np.ndarra
     a, a_prev = acp[t], (acp[prev] if prev >= 0 else s.final_alpha_cumprod)
     eps = a**0.5 * out + (1 - a) ** 0.5 * x if s.prediction_type == "v_prediction" else out
     denom = a * (1 - a_prev) ** 0.5 + (a * (1 - a) * a_prev) ** 0.5
-    return (a_prev / a) ** 0.5 * x - (a_prev - a) * eps / denom
+    x_prev: np.ndarray = (a_prev / a) ** 0.5 * x - (a_prev - a) * eps / denom
+    return x_prev

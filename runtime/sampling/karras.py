@@ -87,7 +87,8 @@ def sample_heun(
 
     def slope(x: np.ndarray, i: int) -> np.ndarray:
         x0 = denoised(evaluate(model, model_input(x, sigmas[i]), timesteps[i]), x, sigmas[i], s.prediction_type)
-        return (x - clean_x0(x0, s)) / sigmas[i]
+        d: np.ndarray = (x - clean_x0(x0, s)) / sigmas[i]
+        return d
 
     for i in range(start, steps):
         t, dt = timesteps[i], sigmas[i + 1] - sigmas[i]

@@ -97,7 +97,7 @@ def _unipc(
     """UniP (x0_next None) or UniC (x0_next: the model's x0 at k + 1) from sigma k to k + 1, as diffusers' bh updates."""
     alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
     h_phi_1 = sigmas[k + 1] / sigmas[k] - 1.0  # expm1(-h), h = log(sigma_k / sigma_k+1) the step in log-SNR/2
-    x_next = (h_phi_1 + 1.0) * alpha[k + 1] / alpha[k] * x - alpha[k + 1] * h_phi_1 * x0s[-1]
+    x_next: np.ndarray = (h_phi_1 + 1.0) * alpha[k + 1] / alpha[k] * x - alpha[k + 1] * h_phi_1 * x0s[-1]
     if x0_next is None and order == 1:
         return x_next  # also onto sigma 0, where bh1's B(h) is infinite and diffusers' 0 * inf gives NaN
     h = math.log(sigmas[k] / sigmas[k + 1])
@@ -110,7 +110,8 @@ def _unipc(
     else:
         rhos = [0.5] if order == 1 else np.linalg.solve(powers, b)
         diffs = diffs + [x0_next - x0s[-1]]
-    return x_next - alpha[k + 1] * b_h * sum(r * d for r, d in zip(rhos, diffs))
+    corrected: np.ndarray = x_next - alpha[k + 1] * b_h * sum(r * d for r, d in zip(rhos, diffs))
+    return corrected
 
 
 def _unipc_b(hh: float, h_phi_1: float, order: int, bh2: bool) -> tuple[np.ndarray, float]:

@@ -92,11 +92,13 @@ class NoiseSchedule:
 
     @property
     def prediction_type(self) -> str:
-        return self.config["prediction_type"]
+        kind: str = self.config["prediction_type"]
+        return kind
 
     @property
     def timestep_spacing(self) -> str:
-        return self.config["timestep_spacing"]
+        spacing: str = self.config["timestep_spacing"]
+        return spacing
 
     @property
     def steps_offset(self) -> int:
@@ -163,7 +165,9 @@ def betas_for(config: Mapping[str, Any]) -> np.ndarray:
     if kind == "scaled_linear":
         return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
     if kind == "squaredcos_cap_v2":
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        def f(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
         return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=np.float64)
     raise ValueError(f"scheduler config: beta_schedule {kind!r} is not supported (linear, scaled_linear, squaredcos_cap_v2)")
 
@@ -194,6 +198,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, *, discrete: bool = Tr
     check_steps(schedule, steps)
     n = schedule.num_train_timesteps
     spacing = schedule.timestep_spacing
+    ts: np.ndarray
     if spacing == "leading":
         ts = (np.arange(steps) * (n // steps)).round()[::-1] + schedule.steps_offset
     elif spacing == "trailing":

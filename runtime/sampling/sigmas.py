@@ -15,7 +15,8 @@ from .schedule import SPACINGS, NoiseSchedule, check_steps, spaced_timesteps
 
 def training_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     """sigma(t) = sqrt((1 - abar) / abar) for every training timestep, ascending in t."""
-    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    sigmas: np.ndarray = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    return sigmas
 
 
 def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
@@ -23,13 +24,15 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     low = np.clip(np.searchsorted(log_train_sigmas, log_sigma, side="right") - 1, 0, len(log_train_sigmas) - 2)
     lo, hi = log_train_sigmas[low], log_train_sigmas[low + 1]
-    return low + np.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
+    t: np.ndarray = low + np.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
+    return t
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022 (arXiv:2206.00364, eq. 5): evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    sigmas: np.ndarray = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return sigmas
 
 
 def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:

@@ -86,5 +86,7 @@ def _has_work(mask: np.ndarray) -> bool:
         warnings.warn("mask_image is all black (keep everything): nothing to repaint, returning the image unchanged", stacklevel=3)
         return False
     if min(coverage) == 1.0:
-        warnings.warn("mask_image is all white: the whole image is repainted, as text-to-image would (or img2img at the same strength)", stacklevel=3)
+        warnings.warn(
+            "mask_image is all white: the whole image is repainted, as text-to-image would (or img2img at the same strength)", stacklevel=3
+        )
     return True

@@ -66,14 +66,16 @@ def upscale(
     img.check_output_type(output_type)
     settings = pipe.manifest.upscale
     if settings is None:
-        raise BundleError(f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; rebuild it with `python -m export.build`")
+        raise BundleError(
+            f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; rebuild it with `python -m export.build`"
+        )
     level = check_noise_level(noise_level, settings.max_noise_level)
     batch, shape = pipe.batch_size, pipe.manifest.latent_shape
     pixels = img.image_tensor(image, shape[2:], batch, resize=resize, scale=pipe.height // shape[2])
     rng = np.random.default_rng(options["seed"])
     noise_for_image = pipe.draw(image_noise, rng, pixels.shape, "image_noise")
     noise = pipe.draw(latents, rng, shape, "latents")
-    extra = {
+    extra: dict[str, np.ndarray] = {
         # DDPMScheduler.add_noise at the noise level, on the low-resolution schedule
         "channels": noised_vp(pixels, noise_for_image, float(low_res_alphas_cumprod(settings)[level])).astype(np.float32),
         "class_labels": np.full(batch, level, dtype=np.int64),
