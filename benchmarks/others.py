@@ -105,7 +105,7 @@ class DiffusersOnnx:
             name: StaticBatchModel(self._session(bundle / manifest.components[name].file), name, self.log)
             for name in ("text_encoder", "unet", "vae_decoder")
         }
-        models["vae_decoder"].rescale = SD_VAE_SCALING / manifest.vae_scaling_factor
+        models["vae_decoder"].rescale = SD_VAE_SCALING / manifest.vae.scaling_factor
         scheduler_class = getattr(diffusers, manifest.scheduler.class_name)
         self.pipe = OnnxStableDiffusionPipeline(
             vae_encoder=None,

@@ -206,7 +206,7 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
             "onnx": src.to_json(),
         },
     )
-    feed = fixed_inputs(src.inputs, name, job.manifest.vae_scaling_factor)
+    feed = fixed_inputs(src.inputs, name, job.manifest.vae.scaling_factor)
     reference = load_engine(src, work, backend="onnxruntime", device="cpu")(feed)
     figures = error_figures(run_engine(job.open_engine, component, work / plan_file, feed), reference, TOLERANCE[precision.name])
     figures["reference"] = f"the {src.precision} ONNX through ONNX Runtime (CPU), fixed inputs (seed 0)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from runtime.manifest import (
     Component,
     GuidanceInfo,
-    ImageInfo,
     Manifest,
     ModelInfo,
     SchedulerInfo,
@@ -16,9 +15,6 @@ from runtime.manifest import (
 
 from .bundle import now
 from .model import SourceModel
-
-# cross_attention_dim -> the checkpoint architecture it belongs to; the reference model and others are "custom"
-ARCHITECTURES = {768: "sd1", 1024: "sd2"}
 
 
 def manifest_for(
@@ -43,8 +39,8 @@ def manifest_for(
         model=ModelInfo(
             name=model.name,
             kind=model.kind,
-            family="sd",
-            architecture=ARCHITECTURES.get(model.unet.config.cross_attention_dim, "custom"),
+            family=model.family.name,
+            architecture=model.family.architecture(model),
             prediction_type=model.scheduler_config.get("prediction_type", "epsilon"),
             source=str(model.path.resolve()),
             source_hashes=model.hashes,
@@ -52,7 +48,9 @@ def manifest_for(
         pipelines=tuple(pipelines),
         scheduler=SchedulerInfo(model.scheduler_class, model.scheduler_config),
         vae=VaeInfo(float(model.vae.config.scaling_factor), int(model.vae.config.latent_channels), model.vae_factor),
-        image=ImageInfo(height, width, batch),
+        height=height,
+        width=width,
+        batch_size=batch,
         guidance_info=GuidanceInfo(
             guidance,
             2 * batch if guidance == "cfg" else batch,

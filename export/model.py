@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.manifest import sha256_file
+
+from .errors import ModelError
+from .families import ExportFamily, StableDiffusion, detect
+
+__all__ = ["REFERENCE_MODEL", "ModelError", "SourceModel", "load_model", "write_tokenizer"]
 
 # The small model shipped in the repository: the default --model, and what the tests export.
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-ldm"
@@ -17,10 +22,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHTED = ("text_encoder", "unet", "vae")
 # What a model can do follows from its UNet's input channels (diffusers' pipelines check the same).
 PIPELINES = {"text2image": ("txt2img", "img2img", "inpaint"), "inpainting": ("inpaint",), "upscaler": ("upscale",)}
-
-
-class ModelError(ValueError):
-    """The model folder is missing, incomplete or not loadable as asked."""
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SourceModel:
     hashes: dict[str, str]
     index: dict[str, Any]  # model_index.json: the pipeline class and its extra settings (e.g. max_noise_level)
     low_res_scheduler: dict[str, Any] | None = None  # the upscaler's: {"class_name", "config"} of the schedule noising its input
+    family: ExportFamily = field(default_factory=StableDiffusion)  # detected from the folder by load_model
 
     @property
     def name(self) -> str:
@@ -86,6 +88,7 @@ def check_layout(path: Path, allow_pickle: bool) -> dict[str, bool]:
         raise ModelError(f"model folder {path} does not exist; pass --model with a local diffusers Stable Diffusion folder")
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} has no model_index.json: not a diffusers pipeline folder (save one with pipe.save_pretrained)")
+    detect(path)  # a folder of another family is refused by name before its parts are checked
     missing = [c for c in REQUIRED if not (path / c).is_dir()]
     if missing:
         raise ModelError(f"{path} is incomplete: missing {', '.join(missing)}/ (a Stable Diffusion folder has {', '.join(REQUIRED)})")
@@ -162,6 +165,7 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
         raise ModelError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json: the CLIP tokenizer is missing")
     low_res = path / "low_res_scheduler"
     model = SourceModel(
+        family=detect(path),
         path=path,
         text_encoder=text_encoder,
         unet=unet,

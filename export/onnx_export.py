@@ -29,7 +29,7 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
 
 
-def _wrap(module: Any, fn: Callable[..., Any]) -> Any:
+def wrap(module: Any, fn: Callable[..., Any]) -> Any:
     """A module whose forward is fn(module, *inputs): positional I/O for the exporter, weights registered."""
     import torch
 
@@ -49,52 +49,41 @@ def component_specs(model: Any, *, height: int, width: int, batch: int, guidance
 
     height, width: the output image's; the UNet works at 1/f of it, as does the upscaler's input image.
     """
-    te, unet, vae = model.text_encoder, model.unet, model.vae
+    unet, vae = model.unet, model.vae
     f = model.vae_factor
     h, w, c = height // f, width // f, unet.config.in_channels
     lc = vae.config.latent_channels
-    seq = te.config.max_position_embeddings
-    dim = te.config.hidden_size
     b2 = 2 * batch if guidance == "cfg" else batch
-    text = ComponentSpec(
-        "text_encoder",
-        _wrap(te, lambda m, ids: m(ids, return_dict=False)[:2]),
-        (TensorSpec("input_ids", (b2, seq), "int32"),),
-        (TensorSpec("last_hidden_state", (b2, seq, dim), "float32"), TensorSpec("pooler_output", (b2, dim), "float32")),
-    )
-    unet_inputs: tuple[TensorSpec, ...] = (
-        TensorSpec("sample", (b2, c, h, w), "float32"),
-        TensorSpec("timestep", (b2,), "float32"),
-        TensorSpec("encoder_hidden_states", (b2, seq, unet.config.cross_attention_dim), "float32"),
-    )
+    text = model.family.unet_text_inputs(model, b2)  # how the prompts reach the UNet: the family's business
+    unet_inputs: tuple[TensorSpec, ...] = (TensorSpec("sample", (b2, c, h, w), "float32"), TensorSpec("timestep", (b2,), "float32"), *text)
     conditioning: tuple[TensorSpec, ...] = ()
     if guidance == "embedded":  # LCM: the guidance scale enters as an embedding, no second batch half
         conditioning += (TensorSpec("timestep_cond", (b2, unet.config.time_cond_proj_dim), "float32"),)
     if model.kind == "upscaler":  # the noise level added to the low-resolution image, as diffusers feeds it (torch.long)
         conditioning += (TensorSpec("class_labels", (b2,), "int64"),)
     unet_inputs += conditioning
-    keywords = [t.name for t in conditioning]
+    keywords = [t.name for t in (*text, *conditioning)]
 
-    def unet_fn(m: Any, x: Any, t: Any, ctx: Any, *more: Any) -> Any:
-        return m(x, t, encoder_hidden_states=ctx, **dict(zip(keywords, more)), return_dict=False)[0]
+    def unet_fn(m: Any, x: Any, t: Any, *more: Any) -> Any:
+        return m(x, t, **dict(zip(keywords, more)), return_dict=False)[0]
 
     denoiser = ComponentSpec(
-        "unet", _wrap(unet, unet_fn), unet_inputs, (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),)
+        "unet", wrap(unet, unet_fn), unet_inputs, (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),)
     )
     decoder = ComponentSpec(
         "vae_decoder",
-        _wrap(vae, lambda m, z: m.decode(z, return_dict=False)[0]),
+        wrap(vae, lambda m, z: m.decode(z, return_dict=False)[0]),
         (TensorSpec("latent_sample", (batch, lc, h, w), "float32"),),
         (TensorSpec("sample", (batch, vae.config.out_channels, height, width), "float32"),),
     )
     encoder = ComponentSpec(
         "vae_encoder",
         # the posterior's mean and log-variance, so the runtime can sample it with its own noise
-        _wrap(vae, lambda m, x: m.encode(x, return_dict=False)[0].parameters),
+        wrap(vae, lambda m, x: m.encode(x, return_dict=False)[0].parameters),
         (TensorSpec("sample", (batch, vae.config.in_channels, height, width), "float32"),),
         (TensorSpec("latent_parameters", (batch, 2 * lc, h, w), "float32"),),
     )
-    return [text, denoiser, decoder, encoder]
+    return [*model.family.text_specs(model, b2), denoiser, decoder, encoder]
 
 
 def torch_inputs(spec: ComponentSpec, arrays: dict[str, Any]) -> tuple[Any, ...]:

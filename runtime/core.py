@@ -92,6 +92,7 @@ class Core:
 
     def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None):
         self.bundle, self.manifest, self.engines = bundle, manifest, engines
+        self.height, self.width, self.batch_size = manifest.height, manifest.width, manifest.batch_size  # static shapes
         self._options = dict(options or {})
         self.family: Family = open_family(bundle, manifest, self.engine)
         class_name = manifest.scheduler.class_name
@@ -169,19 +170,6 @@ class Core:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # the bundle's static shapes
-    @property
-    def batch_size(self) -> int:
-        return self.manifest.batch_size
-
-    @property
-    def height(self) -> int:
-        return self.manifest.height
-
-    @property
-    def width(self) -> int:
-        return self.manifest.width
 
     def prompts(self, prompt: Prompt, what: str) -> list[str]:
         """One prompt repeated, or exactly batch-size prompts; an empty `prompt` is refused."""

@@ -145,13 +145,6 @@ class VaeInfo:
 
 
 @dataclass(frozen=True)
-class ImageInfo:
-    height: int
-    width: int
-    batch_size: int
-
-
-@dataclass(frozen=True)
 class GuidanceInfo:
     """cfg: one batch-2B UNet call; none: batch B (Turbo); embedded: batch B with an LCM guidance embedding."""
 
@@ -208,7 +201,9 @@ class Manifest:
     pipelines: tuple[str, ...]
     scheduler: SchedulerInfo
     vae: VaeInfo
-    image: ImageInfo
+    height: int  # the static image size and batch every engine was built for ("image" in the JSON)
+    width: int
+    batch_size: int
     guidance_info: GuidanceInfo
     tokenizer: TokenizerInfo
     backend: str
@@ -221,24 +216,8 @@ class Manifest:
     tensorrt: TensorRTInfo | None = None
 
     @property
-    def height(self) -> int:
-        return self.image.height
-
-    @property
-    def width(self) -> int:
-        return self.image.width
-
-    @property
-    def batch_size(self) -> int:
-        return self.image.batch_size
-
-    @property
     def guidance(self) -> str:
         return self.guidance_info.mode
-
-    @property
-    def vae_scaling_factor(self) -> float:
-        return self.vae.scaling_factor
 
     @property
     def source_precision(self) -> str:
@@ -262,7 +241,7 @@ class Manifest:
             "pipelines": list(self.pipelines),
             "scheduler": self.scheduler.to_json(),
             "vae": _fields(self.vae),
-            "image": _fields(self.image),
+            "image": {"height": self.height, "width": self.width, "batch_size": self.batch_size},
             "guidance": self.guidance_info.to_json(),
             "tokenizer": _fields(self.tokenizer),
             "backend": self.backend,
@@ -327,7 +306,9 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
         pipelines=tuple(str(p) for p in raw.get("pipelines", ["txt2img"])),
         scheduler=SchedulerInfo.from_json(raw["scheduler"]),
         vae=VaeInfo(float(raw["vae"]["scaling_factor"]), int(raw["vae"]["latent_channels"]), int(raw["vae"]["downscale_factor"])),
-        image=ImageInfo(int(raw["image"]["height"]), int(raw["image"]["width"]), int(raw["image"]["batch_size"])),
+        height=int(raw["image"]["height"]),
+        width=int(raw["image"]["width"]),
+        batch_size=int(raw["image"]["batch_size"]),
         guidance_info=GuidanceInfo(
             str(guidance["mode"]),
             int(guidance.get("unet_batch", 0)),

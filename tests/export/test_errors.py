@@ -36,6 +36,20 @@ def test_incomplete_model_folder(tiny_model, tmp_path, capsys):
     assert code == 2 and "model_index.json" in err
 
 
+@pytest.mark.parametrize("pipeline", ["StableDiffusionXLPipeline", "StableDiffusionPipeline"])
+def test_a_folder_of_another_family_is_refused_by_name(tiny_model, tmp_path, capsys, pipeline):
+    """SDXL used to export text_encoder, ignore text_encoder_2 and end in a diffusers traceback."""
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(tiny_model, sdxl)
+    shutil.copytree(sdxl / "text_encoder", sdxl / "text_encoder_2")
+    index = json.loads((sdxl / "model_index.json").read_text())
+    (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    code, err = run_cli(capsys, "--model", str(sdxl), "--out", str(tmp_path / "b"))
+    assert code == 2 and err.count("\n") == 1
+    assert f"is a {pipeline} folder: SDXL (two text encoders" in err and "exports the Stable Diffusion 1.x/2.x family" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_pickle_weights_need_allow_pickle(tiny_model, tmp_path):
     import torch
     from safetensors.torch import load_file

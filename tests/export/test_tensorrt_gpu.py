@@ -84,7 +84,7 @@ def test_engines_match_their_onnx_through_onnx_runtime(trt_bundle):
     manifest, trt_engines = engines(trt_bundle)
     for name, engine in trt_engines.items():
         src = onnx_component(manifest.components[name])
-        feed = fixed_inputs(src.inputs, src.name, manifest.vae_scaling_factor, seed=1)  # not the inputs the build verified with
+        feed = fixed_inputs(src.inputs, src.name, manifest.vae.scaling_factor, seed=1)  # not the inputs the build verified with
         reference = load_engine(src, trt_bundle, backend="onnxruntime", device="cpu")(feed)
         with engine:
             figures = error_figures(engine(feed), reference, TOLERANCE[engine.component.precision])
@@ -95,7 +95,7 @@ def test_engines_match_their_onnx_through_onnx_runtime(trt_bundle):
 def test_cuda_graph_gives_the_plain_engines_outputs(trt_bundle):
     manifest = load_manifest(trt_bundle)
     unet = manifest.components["unet"]
-    first, second = (fixed_inputs(unet.inputs, unet.name, manifest.vae_scaling_factor, seed=s) for s in (2, 3))
+    first, second = (fixed_inputs(unet.inputs, unet.name, manifest.vae.scaling_factor, seed=s) for s in (2, 3))
     with load_engine(unet, trt_bundle) as plain, load_engine(unet, trt_bundle, cuda_graph=True) as graphed:
         assert graphed.uses_cuda_graph and not plain.uses_cuda_graph
         a, b = graphed(first)["out_sample"], graphed(second)["out_sample"]
@@ -149,4 +149,4 @@ def test_closed_engine_refuses_calls(trt_bundle):
     engine.close()
     engine.close()
     with pytest.raises(BundleError, match="was closed"):
-        engine(fixed_inputs(unet.inputs, unet.name, manifest.vae_scaling_factor))
+        engine(fixed_inputs(unet.inputs, unet.name, manifest.vae.scaling_factor))

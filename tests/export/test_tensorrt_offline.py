@@ -273,13 +273,13 @@ def test_from_onnx_cli_refuses_shape_flags(bundle_fp32, capsys):
 def test_fixed_inputs_follow_the_manifest(bundle_fp32):
     manifest = load_manifest(bundle_fp32)
     text_encoder, unet_spec = manifest.components["text_encoder"], manifest.components["unet"]
-    feed = fixed_inputs(text_encoder.inputs, text_encoder.name, manifest.vae_scaling_factor)
+    feed = fixed_inputs(text_encoder.inputs, text_encoder.name, manifest.vae.scaling_factor)
     ids = feed["input_ids"]
     assert ids.dtype == np.int32 and ids.shape == (2, 77) and (ids[:, 0] == 49406).all() and (ids[:, 6:] == 49407).all()
-    unet = fixed_inputs(unet_spec.inputs, unet_spec.name, manifest.vae_scaling_factor)
+    unet = fixed_inputs(unet_spec.inputs, unet_spec.name, manifest.vae.scaling_factor)
     assert {k: (v.dtype.name, v.shape) for k, v in unet.items()} == {t.name: (t.dtype, t.shape) for t in unet_spec.inputs}
     assert (unet["timestep"] == 499).all()
-    again = fixed_inputs(unet_spec.inputs, unet_spec.name, manifest.vae_scaling_factor)
+    again = fixed_inputs(unet_spec.inputs, unet_spec.name, manifest.vae.scaling_factor)
     assert all(np.array_equal(unet[k], again[k]) for k in unet)
 
 
