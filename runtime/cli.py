@@ -14,10 +14,10 @@ from typing import Any
 DEFAULT_BUNDLE = Path("engines") / "shapes-ldm-64x64-b1-fp16-onnxruntime"
 SUBCOMMANDS = ("txt2img", "img2img", "inpaint", "upscale")
 DESCRIPTIONS = {
-    "txt2img": "Generate images from a text prompt",
-    "img2img": "Redraw an image guided by a prompt (SDEdit): --strength sets how far from the image",
-    "inpaint": "Repaint the white part of --mask guided by a prompt; the black part is kept",
-    "upscale": "Upscale an image 4x guided by a prompt, with an x4 upscaler bundle",
+    "txt2img": "Generate images from a text prompt.",
+    "img2img": "Redraw an image guided by a prompt (SDEdit); --strength sets how far from the image.",
+    "inpaint": "Repaint the white part of --mask guided by a prompt; the black part is kept.",
+    "upscale": "Upscale an image 4x guided by a prompt; needs a bundle built from an x4 upscaler model.",
 }
 
 
@@ -28,8 +28,8 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
     prog = "python -m runtime" + ("" if command == "txt2img" else f" {command}")
     p = argparse.ArgumentParser(
         prog=prog,
-        description=f"{DESCRIPTIONS[command]} with an engine bundle built by `python -m export.build`. Runs on ONNX Runtime "
-        "(or TensorRT) without PyTorch. Other pipelines: python -m runtime {img2img,inpaint,upscale} --help.",
+        description=f"{DESCRIPTIONS[command]} Runs an engine bundle built by `python -m export.build` on ONNX Runtime "
+        "(or TensorRT), without PyTorch. Other tasks: python -m runtime {txt2img,img2img,inpaint,upscale} --help.",
         epilog='example: python -m runtime "a small red circle on a black background" --seed 0 -o circle.png'
         if command == "txt2img"
         else None,
@@ -103,17 +103,22 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
     return p
 
 
-def progress_bar(width: int = 30) -> Callable[[int, int, float], None]:
-    """A one-line bar on stderr; returns the per-step callback."""
+def progress_bar(width: int = 30, stream: Any = None) -> Callable[[int, int, float], None]:
+    """The per-step callback: a bar redrawn in place on a terminal; elsewhere (a log file, a pipe)
+    one line per tenth of the run, since carriage returns would pile every step into one long line."""
+    out = stream or sys.stderr
+    live = out.isatty()
     start = time.perf_counter()
 
     def show(step: int, total: int, t: float) -> None:
-        done = int(width * step / total)
         elapsed = time.perf_counter() - start
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} t={t:4.0f} {elapsed:6.1f}s")
-        if step == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        if live:
+            done = int(width * step / total)
+            out.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} t={t:4.0f} {elapsed:6.1f}s")
+            out.write("\n" if step == total else "")
+        elif step == total or step * 10 // total != (step - 1) * 10 // total:
+            out.write(f"step {step}/{total} t={t:.0f} {elapsed:.1f}s\n")
+        out.flush()
 
     return show
 
