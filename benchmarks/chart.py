@@ -81,7 +81,7 @@ def draw(results: list[Mapping[str, Any]], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.chart", description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", type=Path, help="compare JSON files (from python -m benchmarks.compare)")
-    p.add_argument("-o", "--output", type=Path, default=Path("results/bench/stages.png"), help="PNG to write (default %(default)s)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out/bench/stages.png"), help="PNG to write (default %(default)s)")
     args = p.parse_args(argv)
     try:
         results = [json.loads(path.read_text()) for path in args.results]

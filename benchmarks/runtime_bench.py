@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_BUNDLE = Path("engines") / "shapes-ldm-64x64-b1-fp32-onnxruntime"
-DEFAULT_OUT = Path("results") / "bench"
+# results/bench/ holds the published figures: a run writes there only when asked (--out results/bench)
+DEFAULT_OUT = Path("out") / "bench"
 DEFAULT_PROMPT = "a large red circle on a white background"
 # per-run figures, in the order the tables show them (seconds unless the name says otherwise)
 STAGES = ("text_encoder", "unet_call", "host_per_step", "vae_decode", "total")

@@ -151,3 +151,12 @@ def test_footprint_follows_requirements():
     assert {"onnxruntime", "numpy"} <= set(found)
     sizes = footprint(["numpy"])
     assert sizes["packages"]["numpy"] > 1_000_000 and sizes["total_bytes"] >= sizes["packages"]["numpy"]
+
+
+def test_benchmarks_publish_to_results_only_when_asked():
+    """A plain run writes to the gitignored out/bench/; the committed results/bench/ needs --out."""
+    from benchmarks import compare, runtime_bench
+
+    assert runtime_bench.parser().parse_args(["--bundle", "b"]).out.parts[-2:] == ("out", "bench")
+    assert compare.parser().parse_args([]).out.parts[-2:] == ("out", "bench")
+    assert "/out/" in (REPO / ".gitignore").read_text().splitlines()
