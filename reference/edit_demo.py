@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--n", type=int, default=60, help="images per edit (default %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default %(default)s)")
     p.add_argument("--strength", type=float, nargs="+", default=[0.5, 0.75], help="img2img strengths (default %(default)s)")
     p.add_argument("--seed", type=int, default=2026, help="which dataset images (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("results/reference-edit"), help="output folder (default %(default)s)")
@@ -150,15 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     items = cases(args.n, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    metrics, outputs = run_inpaint(pipe, items, args.steps, args.guidance)
+    metrics, outputs = run_inpaint(pipe, items, args.steps, args.guidance_scale)
     rows.append(("inpaint: new colour and shape in a box", metrics))
     grid(items, outputs, inpaint=True).save(args.out / "grid_inpaint.png")
     for strength in args.strength:
-        metrics, outputs = run_img2img(pipe, items, args.steps, args.guidance, strength)
+        metrics, outputs = run_img2img(pipe, items, args.steps, args.guidance_scale, strength)
         rows.append((f"img2img strength {strength:g}: new colour", metrics))
         grid(items, outputs, inpaint=False).save(args.out / f"grid_img2img_{strength:g}.png")
     header = (
-        f"`python -m reference.edit_demo --bundle {args.bundle} --n {args.n} --steps {args.steps} --guidance {args.guidance:g}` "
+        f"`python -m reference.edit_demo --bundle {args.bundle} --n {args.n} --steps {args.steps} "
+        f"--guidance-scale {args.guidance_scale:g}` "
         f"(DDIM, {args.n} dataset images, seed {args.seed}); accuracy in % of the asked attributes, read by reference.checker\n\n"
     )
     (args.out / "results.md").write_text(header + table(rows) + "\n")

@@ -1,6 +1,6 @@
 """Score a shapes engine bundle: attribute accuracy, domain FID and IS, speed, per sampler setting.
 
-    python -m reference.evaluate --bundle engines/shapes --n 200 --guidance 1 3 5 8 --steps 50
+    python -m reference.evaluate --bundle engines/shapes --n 200 --guidance-scale 1 3 5 8 --steps 50
 
 Every setting renders the same canonical prompts (random Attributes from ``--seed``) from the
 same initial noise, so settings compare pair-wise. Metrics:
@@ -274,7 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bundle", type=Path, required=True, help="engine bundle folder (from python -m export.build)")
     parser.add_argument("--n", type=_positive_int, default=200, help="images per setting (default 200)")
-    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 8.0], help="guidance scales (default 1 3 5 8)")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        nargs="+",
+        default=[1.0, 3.0, 5.0, 8.0],
+        help="classifier-free guidance scales to compare (default 1 3 5 8)",
+    )
     parser.add_argument("--steps", type=_positive_int, nargs="+", default=[50], help="sampling step counts (default 50)")
     parser.add_argument("--scheduler", nargs="+", default=["ddim"], help="runtime sampler names (default ddim)")
     parser.add_argument("--seed", type=int, default=0, help="prompt and noise seed (default 0)")
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error("--n must be at least 2 (FID needs a covariance)")
-    settings = [Setting(*combo) for combo in itertools.product(args.scheduler, args.steps, args.guidance)]
+    settings = [Setting(*combo) for combo in itertools.product(args.scheduler, args.steps, args.guidance_scale)]
     try:
         model = classifier.load(args.weights)
         generate = runtime_generator(args.bundle)

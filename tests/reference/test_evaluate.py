@@ -223,7 +223,7 @@ def test_cli_rejects_too_few_images(capsys):
 def test_cli_evaluates_a_real_bundle(bundle_batch2, tmp_path, capsys):
     # A random tiny model: this checks the runtime wiring (batching, padding, outputs), not quality.
     out = tmp_path / "eval"
-    argv = ["--bundle", str(bundle_batch2), "--n", "3", "--guidance", "1", "4", "--steps", "2", "--out", str(out)]
+    argv = ["--bundle", str(bundle_batch2), "--n", "3", "--guidance-scale", "1", "4", "--steps", "2", "--out", str(out)]
     evaluate.main(argv + ["--real-n", "50", "--grid-n", "2"])
     printed = capsys.readouterr().out
     assert "ddim steps=2 guidance=4:" in printed and f"wrote {out / 'results.md'}" in printed
