@@ -1,8 +1,9 @@
 """Sampling: noise schedules, sigma grids, the samplers and the table that names them.
 
-Samplers are pure functions `sample_x(model, x, schedule, steps, *, init=None, start=0, known=None,
-rng=None, callback=None, **options) -> x`, each step for step the diffusers scheduler of the same
-family, reading the model's scheduler config as `ThatScheduler.from_config(config)` would.
+Samplers are pure functions `sample_x(model, x, schedule, steps, *, <options>, **kw) -> x`, kw being
+the keywords every sampler takes (common.Common: init=None, start=0, known=None, rng=None,
+callback=None), each step for step the diffusers scheduler of the same family, reading the
+model's scheduler config as `ThatScheduler.from_config(config)` would.
 `model(x, t)` returns the network's raw output (epsilon, v or x0, per the config's
 prediction_type) for latents x at timestep t; guidance is the model wrapper's business.
 `x` comes in as unit-variance noise: the sampler scales it by diffusers' init_noise_sigma,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -92,6 +92,23 @@ class Known:
     mask: np.ndarray
 
 
+class Common(TypedDict, total=False):
+    """The keywords every sampler takes besides its own options, as `**kw: Unpack[Common]`, all passed on to begin.
+
+    init: clean latents for img2img, noised with x to the level before step `start` (default: none, pure noise).
+    start: how many of the `steps` to skip, 0 <= start < steps; more than 0 needs init (default 0).
+    known: inpainting with an ordinary UNet, the region to keep (a Known; default: none).
+    rng: the generator every noise draw comes from, needed only by samplers that draw noise (default: none).
+    callback: callback(i, t, x) after every step, one per requested step however many model calls it took.
+    """
+
+    init: np.ndarray | None
+    start: int
+    known: Known | None
+    rng: Rng
+    callback: Callback
+
+
 def step_done(x: np.ndarray, i: int, t: float, callback: Callback) -> np.ndarray:
     """End of step i at timestep t: latents back to float32, then the caller hears about them."""
     x = np.asarray(x, dtype=np.float32)
@@ -107,14 +124,24 @@ class Run:
     level(i): the noise level before step i, float64: alpha-bar for variance-preserving latents (vp), else
     sigma. n: the steps the sampler's loop counts (after step n - 1 the known region is the clean latents).
     unit: the noise the sampler was handed, which img2img and inpainting noise their clean latents with.
+    The rest are the sampler's name and its Common keywords, checked: the loop runs from step `start`.
     """
 
     unit: np.ndarray
     level: Callable[[int], float]
     vp: bool
     n: int
+    sampler: str
+    init: np.ndarray | None
+    start: int
     known: Known | None
+    rng: Rng
     callback: Callback
+
+    def noise(self, like: np.ndarray) -> np.ndarray:
+        """Fresh noise of like's shape from the caller's rng (a sampler that draws checks for it with require_rng
+        before begin, so that its error comes where it always has)."""
+        return noise(require_rng(self.rng, self.sampler), like)
 
     def noised(self, latents: np.ndarray, i: int) -> np.ndarray:
         """Clean latents at the noise level before step i (diffusers' add_noise)."""
@@ -137,22 +164,23 @@ class Run:
 def begin(
     x: np.ndarray, sampler: str, steps: int, *, abar: Callable[[int], float] | None = None,
     sigma: Callable[[int], float] | None = None, scale: float | None = None, n: int | None = None,
-    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, callback: Callback = None,
+    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
 ) -> tuple[np.ndarray, Run]:  # fmt: skip
-    """A sampler's start: `start` checked, then the latents step `start` begins from and the Run that ends every step.
+    """A sampler's start: its Common keywords checked, then the latents step `start` begins from and the Run.
 
     x is unit-variance noise. From pure noise the run begins at x times `scale` (diffusers'
     init_noise_sigma, where it has one); img2img (init given) begins at init noised with x to the
     level before step `start`, as diffusers' add_noise at the begin index. The level before step i
     comes as abar(i) for variance-preserving latents or sigma(i) in sigma space: a function, so only
     the levels used are looked up (a run from step 1 never reads step 0's timestep, which may lie past
-    the schedule's end). n: the steps the loop counts, where that is not `steps`.
+    the schedule's end). n: the steps the loop counts, where that is not `steps`. The Common keywords
+    are spelled out here, so that a sampler's misspelled keyword is Python's TypeError naming it.
     """
     level = abar or sigma
     if level is None:
         raise TypeError("begin() needs the noise levels, as abar= or sigma=")
     check_start(start, steps, init, sampler)
-    run = Run(x, level, sigma is None, steps if n is None else n, known, callback)
+    run = Run(x, level, sigma is None, steps if n is None else n, sampler, init, start, known, rng, callback)
     if init is not None:
         return run.noised(init, start), run
     return (x if scale is None else x * scale), run

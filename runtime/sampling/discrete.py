@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .common import Callback, Known, Model, Rng, Run, begin, clean_x0, evaluate, noise, predict_x0, require_rng, step_done, to_x0_eps
+from .common import Common, Model, Run, begin, clean_x0, evaluate, predict_x0, require_rng, step_done, to_x0_eps
 from .schedule import NoiseSchedule, spaced_timesteps
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # Adams-Bashforth weights, newest model output first (PLMS's linear multistep of order 1-4).
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def sample_ddpm(
-    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
-    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
-) -> np.ndarray:  # fmt: skip
+def sample_ddpm(model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, **kw: Unpack[Common]) -> np.ndarray:
     """DDPM ancestral sampling (Ho et al. 2020, arXiv:2006.11239), step for step as diffusers' DDPMScheduler."""
     s = schedule.as_class("DDPMScheduler")
     s.require("ddpm", variance_type=("fixed_small", "fixed_small_log", "fixed_large"))
-    rng = require_rng(rng, "ddpm")
+    require_rng(kw.get("rng"), "ddpm")
     acp, timesteps = s.alphas_cumprod, spaced_timesteps(s, steps)
-    x, run = begin(x, "ddpm", steps, abar=lambda i: acp[timesteps[i]], init=init, start=start, known=known, callback=callback)
-    for i in range(start, steps):
+    x, run = begin(x, "ddpm", steps, abar=lambda i: acp[timesteps[i]], **kw)
+    for i in range(run.start, steps):
         t = timesteps[i]
         prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1  # the next listed timestep, unlike DDIM
         abar, abar_prev = acp[t], (acp[prev] if prev >= 0 else 1.0)
@@ -30,24 +32,21 @@ def sample_ddpm(
         x = (abar_prev**0.5 * beta * x0 + (1.0 - beta) ** 0.5 * (1.0 - abar_prev) * x) / (1.0 - abar)
         if t > 0:
             small = max((1.0 - abar_prev) / (1.0 - abar) * beta, 1e-20)
-            x = x + (beta if s.config["variance_type"] == "fixed_large" else small) ** 0.5 * noise(rng, x)
+            x = x + (beta if s.config["variance_type"] == "fixed_large" else small) ** 0.5 * run.noise(x)
         x = run.end_step(x, i, t)
     return x
 
 
-def sample_ddim(
-    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *, eta: float = 0.0,
-    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
-) -> np.ndarray:  # fmt: skip
+def sample_ddim(model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *, eta: float = 0.0, **kw: Unpack[Common]) -> np.ndarray:
     """DDIM (Song et al. 2020, arXiv:2010.02502), step for step as diffusers' DDIMScheduler."""
     s = schedule.as_class("DDIMScheduler")
     if eta < 0:
         raise ValueError(f"ddim: eta must be >= 0 (0 deterministic, 1 DDPM-like), got {eta}")
     if eta > 0:
-        rng = require_rng(rng, "ddim with eta > 0")
+        require_rng(kw.get("rng"), "ddim with eta > 0")
     acp, timesteps, stride = s.alphas_cumprod, spaced_timesteps(s, steps), s.num_train_timesteps // steps
-    x, run = begin(x, "ddim", steps, abar=lambda i: acp[timesteps[i]], init=init, start=start, known=known, callback=callback)
-    for i in range(start, steps):
+    x, run = begin(x, "ddim", steps, abar=lambda i: acp[timesteps[i]], **kw)
+    for i in range(run.start, steps):
         t = timesteps[i]
         prev = t - stride  # diffusers steps back by a fixed stride, not to the next listed timestep
         abar, abar_prev = acp[t], (acp[prev] if prev >= 0 else s.final_alpha_cumprod)
@@ -56,15 +55,12 @@ def sample_ddim(
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
         x = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
-            x = x + sigma * noise(rng, x)  # type: ignore[arg-type]
+            x = x + sigma * run.noise(x)
         x = run.end_step(x, i, t)
     return x
 
 
-def sample_pndm(
-    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
-    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
-) -> np.ndarray:  # fmt: skip
+def sample_pndm(model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, **kw: Unpack[Common]) -> np.ndarray:
     """PNDM (Liu et al. 2022, arXiv:2202.09778): PLMS, or pseudo Runge-Kutta first where skip_prk_steps is off."""
     s = schedule.as_class("PNDMScheduler")
     s.require("pndm", prediction_type=("epsilon", "v_prediction"))
@@ -76,10 +72,10 @@ def sample_pndm(
         )
     acp, timesteps, stride = s.alphas_cumprod, spaced_timesteps(s, steps), s.num_train_timesteps // steps
     listed = timesteps if prk else np.concatenate([timesteps[:2], timesteps[1:]])  # PLMS's list: see _plms
-    x, run = begin(x, "pndm", steps, abar=lambda i: acp[listed[i]], n=len(listed), init=init, start=start, known=known, callback=callback)
+    x, run = begin(x, "pndm", steps, abar=lambda i: acp[listed[i]], n=len(listed), **kw)
     if not prk:
-        return _plms(model, s, x, run, listed, start, stride)
-    if init is not None or known is not None:
+        return _plms(model, s, x, run, listed, stride)
+    if run.init is not None or run.known is not None:
         raise ValueError(
             "pndm: img2img and inpainting need skip_prk_steps=True in the scheduler config (PLMS, as SD 1.x ships it); "
             "the Runge-Kutta warm-up only starts from pure noise. Or pick another sampler"
@@ -97,13 +93,14 @@ def sample_pndm(
     return x
 
 
-def _plms(model: Model, s: NoiseSchedule, x: np.ndarray, run: Run, listed: np.ndarray, start: int, stride: int) -> np.ndarray:
+def _plms(model: Model, s: NoiseSchedule, x: np.ndarray, run: Run, listed: np.ndarray, stride: int) -> np.ndarray:
     """PLMS over diffusers' timestep list, which holds the second timestep twice ([t0, t1, t1, t2, ...]).
 
     Its first two entries are the warm-up: a trial step from t0, then the mean of both outputs
     taken from t1 + stride to t1. img2img skips `start` entries of that list, as diffusers does, so
     a shortened run begins with the same warm-up wherever it lands.
     """
+    start = run.start
     history: list[np.ndarray] = []  # model outputs, newest last; the warm-up's second output is not kept
     for i in range(start, run.n):
         t, j = listed[i], i - start

@@ -3,37 +3,32 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .common import Callback, Known, Model, Rng, begin, predict_x0
+from .common import Common, Model, begin, predict_x0
 from .schedule import NoiseSchedule
 from .sigmas import solver_sigmas
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DPMPP_2M = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
 _NO_FLOW = dict(use_flow_sigmas=(False,), use_dynamic_shifting=(False,))
 
 
-def sample_dpmpp_2m(
-    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
-    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
-) -> np.ndarray:  # fmt: skip
+def sample_dpmpp_2m(model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, **kw: Unpack[Common]) -> np.ndarray:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), as diffusers' DPMSolverMultistepScheduler."""
-    return _dpmpp_2m(model, x, schedule, steps, karras=False, init=init, start=start, known=known, callback=callback)
+    return _dpmpp_2m(model, x, schedule, steps, karras=False, **kw)
 
 
-def sample_dpmpp_2m_karras(
-    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
-    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
-) -> np.ndarray:  # fmt: skip
+def sample_dpmpp_2m_karras(model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, **kw: Unpack[Common]) -> np.ndarray:
     """DPM-Solver++(2M) on Karras et al. 2022's sigmas (arXiv:2206.00364, eq. 5)."""
-    return _dpmpp_2m(model, x, schedule, steps, karras=True, init=init, start=start, known=known, callback=callback)
+    return _dpmpp_2m(model, x, schedule, steps, karras=True, **kw)
 
 
-def _dpmpp_2m(
-    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
-    karras: bool, init: np.ndarray | None, start: int, known: Known | None, callback: Callback,
-) -> np.ndarray:  # fmt: skip
+def _dpmpp_2m(model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *, karras: bool, **kw: Unpack[Common]) -> np.ndarray:
     """DPM-Solver++(2M), on the Karras sigmas or the config's own spacing (use_karras_sigmas forced either way)."""
     name = "dpmpp_2m_karras" if karras else "dpmpp_2m"
     s = schedule.as_class("DPMSolverMultistepScheduler", **DPMPP_2M, use_karras_sigmas=karras)
@@ -41,11 +36,11 @@ def _dpmpp_2m(
     timesteps, sigmas = solver_sigmas(s, steps, name)
     n, config = len(timesteps), s.config
     alpha = 1.0 / np.sqrt(sigmas**2 + 1.0)
-    x, run = begin(x, name, steps, abar=lambda i: alpha[i] ** 2, n=n, init=init, start=start, known=known, callback=callback)
+    x, run = begin(x, name, steps, abar=lambda i: alpha[i] ** 2, n=n, **kw)
     # diffusers' lower_order_final: a first-order last step for short runs, and always onto sigma 0
     first_order_last = config["euler_at_final"] or (config["lower_order_final"] and n < 15) or config["final_sigmas_type"] == "zero"
     previous = None
-    for i in range(start, n):
+    for i in range(run.start, n):
         t = timesteps[i]
         x0 = predict_x0(model, s, x, t, alpha[i] ** 2)
         ratio = sigmas[i + 1] / sigmas[i]  # exp(-h), h the step in log-SNR/2
@@ -59,10 +54,7 @@ def _dpmpp_2m(
     return x
 
 
-def sample_unipc(
-    model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, *,
-    init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
-) -> np.ndarray:  # fmt: skip
+def sample_unipc(model: Model, x: np.ndarray, schedule: NoiseSchedule, steps: int, **kw: Unpack[Common]) -> np.ndarray:
     """UniPC: UniP predictor + UniC corrector (Zhao et al. 2023, arXiv:2302.04867), as diffusers' UniPCMultistepScheduler."""
     s = schedule.as_class("UniPCMultistepScheduler")
     s.require("unipc", predict_x0=(True,), solver_p=(None,), solver_order=(1, 2, 3), **_NO_FLOW)
@@ -75,16 +67,16 @@ def sample_unipc(
             "(diffusers returns inf/NaN there); set lower_order_final=True or final_sigmas_type='sigma_min'"
         )
     abar = 1.0 / (sigmas**2 + 1)
-    x, run = begin(x, "unipc", steps, abar=lambda i: abar[i], n=n, init=init, start=start, known=known, callback=callback)
+    x, run = begin(x, "unipc", steps, abar=lambda i: abar[i], n=n, **kw)
     x0s: list[np.ndarray] = []  # denoised predictions, newest last
     x_last, used = x, 1
-    for i in range(start, n):
+    for i in range(run.start, n):
         t = timesteps[i]
         x0 = predict_x0(model, s, x, t, abar[i])
-        if i > start and i - 1 not in config["disable_corrector"]:
+        if i > run.start and i - 1 not in config["disable_corrector"]:
             x = _unipc(x_last, x0s, sigmas, i - 1, used, bh2, x0)
         x0s = (x0s + [x0])[-order:]
-        used = min(min(order, n - i) if config["lower_order_final"] else order, i - start + 1)
+        used = min(min(order, n - i) if config["lower_order_final"] else order, i - run.start + 1)
         x_last = x
         x = _unipc(x, x0s, sigmas, i, used, bh2)
         x = run.end_step(x, i, t)

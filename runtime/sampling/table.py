@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import Model
+from .common import Common, Model
 from .consistency import sample_lcm, sample_tcd
 from .discrete import sample_ddim, sample_ddpm, sample_pndm
 from .karras import sample_euler, sample_euler_a, sample_heun
@@ -17,8 +17,8 @@ from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_karras, sample_unipc
 
 __all__ = ["SAMPLERS", "DEFAULT_FOR_CLASS", "COMMON", "default_sampler", "get_sampler", "sampler_options"]
 
-# What every sampler takes besides its own options.
-COMMON = ("init", "start", "known", "rng", "callback")
+# What every sampler takes besides its own options: the keys of common.Common, in order.
+COMMON: tuple[str, ...] = tuple(Common.__annotations__)
 
 SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
     "ddpm": sample_ddpm,
