@@ -11,3 +11,12 @@ PY=${PYTHON:-python3}
 # Type stubs for the TensorRT code's mypy check. --no-deps: they require the real tensorrt wheel,
 # which only NVIDIA's index serves.
 .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+# The web sample's test drives a real headless browser: Debian's Chromium (Playwright, from the test extra above,
+# launches it; `playwright install` is never run: it downloads browsers). shellcheck lints samples/jetson/setup.sh.
+# Installed only as root and only where missing; elsewhere those tests skip, naming what is missing.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && ! { command -v chromium && command -v shellcheck; } >/dev/null; then
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium shellcheck; } >/dev/null; then
+    echo "error: apt-get could not install chromium and shellcheck (the samples' tests need them); install them and rerun" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,266 @@
+"""A small local web page to try a bundle: prompt, negative prompt, seed, steps, guidance and sampler in, the image out.
+
+Python's standard library only (http.server): the page is static/index.html + app.js, no build step.
+The page posts a generation to /api/generate, then polls /api/jobs/ID for the step the runtime's
+progress callback last reported, and shows the PNG when it is written. One generation runs at a
+time (a second one asked meanwhile is refused with "busy"); the bundle is loaded once at start.
+Images are written, with their settings in PNG text chunks, to --out; the strip under the image
+shows the latest of them.
+
+Listens on 127.0.0.1 only unless --host says otherwise: the page has no login, so anyone who can
+reach the port can use the machine's accelerator.
+
+examples:
+  python samples/web/server.py                             # then open http://127.0.0.1:8000/
+  python samples/web/server.py --port 0                    # any free port (printed)
+  python samples/web/server.py --bundle engines/sd-model-512x512-b1-fp16-onnxruntime --host 0.0.0.0
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # samples/, for _common
+import _common  # noqa: E402  (the samples' plumbing: the reference bundle, one-line errors, PNGs with settings)
+from PIL import Image  # noqa: E402
+
+import runtime  # noqa: E402
+from runtime.sampling import SAMPLERS, default_sampler  # noqa: E402
+
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+IMAGE_NAME = re.compile(r"[A-Za-z0-9][\w.-]*\.png")  # what /images/ serves: our own file names, never a path
+MAX_STEPS, MAX_GUIDANCE, MAX_PROMPT, MAX_BODY = 500, 50.0, 2000, 64 * 1024
+KEPT_JOBS, RECENT = 100, 12
+SHOWN_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "sampler")  # what the strip reads back
+
+
+class Busy(Exception):
+    """A generation is already running."""
+
+
+@dataclass
+class Job:
+    """One generation, as the page polls it: running -> done (image) or error (message)."""
+
+    id: str
+    seed: int
+    state: str = "running"
+    step: int = 0
+    total: int = 0
+    image: str | None = None
+    error: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Studio:
+    """The loaded bundle, the lock that lets one generation run at a time, and the jobs the page polls."""
+
+    def __init__(self, pipe: runtime.Pipeline, out: Path):
+        self.pipe, self.out = pipe, out
+        self.lock = threading.Lock()  # one generation at a time: they would only share the same cores (or GPU)
+        self.jobs: dict[str, Job] = {}
+        self.default_sampler = default_sampler(pipe.manifest.scheduler.class_name, pipe.manifest.scheduler.config)
+
+    def info(self) -> dict[str, Any]:
+        m = self.pipe.manifest
+        return {
+            "bundle": Path(self.pipe.bundle).name, "model": m.model.name, "width": self.pipe.width, "height": self.pipe.height,
+            "samplers": sorted(SAMPLERS), "default_sampler": self.default_sampler,
+            "defaults": {"steps": 20, "guidance": 7.5}, "limits": {"steps": MAX_STEPS, "guidance": MAX_GUIDANCE},
+        }  # fmt: skip
+
+    def start(self, request: Any) -> Job:
+        """Check the request, take the lock, start the generation in a thread; ValueError / Busy otherwise."""
+        options = checked(request)
+        if not self.lock.acquire(blocking=False):
+            raise Busy("busy: one generation at a time; wait for the current one to finish")
+        job = Job(id=secrets.token_hex(8), seed=options["seed"], total=options["steps"])
+        self.jobs[job.id] = job
+        for old in list(self.jobs)[:-KEPT_JOBS]:  # dicts keep insertion order: drop the oldest
+            del self.jobs[old]
+        threading.Thread(target=self.run, args=(job, options), daemon=True).start()
+        return job
+
+    def run(self, job: Job, options: dict[str, Any]) -> None:
+        """The generation thread: the step callback updates the job, which the page reads."""
+        try:
+
+            def on_step(step: int, total: int, t: float) -> None:
+                job.step, job.total = step, total
+
+            prompt, negative = options.pop("prompt"), options.pop("negative_prompt")
+            image = self.pipe.txt2img(prompt, negative, **options, callback=on_step)[0]
+            settings = _common.settings(self.pipe, prompt, negative_prompt=negative, **options)
+            name = f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id[:6]}-seed{job.seed}.png"
+            _common.save_png(image, self.out / name, settings)
+            job.settings, job.image, job.state = settings, f"/images/{name}", "done"
+        except _common.USER_ERRORS as e:  # the runtime's messages say what to change: show them on the page
+            job.error, job.state = str(e), "error"
+        except Exception as e:  # a server keeps serving: the page shows it, the log keeps the traceback
+            traceback.print_exc()
+            job.error, job.state = f"{type(e).__name__}: {e}", "error"
+        finally:
+            self.lock.release()
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The newest images in the output folder, with the settings read back from their PNG text chunks."""
+        files = sorted(self.out.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)[:RECENT]
+        found = []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    text = dict(getattr(im, "text", {}))
+            except OSError:
+                continue
+            found.append({"url": f"/images/{path.name}", **{k: text.get(k, "") for k in SHOWN_SETTINGS}})
+        return found
+
+
+def checked(request: Any) -> dict[str, Any]:
+    """The page's form -> txt2img's arguments, checked here so a bad field is a message, not a stack trace."""
+    if not isinstance(request, dict):
+        raise ValueError("expected a JSON object")
+    prompt, negative = str(request.get("prompt", "")).strip(), str(request.get("negative_prompt", "")).strip()
+    if not prompt:
+        raise ValueError("the prompt is empty: describe the image to generate")
+    if len(prompt) > MAX_PROMPT or len(negative) > MAX_PROMPT:
+        raise ValueError(f"prompts are limited to {MAX_PROMPT} characters")
+    seed = number(request.get("seed"), int, "seed", 0, 2**32 - 1, default=secrets.randbelow(2**32))  # empty: a random seed
+    steps = number(request.get("steps"), int, "steps", 1, MAX_STEPS, default=20)
+    guidance = number(request.get("guidance"), float, "guidance", 0.0, MAX_GUIDANCE, default=7.5)
+    sampler = request.get("sampler") or None
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    return {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance_scale": guidance, "scheduler": sampler}
+
+
+def number(value: Any, kind: type[int] | type[float], name: str, low: float, high: float, default: float) -> Any:
+    if value is None or value == "":
+        return default
+    try:
+        x = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {value!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if not low <= x <= high:
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {x:g}")
+    return x
+
+
+class Handler(BaseHTTPRequestHandler):
+    studio: Studio  # set on the subclass that serve() makes
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            return self.send_file(STATIC / "index.html")
+        if path.startswith("/static/"):
+            name = path.removeprefix("/static/")  # only the files that are there: never a path built from the URL
+            if name in {p.name for p in STATIC.iterdir()}:
+                return self.send_file(STATIC / name)
+        if path == "/api/info":
+            return self.send_json(self.studio.info())
+        if path == "/api/recent":
+            return self.send_json(self.studio.recent())
+        if path.startswith("/api/jobs/"):
+            job = self.studio.jobs.get(path.removeprefix("/api/jobs/"))
+            return self.send_json(asdict(job)) if job else self.send_json({"error": "no such job"}, 404)
+        if path.startswith("/images/"):
+            name = path.removeprefix("/images/")
+            if IMAGE_NAME.fullmatch(name) and (self.studio.out / name).is_file():
+                return self.send_file(self.studio.out / name, "image/png", cache="max-age=31536000, immutable")
+        self.send_json({"error": "not found"}, 404)
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/api/generate":
+            return self.send_json({"error": "not found"}, 404)
+        # JSON only: a form on another site cannot send it without a CORS preflight, which this server never grants.
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            return self.send_json({"error": "send the settings as application/json"}, 415)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return self.send_json({"error": "request too large"}, 413)
+        try:
+            job = self.studio.start(json.loads(self.rfile.read(length) or b"null"))
+        except Busy as e:
+            return self.send_json({"error": str(e)}, 409)
+        except ValueError as e:  # also json.JSONDecodeError
+            return self.send_json({"error": str(e)}, 400)
+        self.send_json({"job": job.id, "seed": job.seed}, 202)
+
+    def send_json(self, data: Any, status: int = 200) -> None:
+        self.send_body(json.dumps(data).encode(), "application/json", status, cache="no-store")
+
+    def send_file(self, path: Path, content_type: str | None = None, cache: str = "no-cache") -> None:
+        self.send_body(path.read_bytes(), content_type or STATIC_TYPES.get(path.suffix, "application/octet-stream"), 200, cache)
+
+    def send_body(self, body: bytes, content_type: str, status: int, cache: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", cache)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        if "/api/jobs/" not in self.path:  # the page polls several times a second: leave those out of the log
+            super().log_message(format, *args)
+
+
+def serve(studio: Studio, host: str, port: int) -> ThreadingHTTPServer:
+    """Bind the server (port 0: any free one); the caller runs serve_forever()."""
+    handler = type("StudioHandler", (Handler,), {"studio": studio})
+    server_class = ThreadingHTTPServer
+    if ":" in host:  # an IPv6 address such as ::1
+        server_class = type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    server = server_class((host, port), handler)
+    server.daemon_threads = True  # a poll left open by a closed tab does not keep the process alive
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _common.parser("python samples/web/server.py", __doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    _common.add_bundle_and_out(p, out=_common.OUT / "web")
+    args = p.parse_args(argv)
+
+    try:
+        pipe = runtime.Pipeline.load(_common.bundle(args.bundle))
+        server = serve(Studio(pipe, args.out), args.host, args.port)
+    except _common.USER_ERRORS as e:
+        return _common.fail(e)
+    except OSError as e:  # the port is taken, the address is not this machine's...
+        return _common.fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach port {port} can use this page (no login)", file=sys.stderr)
+    shown_host = f"[{host}]" if ":" in str(host) else host
+    print(f"serving {Path(pipe.bundle).name} on http://{shown_host}:{port}/ (Ctrl-C to stop)", flush=True)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # systemd's stop: leave through the finally below
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
