@@ -138,14 +138,37 @@ def open_image(path: Path, what: str) -> Any:
             return im
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not an image file") from None
     except UnidentifiedImageError:
         raise ValueError(f"{what} {path} is not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated or corrupt data
+        raise ValueError(f"{what} {path} could not be read ({e}); is the file complete?") from None
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written, before any work: a folder, or a place without write access."""
+    target = outputs(path, 1)[0]
+    for candidate in (path, target):
+        if candidate.is_dir():
+            raise ValueError(f"-o {candidate} is a folder; give a file name such as {candidate / 'out.png'}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"-o {target} exists and is not writable")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"-o {target}: {parent} is a file, so the folder {target.parent} cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {target}: the folder {parent} is not writable")
 
 
 def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     """Load the bundle and run the asked task with the CLI's options; PIL images back."""
     from .pipeline import Pipeline, Sampling
 
+    image = open_image(args.image, "--image") if command != "txt2img" else None  # read before the bundle: cheap checks first
+    mask = open_image(args.mask, "--mask") if command == "inpaint" else None
     pipe = Pipeline.load(args.bundle, device=args.device)
     options: Sampling = {
         "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "seed": seed,
@@ -153,11 +176,9 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     }  # fmt: skip
     if command == "txt2img":
         return list(pipe.txt2img(args.prompt, args.negative_prompt, **options))
-    image = open_image(args.image, "--image")
     if command == "img2img":
         return list(pipe.img2img(args.prompt, image, args.negative_prompt, strength=args.strength, resize=args.resize, **options))
     if command == "inpaint":
-        mask = open_image(args.mask, "--mask")
         composite = False if args.no_composite else None
         return list(
             pipe.inpaint(
@@ -176,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     try:
+        check_output(args.output)
         images = generate(command, args, seed)
-    except (BundleError, FeedError, ValueError, FileNotFoundError, FloatingPointError, Cancelled) as e:
+    except (BundleError, FeedError, ValueError, TypeError, FileNotFoundError, FloatingPointError, Cancelled) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for image, path in zip(images, outputs(args.output, len(images))):

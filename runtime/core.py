@@ -14,10 +14,11 @@ import numpy as np
 
 from . import images as img
 from .engine import Engine, cast_feed, load_engine
-from .errors import BundleError, Cancelled
+from .errors import BundleError, Cancelled, NonFiniteError
 from .families import Family, open_family
+from .feed import check_finite
 from .guidance import Extra, guided
-from .manifest import Component, Manifest, load_manifest
+from .manifest import BundleState, Component, Manifest, read_bundle, rebuild_hint
 from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ Images = list["Image"] | np.ndarray
 
 # Components every generation needs; the VAE encoder opens on first use.
 NEEDED = ("unet", "vae_decoder")
+LOAD_ATTEMPTS = 3  # loads that saw the bundle change under them (a concurrent --force rebuild) before giving up
 
 
 class Sampling(TypedDict, total=False):
@@ -63,7 +65,40 @@ def sampling_options(task: str, given: Mapping[str, Any], **task_defaults: Any) 
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)})")
-    return {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
+    options: Sampling = {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
+    seed = options["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed {seed!r} is not valid: a seed is a whole number >= 0 (any size), or None for a random one")
+    for name in ("guidance_scale", "guidance_rescale", "eta"):
+        value = options[name]
+        if value is None and name == "eta":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not np.isfinite(value):
+            raise NonFiniteError(f"{name} is {value}: it must be a finite number (NaN/inf would turn every latent into NaN)")
+    return options
+
+
+def check_prompts(prompt: Any, what: str) -> list[str]:
+    """A str or a sequence of str, each valid Unicode; anything else is named by its argument."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        empty = " (pass '' for no negative prompt)" if what == "negative_prompt" and prompt is None else ""
+        raise TypeError(f"{what} must be a str or a list of str, got {type(prompt).__name__} {prompt!r:.60}{empty}")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            which = what if len(prompts) == 1 else f"{what}[{i}]"
+            raise ValueError(
+                f"{which} is not valid text: character {e.start} is a lone surrogate {p[e.start]!r} "
+                "(bytes that were not valid UTF-8?); pass the prompt as proper Unicode"
+            ) from None
+    return prompts
 
 
 def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
@@ -94,6 +129,7 @@ class Core:
         self.bundle, self.manifest, self.engines = bundle, manifest, engines
         self.height, self.width, self.batch_size = manifest.height, manifest.width, manifest.batch_size  # static shapes
         self._options = dict(options or {})
+        self._state: BundleState | None = None  # what Core.load read, to check lazily opened engines against
         self.family: Family = open_family(bundle, manifest, self.engine)
         class_name = manifest.scheduler.class_name
         self.schedule = noise_schedule(dict(manifest.scheduler.config), class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
@@ -107,7 +143,25 @@ class Core:
         cuda_graph: capture the TensorRT UNet call once and replay it every step (static shapes allow it).
         """
         bundle = Path(bundle)
-        manifest = load_manifest(bundle, verify_files=verify)
+        for _ in range(LOAD_ATTEMPTS):
+            manifest, state = read_bundle(bundle, verify_files=verify)
+            try:
+                core = cls._open(bundle, manifest, device, cuda_graph)
+            except (BundleError, OSError, ValueError):
+                if state.current():
+                    raise
+                continue  # the bundle changed under the load: a rebuild replaced it; read it again
+            if not verify or state.current():
+                core._state = state
+                return core
+            core.close()
+        raise BundleError(
+            f"bundle {bundle} changed while loading, {LOAD_ATTEMPTS} times (a `--force` rebuild writing it?); "
+            "load it again once the rebuild is done"
+        )
+
+    @classmethod
+    def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool) -> Self:
         options: dict[str, Any] = {"device": device} if device else {}
         missing = [c for c in ("text_encoder", *NEEDED) if c not in manifest.components]
         if missing:
@@ -131,7 +185,14 @@ class Core:
             if name not in self.manifest.components:
                 raise BundleError(f"bundle {self.bundle} has no {name}; rebuild it with `python -m export.build`")
             component = self.manifest.components[name]
-            self.engines[name] = load_engine(component, self.bundle, **_engine_options(component, self._options))
+            engine = load_engine(component, self.bundle, **_engine_options(component, self._options))
+            if self._state is not None and self._state.files and not self._state.current():
+                getattr(engine, "close", lambda: None)()
+                raise BundleError(
+                    f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; "
+                    "load the bundle again"
+                )
+            self.engines[name] = engine
         return self.engines[name]
 
     @property
@@ -173,7 +234,7 @@ class Core:
 
     def prompts(self, prompt: Prompt, what: str) -> list[str]:
         """One prompt repeated, or exactly batch-size prompts; an empty `prompt` is refused."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_prompts(prompt, what)
         if len(prompts) == 1:
             prompts = prompts * self.batch_size
         if what == "prompt" and any(not p.strip() for p in prompts):
@@ -199,20 +260,37 @@ class Core:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> float32 images (B, H, W, 3) in [0, 1]; NaN (fp16 overflow) is an error, not a black image."""
+        self.check_latents(latents, "the latents given to the VAE decoder")
         vae = self.engines["vae_decoder"]
-        out = vae(cast_feed(vae.component, {"latent_sample": latents / self.manifest.vae.scaling_factor}))["sample"]
-        images = img.to_images(np.asarray(out))
-        if not np.isfinite(images).all():
-            raise FloatingPointError(
-                f"the VAE decoder produced NaN/inf ({vae.component.precision} engine): fp16 overflow; "
-                "rebuild with `python -m export.build --precision fp32` (or keep the VAE in fp32)"
-            )
-        return images
+        feed = cast_feed(vae.component, {"latent_sample": latents / self.manifest.vae.scaling_factor})
+        out = np.asarray(vae(feed)["sample"])
+        try:
+            check_finite(vae.component, feed, out)
+        except NonFiniteError as e:
+            raise self._with_hint(e) from None
+        return img.to_images(out)
+
+    def check_latents(self, latents: np.ndarray, what: str) -> None:
+        """NaN/inf latents are refused where they are found, named, never decoded into a black image."""
+        if not np.isfinite(latents).all():
+            raise NonFiniteError(f"{what} hold NaN/inf; nothing downstream can recover an image from them")
+
+    def _with_hint(self, e: NonFiniteError, where: str = "") -> NonFiniteError:
+        """An engine's NonFiniteError with the step it happened at, and for fp16 overflow the fp32 rebuild."""
+        hint = ""
+        if e.fp16_overflow:
+            hint = f"; rebuild in fp32 with `{rebuild_hint(self.bundle, self.manifest, precision='fp32')}`"
+        return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow)
 
     def encode_image(self, image: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise."""
         enc = self.engine("vae_encoder")
-        params = np.asarray(enc(cast_feed(enc.component, {"sample": image}))["latent_parameters"], dtype=np.float64)
+        feed = cast_feed(enc.component, {"sample": image})
+        params = np.asarray(enc(feed)["latent_parameters"], dtype=np.float64)
+        try:
+            check_finite(enc.component, feed, params)
+        except NonFiniteError as e:
+            raise self._with_hint(e) from None
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamps the same
         latents: np.ndarray = ((mean + std * noise) * self.manifest.vae.scaling_factor).astype(np.float32)
@@ -230,17 +308,50 @@ class Core:
         known: Known | None = None,
     ) -> np.ndarray:
         """The one sampling loop every task shares; see runtime.sampling for init, start and known."""
-        sampler = get_sampler(options["scheduler"] or self._default_sampler())
+        name = options["scheduler"] or self._default_sampler()
+        sampler = get_sampler(name)
         eta = {} if options["eta"] is None else {"eta": options["eta"]}
         steps = options["steps"]
-        return sampler(
-            model, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng,
-            callback=_step_callback(options["callback"], start, steps),
+        self.check_latents(noise, "the initial latents (latents/noise given by the caller)")
+        if init is not None:
+            self.check_latents(init, "the encoded image latents")
+        done = [start]  # schedule steps finished, advanced by the callback the sampler calls after each step
+        user_callback = _step_callback(options["callback"], start, steps)
+
+        def on_step(i: int, t: float, x: np.ndarray) -> None:
+            done[0] = i + 1
+            if user_callback is not None:
+                user_callback(i, t, x)
+
+        def checked(x: np.ndarray, t: float) -> np.ndarray:
+            where = f"step {done[0] - start + 1} of {steps - start}"
+            if not np.isfinite(x).all():
+                raise NonFiniteError(
+                    f"{where}: the latents entering the UNet hold NaN/inf, made by the {name} sampler's previous update "
+                    f"(eta={options['eta']}) from finite model outputs"
+                )
+            try:
+                out = model(x, t)
+            except NonFiniteError as e:
+                raise self._with_hint(e, f"{where}: ") from None
+            if not np.isfinite(out).all():
+                raise NonFiniteError(
+                    f"{where}: guidance turned finite UNet outputs into NaN/inf (guidance_scale {options['guidance_scale']}, "
+                    f"guidance_rescale {options['guidance_rescale']})"
+                )
+            return out
+
+        latents: np.ndarray = sampler(
+            checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,
         )  # fmt: skip
+        if not np.isfinite(latents).all():
+            raise NonFiniteError(f"the {name} sampler's last update (eta={options['eta']}) produced NaN/inf from finite model outputs")
+        return latents
 
     def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
         """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""
         if output_type == "latent":
+            self.check_latents(latents, "the final latents")
             return latents
         images = self.decode(latents)
         if keep is not None:
@@ -251,9 +362,14 @@ class Core:
         """A caller's noise, checked, or the generator's next draw."""
         if given is None:
             return rng.standard_normal(tuple(shape), dtype=np.float32)
+        if not isinstance(given, np.ndarray):
+            raise TypeError(f"{what} must be a numpy array, got {type(given).__name__}")
         if tuple(given.shape) != tuple(shape):
             raise ValueError(f"{what}: shape {tuple(given.shape)} but this bundle needs {tuple(shape)}")
-        return np.asarray(given, dtype=np.float32)
+        out = np.asarray(given, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise NonFiniteError(f"{what} given by the caller hold NaN/inf (or values too large for float32)")
+        return out
 
     def _default_sampler(self) -> str:
         class_name = self.manifest.scheduler.class_name

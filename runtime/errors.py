@@ -11,3 +11,14 @@ class FeedError(ValueError):
 
 class Cancelled(RuntimeError):
     """A progress callback asked to stop the generation."""
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf where a finite value was needed; the message names where it arose and the likely cause.
+
+    fp16_overflow: an fp16 engine turned finite inputs into NaN/inf (rebuilding in fp32 is the fix).
+    """
+
+    def __init__(self, message: str, *, fp16_overflow: bool = False):
+        super().__init__(message)
+        self.fp16_overflow = fp16_overflow

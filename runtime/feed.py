@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import FeedError
+from .errors import FeedError, NonFiniteError
 from .manifest import Component, TensorSpec
 
 
@@ -54,3 +54,20 @@ def cast_feed(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str,
         if spec.name in feed:
             out[spec.name] = np.ascontiguousarray(feed[spec.name], dtype=spec.dtype)
     return out
+
+
+def check_finite(component: Component, feed: Mapping[str, np.ndarray], output: np.ndarray, where: str = "") -> None:
+    """One reduction over an engine's output; if it holds NaN/inf, a NonFiniteError naming the engine, its precision
+    and the likely cause: an input that was already not finite, else fp16 overflow (fp16 engines), else the engine."""
+    if np.isfinite(output).all():
+        return
+    head = f"the {component.name} engine ({component.precision}) produced NaN/inf{where}"
+    bad = [n for n, v in feed.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(f"{head}: its input {', '.join(bad)} already held NaN/inf, so the cause is upstream of the engine")
+    if component.precision == "fp16":
+        raise NonFiniteError(f"{head} from finite inputs: fp16 overflow", fp16_overflow=True)
+    raise NonFiniteError(
+        f"{head} from finite inputs; a {component.precision} engine does not overflow like fp16 does, "
+        "so the engine file or its export is broken: re-export the bundle"
+    )

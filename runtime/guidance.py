@@ -15,6 +15,7 @@ import numpy as np
 from .engine import Engine, cast_feed
 from .errors import BundleError
 from .families import Conditioning, Family
+from .feed import check_finite
 from .manifest import GUIDANCE_MODES, GuidanceInfo
 from .sampling.common import Model
 
@@ -39,8 +40,10 @@ def unet_call(unet: Engine, sample: np.ndarray, t: float, text: Conditioning, im
         "sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float64),
         "encoder_hidden_states": text.context, **text.extra, **image,
     }  # fmt: skip
-    out = unet(cast_feed(unet.component, feed))
-    return np.asarray(out[unet.component.outputs[0].name], dtype=np.float32)
+    cast = cast_feed(unet.component, feed)
+    out = np.asarray(unet(cast)[unet.component.outputs[0].name], dtype=np.float32)
+    check_finite(unet.component, cast, out, f" at timestep {t:g}")
+    return out
 
 
 def rescale_cfg(guided: np.ndarray, cond: np.ndarray, factor: float) -> np.ndarray:

@@ -59,21 +59,52 @@ def _as_arrays(image: ImageLike, mode: str, size: tuple[int, int], resize: bool,
 
 
 def _to_pil(item: Any, mode: str, what: str) -> Any:
+    """A PIL image or array as a PIL image in `mode`, 8 bits per channel; what cannot be converted exactly is refused.
+
+    uint8 arrays are 0-255, uint16 arrays (and 16-bit PIL images) 0-65535, bool arrays 0/1, float arrays [0, 1];
+    wider integers are refused (their range is not known), as are NaN, inf and floats outside [0, 1].
+    """
     from PIL import Image
 
     if isinstance(item, Image.Image):
-        return item.convert(mode)
+        if item.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            array = np.asarray(item)
+            if item.mode == "F":
+                return _to_pil(array.astype(np.float32), mode, what)
+            if array.size and (array.min() < 0 or array.max() > 65535):
+                raise ValueError(
+                    f"{what}: a 32-bit integer ({item.mode}) image with values {array.min()} to {array.max()}, outside the "
+                    "16-bit range 0-65535; convert it to 8 or 16 bits first"
+                )
+            return _to_pil(array.astype(np.uint16), mode, what)
+        try:
+            return item.convert(mode)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{what}: a {item.mode} image cannot be converted to {mode} ({e}); convert it to RGB first") from None
     if not isinstance(item, np.ndarray) or item.ndim not in (2, 3):
         raise ValueError(
             f"{what}: expected a PIL image or an (H, W, C) numpy array, got {type(item).__name__} {getattr(item, 'shape', '')}"
         )
-    if item.dtype != np.uint8:
-        if item.size and (np.nanmin(item) < 0 or np.nanmax(item) > 1):
+    if item.ndim == 3 and item.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{what}: an (H, W, C) array needs 1, 3 or 4 channels, got {item.shape[2]} (shape {item.shape})")
+    if item.dtype == np.bool_:
+        item = item.astype(np.uint8) * 255
+    elif item.dtype == np.uint16:
+        item = (item.astype(np.float32) / 65535.0 * 255).round().astype(np.uint8)
+    elif np.issubdtype(item.dtype, np.floating):
+        if not np.isfinite(item).all():
+            raise ValueError(f"{what}: the float array holds NaN or inf; pass values in [0, 1]")
+        if item.size and (item.min() < 0 or item.max() > 1):
             raise ValueError(
-                f"{what}: a float array must hold values in [0, 1] (got {np.nanmin(item):.3g} to {np.nanmax(item):.3g}); "
+                f"{what}: a float array must hold values in [0, 1] (got {item.min():.3g} to {item.max():.3g}); "
                 "pass uint8 for 0-255"
             )
         item = (np.clip(item, 0, 1) * 255).round().astype(np.uint8)
+    elif item.dtype != np.uint8:
+        raise ValueError(
+            f"{what}: {item.dtype} arrays are not accepted (their value range is not known); pass uint8 (0-255), "
+            "uint16 (0-65535), bool, or float in [0, 1]"
+        )
     if item.ndim == 3 and item.shape[2] == 1:
         item = item[..., 0]
     return Image.fromarray(item).convert(mode)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shlex
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +29,24 @@ MANIFEST = "manifest.json"
 KINDS = ("text2image", "inpainting", "upscaler")
 GUIDANCE_MODES = ("cfg", "none", "embedded")
 FORMATS = ("onnx", "plan")
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int32", "int64", "bool")
+
+# Bounds every manifest value is checked against before anything is allocated or opened.
+MAX_IMAGE_SIDE = 16384  # pixels
+MAX_BATCH = 64
+MAX_LATENT_CHANNELS = 64
+MAX_DOWNSCALE = 64
+MAX_DIM = 1 << 20  # any one tensor dimension
+MAX_ELEMENTS = 1 << 34  # any one tensor's element count
+MAX_CONTEXT = 4096  # tokenizer max_length, as runtime.tokenizer
+# Size limits per file role, checked by stat before a byte is hashed: a file over its role's limit cannot be a
+# file of that role, so hashing it would only spend time. An ONNX graph cannot exceed protobuf's 2 GiB (bigger
+# models keep their weights in external data); tokenizer files are a few MB (CLIP's vocab is 1 MB); weights
+# (external data, TensorRT plans) stop at 64 GiB, several times the largest UNet in fp32.
+MAX_TOKENIZER_FILE = 64 << 20
+MAX_ONNX_GRAPH = 2 << 30
+MAX_WEIGHTS_FILE = 64 << 30
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -114,12 +135,17 @@ class ModelInfo:
     prediction_type: str = "epsilon"
     source: str = ""
     source_hashes: Mapping[str, str] = field(default_factory=dict)
+    # model_index.json components the bundle does not carry (e.g. safety_checker, feature_extractor); optional in the JSON
+    omitted: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name, "kind": self.kind, "family": self.family, "architecture": self.architecture,
             "prediction_type": self.prediction_type, "source": self.source, "source_hashes": dict(self.source_hashes),
         }  # fmt: skip
+        if self.omitted:
+            out["omitted"] = list(self.omitted)
+        return out
 
 
 @dataclass(frozen=True)
@@ -274,8 +300,10 @@ class Manifest:
             if key not in raw:
                 raise BundleError(f"{where}: manifest has no {key!r} section; the bundle is incomplete, rebuild it")
         try:
-            return _parse(raw)
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            manifest = _parse(raw)
+            _check_values(manifest)
+            return manifest
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
             raise BundleError(
                 f"{where}: malformed manifest ({type(e).__name__}: {e}); rebuild the bundle with `python -m export.build --force`"
             ) from None
@@ -290,6 +318,9 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
     if raw.get("schema_version") == 1:  # v1 named the checkpoint's architecture "family"; all v1 bundles are SD-conditioned
         model["architecture"] = model.pop("family", "custom")
         model["family"] = "sd"
+    omitted = model.get("omitted", [])
+    if not isinstance(omitted, list):
+        raise TypeError(f"model.omitted must be a list of component names, not {type(omitted).__name__}")
     upscale = raw.get("upscale")
     trt = raw.get("tensorrt")
     guidance = raw["guidance"]
@@ -302,6 +333,7 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
             prediction_type=str(model.get("prediction_type", "epsilon")),
             source=str(model.get("source", "")),
             source_hashes=_frozen(model.get("source_hashes")),
+            omitted=tuple(str(c) for c in omitted),
         ),
         pipelines=tuple(str(p) for p in raw.get("pipelines", ["txt2img"])),
         scheduler=SchedulerInfo.from_json(raw["scheduler"]),
@@ -354,8 +386,103 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _check_values(m: Manifest) -> None:
+    """Sane bounds for every value that sizes an allocation or names a file; ValueError names the first one out."""
+
+    def bounded(what: str, value: int, low: int, high: int) -> None:
+        if not low <= value <= high:
+            raise ValueError(f"{what} {value} is out of range {low}..{high}")
+
+    bounded("image.height", m.height, 1, MAX_IMAGE_SIDE)
+    bounded("image.width", m.width, 1, MAX_IMAGE_SIDE)
+    bounded("image.batch_size", m.batch_size, 1, MAX_BATCH)
+    bounded("vae.latent_channels", m.vae.latent_channels, 1, MAX_LATENT_CHANNELS)
+    bounded("vae.downscale_factor", m.vae.downscale_factor, 1, MAX_DOWNSCALE)
+    if not (m.vae.scaling_factor > 0 and m.vae.scaling_factor < float("inf")):
+        raise ValueError(f"vae.scaling_factor {m.vae.scaling_factor} must be a finite positive number")
+    bounded("guidance.unet_batch", m.guidance_info.unet_batch, 0, 2 * MAX_BATCH)
+    if m.guidance_info.embedding_dim is not None:
+        bounded("guidance.embedding_dim", m.guidance_info.embedding_dim, 1, MAX_DIM)
+    bounded("tokenizer.max_length", m.tokenizer.max_length, 2, MAX_CONTEXT)
+    for name, c in m.components.items():
+        for comp in (c, c.source_onnx) if c.source_onnx is not None else (c,):
+            if comp.format not in FORMATS:
+                raise ValueError(f"components.{name}.format {comp.format!r} is not one of {', '.join(FORMATS)}")
+            for t in (*comp.inputs, *comp.outputs):
+                if t.dtype not in DTYPES:
+                    raise ValueError(f"components.{name}: tensor {t.name!r} has dtype {t.dtype!r}, not one of {', '.join(DTYPES)}")
+                if any(not 1 <= d <= MAX_DIM for d in t.shape):
+                    raise ValueError(f"components.{name}: tensor {t.name!r} shape {t.shape}: every dimension must be 1..{MAX_DIM}")
+                elements = 1
+                for d in t.shape:
+                    elements *= d
+                bounded(f"components.{name}: tensor {t.name!r} element count", elements, 1, MAX_ELEMENTS)
+    for rel, digest in m.files.items():
+        if not SHA256.fullmatch(digest):
+            raise ValueError(f"files[{rel!r}] is not a sha256 hex digest")
+
+
+def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> str:
+    """The `python -m export.build` line that rebuilds BUNDLE in place as its manifest records it: the model it came
+    from, its precision, size, batch, guidance and pipelines; `changes` override flags (precision="fp32",
+    pipelines="txt2img,img2img"). Every runtime hint that says "rebuild" is built here, shell-quoted."""
+    flags: dict[str, str] = {
+        "--model": manifest.model.source or "MODEL_FOLDER",
+        "--precision": manifest.source_precision,
+        "--height": str(manifest.height),
+        "--width": str(manifest.width),
+        "--batch-size": str(manifest.batch_size),
+        "--guidance": manifest.guidance,
+        "--pipelines": ",".join(manifest.pipelines),
+    }
+    if manifest.backend == "tensorrt":
+        flags["--backend"] = "tensorrt"
+    flags.update({"--" + k.replace("_", "-"): str(v) for k, v in changes.items()})
+    words = ["python", "-m", "export.build"]
+    for flag, value in flags.items():
+        words += [flag, value]
+    return shlex.join([*words, "--out", str(bundle), "--force"])
+
+
+Identity = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns: which file a path held, and which version
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class BundleState:
+    """What one load read: the manifest's bytes and the identity of every file it hashed.
+
+    A `--force` rebuild writes a new folder and renames it into place, so every file of the new build is a
+    new inode: if, after the engines are open, the manifest reads the same and every path still holds the
+    file that was hashed, the engines came from the build the manifest describes (`current`).
+    """
+
+    bundle: Path
+    manifest_bytes: bytes
+    files: Mapping[str, Identity] = field(default_factory=dict)
+
+    def current(self) -> bool:
+        try:
+            if (self.bundle / MANIFEST).read_bytes() != self.manifest_bytes:
+                return False
+            return all(_identity(os.stat(self.bundle / rel)) == ident for rel, ident in self.files.items())
+        except OSError:
+            return False
+
+
 def load_manifest(bundle: str | Path, *, verify_files: bool = True) -> Manifest:
     """Read BUNDLE/manifest.json and check that every file it lists is present and unaltered."""
+    return read_bundle(bundle, verify_files=verify_files)[0]
+
+
+def read_bundle(bundle: str | Path, *, verify_files: bool = True) -> tuple[Manifest, BundleState]:
+    """load_manifest, plus what it read (BundleState), so a loader can check that nothing changed while it opened engines.
+
+    Every path the manifest names is checked to stay inside the bundle before any file is opened.
+    """
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not bundle.is_dir():
@@ -365,31 +492,154 @@ def load_manifest(bundle: str | Path, *, verify_files: bool = True) -> Manifest:
             f"{bundle} has no {MANIFEST}: it is not a finished engine bundle (an interrupted build?); "
             "rebuild it with `python -m export.build --force`"
         )
+    data = path.read_bytes()
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle") from None
+    except RecursionError:
+        raise BundleError(
+            f"{path}: malformed manifest (nested too deeply to read); rebuild the bundle with `python -m export.build --force`"
+        ) from None
     manifest = Manifest.from_json(raw, str(path))
+    check_bundle_paths(bundle, manifest)
+    files: Mapping[str, Identity] = {}
     if verify_files:
-        verify_bundle_files(bundle, manifest)
-    return manifest
+        files = verify_bundle_files(bundle, manifest)
+    return manifest, BundleState(bundle, data, files)
 
 
-def verify_bundle_files(bundle: Path, manifest: Manifest) -> None:
-    """Every listed file must exist with the recorded sha256: a bundle is content-addressed."""
-    for rel, digest in manifest.files.items():
+def _entries(manifest: Manifest) -> list[tuple[str, str]]:
+    """Every path the manifest names, with what names it."""
+    out = [(f"component {name}'s file", c.file) for name, c in manifest.components.items()]
+    out += [(f"component {name}'s ONNX source", c.source_onnx.file) for name, c in manifest.components.items() if c.source_onnx]
+    out.append(("the tokenizer dir", manifest.tokenizer.dir))
+    out += [("files entry", rel) for rel in manifest.files]
+    return out
+
+
+def check_bundle_paths(bundle: Path, manifest: Manifest) -> None:
+    """The bundle is a boundary: every path the manifest names must resolve inside the bundle folder.
+
+    Refused, naming the entry: absolute paths, '..', a NUL, and symlinks that lead out of the folder.
+    """
+    root = bundle.resolve()
+    for what, rel in _entries(manifest):
+        pure = PurePosixPath(rel)
+        if not rel or "\x00" in rel or pure.is_absolute() or PureWindowsPath(rel).anchor or ".." in pure.parts:
+            raise BundleError(
+                f"bundle {bundle}: {what} {rel!r} is not a relative path inside the bundle; "
+                "a manifest may name only its own bundle's files: this manifest was altered, rebuild the bundle"
+            )
+        try:
+            resolved = (bundle / rel).resolve()
+        except (OSError, RuntimeError) as e:
+            raise BundleError(f"bundle {bundle}: {what} {rel!r} cannot be resolved ({e}); rebuild the bundle") from None
+        if not resolved.is_relative_to(root):
+            raise BundleError(
+                f"bundle {bundle}: {what} {rel!r} is a symlink leading outside the bundle; "
+                "a bundle may only read its own files: replace the link with the file, or rebuild the bundle"
+            )
+
+
+def _uncovered(bundle: Path, manifest: Manifest) -> tuple[str, str] | None:
+    """The first file a component or the tokenizer would read that `files` does not hash, with who reads it."""
+    listed = {PurePosixPath(rel).as_posix() for rel in manifest.files}
+    needed: list[tuple[str, str]] = []
+    folders: list[tuple[str, str]] = []
+    for name, c in manifest.components.items():
+        for comp in (c, c.source_onnx) if c.source_onnx is not None else (c,):
+            needed.append((f"component {name}", comp.file))
+            if comp.format == "onnx":  # ONNX external data, as export writes it
+                data = f"{comp.file}.data"
+                if (bundle / data).exists() or data in listed:
+                    needed.append((f"component {name}'s external data", data))
+            parent = PurePosixPath(comp.file).parent.as_posix()
+            if parent != ".":
+                folders.append((f"component {name}'s folder", parent))
+    tok = PurePosixPath(manifest.tokenizer.dir).as_posix()
+    needed += [("the tokenizer", f"{tok}/{name}" if tok != "." else name) for name in ("vocab.json", "merges.txt")]
+    folders.append(("the tokenizer folder", tok))
+    for who, rel in needed:
+        if PurePosixPath(rel).as_posix() not in listed:
+            return who, rel
+    for who, folder in folders:
+        base = bundle / folder
+        if not base.is_dir():
+            continue
+        for f in sorted(base.rglob("*")):
+            rel = f.relative_to(bundle).as_posix()
+            if (f.is_file() or f.is_symlink()) and rel != MANIFEST and rel not in listed:
+                return who, rel
+    return None
+
+
+def _size_limit(manifest: Manifest, rel: str) -> tuple[int, str]:
+    tok = PurePosixPath(manifest.tokenizer.dir).as_posix()
+    if tok == "." or PurePosixPath(rel).is_relative_to(tok):
+        return MAX_TOKENIZER_FILE, "a tokenizer file"
+    if any(c.format == "onnx" and c.file == rel for c in manifest.components.values()):
+        return MAX_ONNX_GRAPH, "an ONNX graph (protobuf's limit; larger models keep weights in external data)"
+    return MAX_WEIGHTS_FILE, "a bundle file"
+
+
+def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]:
+    """Every listed file must exist with the recorded sha256: a bundle is content-addressed.
+
+    First, without reading a byte: every file a component or the tokenizer reads must be listed (else it is
+    not covered by the hashes), each listed file must be a regular file within its role's size limit.
+    Then each file is hashed through one handle; what that handle was (inode, size, mtime) is returned.
+    """
+    check_bundle_paths(bundle, manifest)
+    gap = _uncovered(bundle, manifest)
+    if gap is not None:
+        who, rel = gap
+        raise BundleError(
+            f"bundle {bundle}: {rel} (read by {who}) is not covered by the manifest's hashes; a bundle's files "
+            f"must all be listed in its manifest: remove the file or rebuild with `{_rebuild_hint(bundle, manifest, rel)}`"
+        )
+    for rel in manifest.files:
         f = bundle / rel
         if not f.is_file():
             raise BundleError(f"bundle {bundle} is missing {rel}; rebuild it with `{_rebuild_hint(bundle, manifest, rel)}`")
-        actual = sha256_file(f)
+        limit, role = _size_limit(manifest, rel)
+        size = f.stat().st_size
+        if size > limit:
+            raise BundleError(
+                f"bundle {bundle}: {rel} is {size} bytes, more than {role} can be ({limit} bytes); "
+                f"refused without hashing it: rebuild the bundle with `{_rebuild_hint(bundle, manifest, rel)}`"
+            )
+    seen: dict[str, Identity] = {}
+    for rel, digest in manifest.files.items():
+        f = bundle / rel
+        try:
+            actual, seen[rel] = _hash_one(f)
+        except OSError as e:
+            raise BundleError(
+                f"bundle {bundle}: {rel} could not be read ({e.strerror or e}); rebuild it with "
+                f"`{_rebuild_hint(bundle, manifest, rel)}`"
+            ) from None
         if actual != digest:
             raise BundleError(
                 f"bundle {bundle}: {rel} was altered or corrupted (sha256 {actual[:12]}..., manifest says {digest[:12]}...); "
                 f"rebuild it with `{_rebuild_hint(bundle, manifest, rel)}`"
             )
+    return seen
+
+
+def _hash_one(path: Path, chunk: int = 1 << 22) -> tuple[str, Identity]:
+    """sha256 of a regular file and the identity of the very file read (fstat of the same handle)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        h = hashlib.sha256()
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest(), _identity(st)
 
 
 def _rebuild_hint(bundle: Path, manifest: Manifest, rel: str) -> str:
     """A damaged TensorRT engine is rebuilt from the ONNX its bundle carries; anything else by a fresh export."""
     plan = next((c for c in manifest.components.values() if c.format == "plan" and c.file == rel), None)
-    return "python -m export.build --force" if plan is None else rebuild_command(bundle, plan, in_place=True)
+    return rebuild_hint(bundle, manifest) if plan is None else rebuild_command(bundle, plan, in_place=True)

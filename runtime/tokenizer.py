@@ -39,10 +39,24 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        return data
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-export the engine bundle's tokenizer files") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-export the engine bundle's tokenizer files") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; re-export the engine bundle's tokenizer files")
+    return data
+
+
+def _bad_bpe_file(folder: Path) -> Path:
+    """Which of vocab.json and merges.txt made the BPE model fail to load: vocab.json unless it reads as a token map."""
+    vocab = folder / "vocab.json"
+    try:
+        data = json.loads(vocab.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, int) for k, v in data.items()):
+            return folder / "merges.txt"
+    except (OSError, ValueError):
+        pass
+    return vocab
 
 
 def _content(value: str | dict[str, Any]) -> str:
@@ -121,9 +135,21 @@ class ClipTokenizer:
                     f"{folder / name} is missing: the tokenizer bundle is incomplete "
                     "(it needs vocab.json and merges.txt); re-export the engine bundle"
                 )
-        specials = load_special_tokens(folder)
-        max_length = _read_json(folder / "tokenizer_config.json").get("model_max_length", DEFAULT_MAX_LENGTH)
-        return cls(build_clip_bpe(folder / "vocab.json", folder / "merges.txt", specials), specials, int(max_length))
+        config = folder / "tokenizer_config.json"
+        try:
+            specials = load_special_tokens(folder)
+            max_length = int(_read_json(config).get("model_max_length", DEFAULT_MAX_LENGTH))
+        except ValueError:
+            raise
+        except (AttributeError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{config} (or special_tokens_map.json) is malformed ({type(e).__name__}: {e}); re-export the engine bundle's tokenizer"
+            ) from None
+        try:
+            tokenizer = build_clip_bpe(folder / "vocab.json", folder / "merges.txt", specials)
+        except Exception as e:  # the tokenizers library raises its own untyped errors for unreadable files
+            raise ValueError(f"{_bad_bpe_file(folder)} is malformed ({e}); re-export the engine bundle's tokenizer") from None
+        return cls(tokenizer, specials, max_length)
 
     def _token_id(self, token: AddedToken) -> int:
         # A special token outside vocab.json would get a fresh id that the text encoder cannot embed.

@@ -9,7 +9,7 @@ computed once per generation in float64; samplers cast at the boundary.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -196,6 +196,13 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, *, discrete: bool = Tr
     discrete=False keeps linspace's fractional timesteps, as diffusers' Euler and Heun do.
     """
     check_steps(schedule, steps)
+    ts = _spaced(schedule, steps, discrete)
+    if discrete:
+        check_timesteps(schedule, steps, ts, lambda k: _spaced(schedule, k, True))
+    return ts.astype(np.int64) if discrete else ts.astype(np.float64)
+
+
+def _spaced(schedule: NoiseSchedule, steps: int, discrete: bool) -> np.ndarray:
     n = schedule.num_train_timesteps
     spacing = schedule.timestep_spacing
     ts: np.ndarray
@@ -209,7 +216,23 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, *, discrete: bool = Tr
             ts = ts.round()
     else:
         raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
-    return ts.astype(np.int64) if discrete else ts.astype(np.float64)
+    return ts
+
+
+def check_timesteps(schedule: NoiseSchedule, steps: int, ts: np.ndarray, grid: Callable[[int], np.ndarray]) -> None:
+    """Refuse a step count whose timesteps leave the training range or repeat, naming the most this spacing supports."""
+    n = schedule.num_train_timesteps
+    if ts.max() <= n - 1 and ts.min() >= 0 and len(np.unique(ts)) == len(ts):
+        return
+    limit = next((k for k in range(steps - 1, 0, -1) if _valid_grid(grid(k), n)), 1)
+    raise ValueError(
+        f"steps {steps} is more than this sampler supports with the model's timestep_spacing "
+        f"{schedule.timestep_spacing!r} (steps_offset {schedule.steps_offset}): at most {limit} steps"
+    )
+
+
+def _valid_grid(ts: np.ndarray, n: int) -> bool:
+    return bool(ts.max() <= n - 1 and ts.min() >= 0 and len(np.unique(ts)) == len(ts))
 
 
 def consistency_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:

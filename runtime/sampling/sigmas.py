@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .schedule import SPACINGS, NoiseSchedule, check_steps, spaced_timesteps
+from .schedule import SPACINGS, NoiseSchedule, check_steps, check_timesteps, spaced_timesteps
 
 
 def training_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -84,6 +84,22 @@ def init_noise_sigma(schedule: NoiseSchedule, sigmas: np.ndarray) -> float:
     return top if schedule.timestep_spacing in ("linspace", "trailing") else math.sqrt(top * top + 1.0)
 
 
+def _solver_grid(schedule: NoiseSchedule, steps: int, last: int) -> np.ndarray:
+    """DPM-Solver and UniPC's integer timesteps: steps + 1 points up to `last`, the final one dropped."""
+    n = schedule.num_train_timesteps
+    spacing = schedule.timestep_spacing
+    ts: np.ndarray
+    if spacing == "linspace":
+        ts = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ts = (np.arange(steps + 1) * (last // (steps + 1))).round()[::-1][:-1] + schedule.steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(last, 0, -n / steps).round() - 1
+    else:
+        raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+    return ts
+
+
 def solver_sigmas(schedule: NoiseSchedule, steps: int, sampler: str) -> tuple[np.ndarray, np.ndarray]:
     """DPM-Solver and UniPC's grid: integer timesteps spaced over steps + 1 points, sigmas from them."""
     check_steps(schedule, steps)
@@ -94,17 +110,10 @@ def solver_sigmas(schedule: NoiseSchedule, steps: int, sampler: str) -> tuple[np
     last = n
     if not unipc:  # lambda_min_clipped cuts the high-noise end (DPMSolverMultistepScheduler only)
         last = n - int(np.searchsorted(-log_train[::-1], schedule.config["lambda_min_clipped"]))
-    spacing = schedule.timestep_spacing
-    if spacing == "linspace":
-        ts = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        ts = (np.arange(steps + 1) * (last // (steps + 1))).round()[::-1][:-1] + schedule.steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(last, 0, -n / steps).round() - 1
-    else:
-        raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
+    ts = _solver_grid(schedule, steps, last)
     kind = sigma_spacing(schedule, sampler) or ("lu" if schedule.config.get("use_lu_lambdas") else None)
     if kind is None:
+        check_timesteps(schedule, steps, ts, lambda k: _solver_grid(schedule, k, last))
         sigmas, final = np.interp(ts, np.arange(n), train), train[0]
     else:
         if kind == "lu":  # Lu et al. 2022's steps uniform in log-SNR (DPMSolverMultistepScheduler only)
