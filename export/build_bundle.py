@@ -34,7 +34,7 @@ def build_bundle(model_path: Path, out: Path | None, options: BuildOptions, log:
     """
     backend = resolve_backend(options.backend, log)
     if out is not None:
-        check_target(out, options.force)  # before the model loads: a clash costs nothing to report
+        check_target(out, options.force, model_path)  # before the model loads: a clash costs nothing to report
     if backend == "onnxruntime":
         return export_onnx_bundle(model_path, out, options, log)
     with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:

@@ -1,4 +1,5 @@
-"""`python -m export.build`'s command line: flags -> BuildOptions, or --from-onnx; every error is one `error: ...` line, exit 2."""
+"""`python -m export.build`'s command line: flags -> BuildOptions, or --from-onnx; every error is one `error: ...` line, exit 2
+(Ctrl-C: exit 130)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from runtime.manifest import GUIDANCE_MODES
 from .build_bundle import build_bundle
 from .from_onnx import build_from_onnx
 from .model import REFERENCE_MODEL, ModelError
+from .onnx_export import InvalidOnnxError
 from .options import BACKENDS, BuildOptions
 from .tensorrt import PRESETS, EngineBuildError, builder_settings
 from .verify import VerificationError
@@ -21,8 +23,8 @@ from .verify import VerificationError
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.build",
-        description="Turn a local diffusers Stable Diffusion folder into a verified engine bundle (ONNX files, "
-        "manifest.json, tokenizer) that `python -m runtime` and `runtime.Pipeline.load` run without torch.",
+        description="Turn a local diffusers Stable Diffusion folder (or a single-file SD 1.x/2.x checkpoint) into a verified "
+        "engine bundle (ONNX files, manifest.json, tokenizer) that `python -m runtime` and `runtime.Pipeline.load` run without torch.",
     )
     add_bundle_flags(p)
     add_tensorrt_flags(p)
@@ -32,7 +34,11 @@ def parser() -> argparse.ArgumentParser:
 def add_bundle_flags(p: argparse.ArgumentParser) -> None:
     """The model, the bundle's shapes and what it serves: BuildOptions' fields, by name."""
     p.add_argument(
-        "--model", type=Path, default=REFERENCE_MODEL, help="diffusers model folder (default: the shipped reference model, %(default)s)"
+        "--model",
+        type=Path,
+        default=REFERENCE_MODEL,
+        help="diffusers model folder, or a single-file checkpoint (.safetensors in the original SD layout, converted offline); "
+        "default: the shipped reference model, %(default)s",
     )
     p.add_argument("--out", type=Path, help="bundle folder (default: engines/<model>-<H>x<W>-b<B>-<precision>-<backend>)")
     p.add_argument(
@@ -60,6 +66,19 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--allow-pickle", action="store_true", help="also load .bin/.ckpt pickle weights (they can run code: trusted files only)"
+    )
+    p.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="the folder's weight variant to export, as save_pretrained(variant=NAME) names its files (e.g. fp16: "
+        "model.fp16.safetensors); default: the plain weights, else the only variant a component has",
+    )
+    p.add_argument(
+        "--checkpoint-config",
+        metavar="NAME|DIR",
+        help="for a single-file checkpoint: the architecture to convert it as, one of the shipped configs "
+        "(sd1, sd1-inpainting, sd2, sd2-base, sd2-inpainting) or a diffusers folder with its configs; "
+        "default: recognised from the checkpoint's keys and shapes (SD 2.x as the 768 v-prediction model)",
     )
     p.add_argument(
         "--force",
@@ -104,6 +123,8 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--width", args.width),
         ("--backend onnxruntime", args.backend == "onnxruntime"),
         ("--pipelines", args.pipelines),
+        ("--variant", args.variant),
+        ("--checkpoint-config", args.checkpoint_config),
     )
     clashes = [flag for flag, v in given if v]
     if clashes or args.batch_size != 1:
@@ -123,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         build_from_args(args)
-    except (ModelError, FileExistsError, VerificationError, BundleError, EngineBuildError, ValueError) as e:
+    except (ModelError, FileExistsError, VerificationError, InvalidOnnxError, BundleError, EngineBuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # staging removed the partial bundle; an existing one was left as it was
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0

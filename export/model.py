@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ from runtime.manifest import sha256_file
 from .errors import ModelError
 from .families import ExportFamily, StableDiffusion, detect
 
-__all__ = ["REFERENCE_MODEL", "ModelError", "SourceModel", "load_model", "write_tokenizer"]
+__all__ = ["REFERENCE_MODEL", "ModelError", "SourceModel", "load_model", "open_model", "write_tokenizer"]
 
 # The small model shipped in the repository: the default --model, and what the tests export.
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-ldm"
@@ -22,6 +25,27 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHTED = ("text_encoder", "unet", "vae")
 # What a model can do follows from its UNet's input channels (diffusers' pipelines check the same).
 PIPELINES = {"text2image": ("txt2img", "img2img", "inpaint"), "inpainting": ("inpaint",), "upscaler": ("upscale",)}
+# The model_index.json entries a bundle is built from; any other component a folder lists is left out, and said so
+EXPORTED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler", "low_res_scheduler")
+# diffusers/transformers weight names: model.safetensors, diffusion_pytorch_model.fp16.safetensors (save_pretrained's
+# variant=), model-00001-of-00002.safetensors or model.fp16-00001-of-00002.safetensors (sharded)
+WEIGHT_FILE = re.compile(r"^(?P<stem>[A-Za-z_]+)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.(?P<ext>safetensors|bin|pt|pth|ckpt)$")
+SAFETY_NOTE = (
+    "the bundle returns unfiltered images; if you need an NSFW filter, run your own classifier on the output images "
+    "(e.g. the same CLIP-based StableDiffusionSafetyChecker, with diffusers)"
+)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weight files one component loads: its variant (None: the plain files) and whether they are safetensors."""
+
+    variant: str | None
+    safetensors: bool
+    files: tuple[str, ...]  # relative to the model folder
+
+    def describe(self) -> str:
+        return self.files[0] + (f" (+{len(self.files) - 1} more shards)" if len(self.files) > 1 else "")
 
 
 @dataclass
@@ -37,10 +61,35 @@ class SourceModel:
     index: dict[str, Any]  # model_index.json: the pipeline class and its extra settings (e.g. max_noise_level)
     low_res_scheduler: dict[str, Any] | None = None  # the upscaler's: {"class_name", "config"} of the schedule noising its input
     family: ExportFamily = field(default_factory=StableDiffusion)  # detected from the folder by load_model
+    weights: dict[str, Weights] = field(default_factory=dict)  # per weighted component, the files loaded
+    stored_dtypes: dict[str, str] = field(default_factory=dict)  # per weighted component, the dtype its files hold
+    omitted: tuple[str, ...] = ()  # model_index.json components the bundle leaves out (e.g. safety_checker)
+    origin: Path | None = None  # the single-file checkpoint `path` was converted from, if any
+    origin_note: str = ""  # how that checkpoint was recognised (the config it was converted with)
 
     @property
     def name(self) -> str:
-        return self.path.resolve().name
+        return self.origin.stem if self.origin is not None else self.path.resolve().name
+
+    @property
+    def source(self) -> Path:
+        """What the bundle was built from, as the user named it: the folder, or the single-file checkpoint."""
+        return (self.origin or self.path).resolve()
+
+    def report(self) -> list[str]:
+        """The build log's lines about the source: which weight files were used, what was left out."""
+        lines = []
+        if self.origin is None:  # a converted checkpoint's file was named when it was converted
+            used = ", ".join(w.describe() for w in self.weights.values())
+            variants = sorted({w.variant for w in self.weights.values() if w.variant})
+            lines.append(f"  weights: {used}" + (f" (variant {', '.join(variants)})" if variants else ""))
+        low = sorted({d for d in self.stored_dtypes.values() if d and d != "float32"})
+        if low:
+            lines.append(f"  the weights are stored in {', '.join(low)}: upcast to float32 for the export and its verification")
+        if self.omitted:
+            why = SAFETY_NOTE if "safety_checker" in self.omitted else "the bundle's pipelines do not use them"
+            lines.append(f"  left out: {', '.join(self.omitted)} (not exported: {why})")
+        return lines
 
     @property
     def vae_factor(self) -> int:
@@ -82,35 +131,93 @@ class SourceModel:
         return {"max_noise_level": limit, "low_res_scheduler": self.low_res_scheduler}
 
 
-def check_layout(path: Path, allow_pickle: bool) -> dict[str, bool]:
-    """Validate the folder; return, per weighted component, whether to load safetensors."""
+def check_layout(path: Path, allow_pickle: bool, variant: str | None = None) -> dict[str, Weights]:
+    """Validate the folder; return, per weighted component, the weight files to load."""
+    if path.is_file():
+        raise ModelError(f"{path} is a file: single-file checkpoints are converted by export.single_file, not loaded here")
     if not path.is_dir():
-        raise ModelError(f"model folder {path} does not exist; pass --model with a local diffusers Stable Diffusion folder")
+        raise ModelError(
+            f"model folder {path} does not exist; pass --model with a local diffusers Stable Diffusion folder "
+            "or a single-file checkpoint (.safetensors)"
+        )
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} has no model_index.json: not a diffusers pipeline folder (save one with pipe.save_pretrained)")
     detect(path)  # a folder of another family is refused by name before its parts are checked
     missing = [c for c in REQUIRED if not (path / c).is_dir()]
     if missing:
         raise ModelError(f"{path} is incomplete: missing {', '.join(missing)}/ (a Stable Diffusion folder has {', '.join(REQUIRED)})")
-    use_safetensors = {}
-    for c in WEIGHTED:
-        files = [f for f in (path / c).iterdir() if f.is_file()]
-        safe = [f for f in files if f.name.endswith(".safetensors")]
-        pickled = [f for f in files if f.name.endswith(PICKLE_SUFFIXES)]
-        if not safe and not pickled:
-            raise ModelError(f"{path / c} has no weights (*.safetensors); the model folder is incomplete")
-        if not safe and not allow_pickle:
-            raise ModelError(
-                f"{path / c} has only pickle weights ({pickled[0].name}), which can run code when loaded; "
-                "convert them to safetensors, or pass --allow-pickle if you trust this file"
-            )
-        use_safetensors[c] = bool(safe)
-    return use_safetensors
+    return {c: component_weights(path, c, allow_pickle, variant) for c in WEIGHTED}
 
 
-def source_hashes(path: Path) -> dict[str, str]:
-    """sha256 of every config and weight file: what the bundle was built from."""
-    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in (".json", ".txt", ".safetensors") + PICKLE_SUFFIXES)
+def component_weights(path: Path, component: str, allow_pickle: bool, variant: str | None) -> Weights:
+    """The files one component loads: the asked variant, else the plain weights, else the only variant there is."""
+    folder = path / component
+    by_variant: dict[str | None, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        m = WEIGHT_FILE.match(f.name)
+        if f.is_file() and m:
+            by_variant.setdefault(m["variant"], []).append(f)
+    if not by_variant:
+        raise ModelError(f"{folder} has no weights (*.safetensors); the model folder is incomplete")
+    names = ", ".join(v or "plain" for v in sorted(by_variant, key=lambda v: v or ""))
+    if variant is not None:
+        if variant not in by_variant:
+            raise ModelError(f"{folder} has no {variant!r} variant weights (it has: {names}); pass --variant with one of those")
+        chosen: str | None = variant
+    elif None in by_variant:
+        chosen = None
+    elif len(by_variant) == 1:
+        chosen = next(iter(by_variant))
+    else:
+        raise ModelError(f"{folder} holds several weight variants ({names}) and no plain weights; pass --variant with the one to export")
+    files = by_variant[chosen]
+    safe = [f for f in files if f.name.endswith(".safetensors")]
+    pickled = [f for f in files if f.name.endswith(PICKLE_SUFFIXES)]
+    if not safe and not allow_pickle:
+        raise ModelError(
+            f"{folder} has only pickle weights ({pickled[0].name}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust this file"
+        )
+    return Weights(chosen, bool(safe), tuple(str(f.relative_to(path)) for f in (safe or pickled)))
+
+
+def stored_dtype(path: Path, weights: Weights) -> str:
+    """The floating dtype a component's safetensors hold (read from the header: no tensor is loaded); "" for pickles."""
+    return safetensors_dtype([path / rel for rel in weights.files]) if weights.safetensors else ""
+
+
+def safetensors_dtype(files: list[Path]) -> str:
+    """The floating dtypes the safetensors files hold, from their headers ("float16", "float32, float16", ...)."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for file in files:
+        with safe_open(str(file), framework="np") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    floats = sorted(d for d in dtypes if d.startswith(("F", "BF")))
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    return ", ".join(names.get(d, d) for d in floats)
+
+
+def omitted_components(index: dict[str, Any]) -> tuple[str, ...]:
+    """The components model_index.json lists (with a class) that the bundle does not carry, e.g. safety_checker."""
+    return tuple(
+        k for k, v in index.items()
+        if not k.startswith("_") and k not in EXPORTED and isinstance(v, list) and len(v) == 2 and v[0] is not None
+    )  # fmt: skip
+
+
+def source_hashes(path: Path, weights: dict[str, Weights] | None = None, omitted: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every config and weight file the bundle was built from (unused variants and left-out parts excluded)."""
+    used = {f for w in (weights or {}).values() for f in w.files}
+    files = []
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if not f.is_file() or f.suffix not in (".json", ".txt", ".safetensors") + PICKLE_SUFFIXES or rel.parts[0] in omitted:
+            continue
+        if weights is not None and f.suffix not in (".json", ".txt") and str(rel) not in used:
+            continue
+        files.append(f)
     return {str(f.relative_to(path)): sha256_file(f) for f in files}
 
 
@@ -131,10 +238,42 @@ def check_checksums(path: Path) -> None:
             )
 
 
-def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
-    """Load text encoder, UNet and VAE in float32 eval mode from a local folder only."""
+@contextmanager
+def open_model(
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    variant: str | None = None,
+    checkpoint_config: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Iterator[SourceModel]:
+    """The model at `path`: a diffusers folder as load_model reads it, or a single-file checkpoint converted to a
+    temporary diffusers folder first (export.single_file), which is removed when the block ends."""
     path = Path(path)
-    use_safetensors = check_layout(path, allow_pickle)
+    if not path.is_file():
+        if checkpoint_config is not None:
+            raise ValueError(f"--checkpoint-config applies to single-file checkpoints; {path} is not a file")
+        yield load_model(path, allow_pickle=allow_pickle, variant=variant)
+        return
+    if variant is not None:
+        raise ValueError(f"--variant applies to diffusers folders; {path} is a single-file checkpoint")
+    from .single_file import checkpoint_hashes, converted
+
+    with converted(path, allow_pickle=allow_pickle, checkpoint_config=checkpoint_config, log=log) as (folder, note):
+        model = load_model(folder, hash_files=False)
+        model.origin, model.origin_note, model.hashes = path, note, checkpoint_hashes(path)
+        model.stored_dtypes = {"checkpoint": safetensors_dtype([path]) if path.suffix == ".safetensors" else ""}
+        yield model
+
+
+def load_model(path: str | Path, *, allow_pickle: bool = False, variant: str | None = None, hash_files: bool = True) -> SourceModel:
+    """Load text encoder, UNet and VAE in float32 eval mode from a local folder only.
+
+    variant: the weight variant to load (save_pretrained's variant=, e.g. fp16); None picks the plain weights,
+    or the only variant a component has. hash_files: compute the source hashes (the manifest's record of the inputs).
+    """
+    path = Path(path)
+    weights = check_layout(path, allow_pickle, variant)
     check_checksums(path)
     import diffusers
     import torch
@@ -149,10 +288,14 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
     transformers.utils.logging.disable_progress_bar()
 
     def load(cls: Any, sub: str, **kw: Any) -> Any:
+        w = weights[sub]
         try:
-            m = cls.from_pretrained(path / sub, use_safetensors=use_safetensors[sub], local_files_only=True, **kw)
+            m, info = cls.from_pretrained(
+                path / sub, use_safetensors=w.safetensors, variant=w.variant, local_files_only=True, output_loading_info=True, **kw
+            )
         except Exception as e:  # library errors vary by version; the user needs the file and the cause
             raise ModelError(f"could not load {path / sub}: {e}") from e
+        check_loading_info(path, sub, w, m, info)
         return m.to(torch.float32).eval()
 
     text_encoder = load(CLIPTextModel, "text_encoder", dtype=torch.float32)
@@ -164,6 +307,8 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
     if not has_bpe_files and not (tok / "tokenizer.json").is_file():
         raise ModelError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json: the CLIP tokenizer is missing")
     low_res = path / "low_res_scheduler"
+    index = json.loads((path / "model_index.json").read_text())
+    omitted = omitted_components(index)
     model = SourceModel(
         family=detect(path),
         path=path,
@@ -173,13 +318,67 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> SourceModel:
         scheduler_class=sched["class_name"],
         scheduler_config=sched["config"],
         tokenizer_dir=tok,
-        hashes=source_hashes(path),
-        index=json.loads((path / "model_index.json").read_text()),
+        hashes=source_hashes(path, weights, omitted) if hash_files else {},
+        index=index,
         low_res_scheduler=read_scheduler(low_res) if low_res.is_dir() else None,
+        weights=weights,
+        stored_dtypes={c: stored_dtype(path, w) for c, w in weights.items()},
+        omitted=omitted,
     )
     if model.unet.config.num_class_embeds and model.kind == "upscaler":
         model.upscale_settings()  # a broken upscaler is refused before the export, not after it
     return model
+
+
+def check_loading_info(path: Path, component: str, weights: Weights, module: Any, info: dict[str, Any]) -> None:
+    """Strict loading: every parameter the config builds comes from the weights, and every weight is used.
+
+    transformers and diffusers initialise a missing layer randomly and drop an unused tensor with only a log line
+    (which the verbosity setting above hides); the export would then verify the wrong module against itself.
+    Non-persistent buffers (e.g. CLIP's position_ids) are not in the report, so they never trip this.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ()]
+    if not (missing or unexpected or mismatched):
+        return
+    # the libraries report keys relative to the base model (CLIP's "text_model." is dropped): name them as stored
+    expected = list(module.state_dict())
+    stored = stored_keys(path, weights)
+    problems = []
+    for what, keys, names in (
+        ("missing from the weights (the config builds them)", missing, expected),
+        ("in the weights but not in the config's model", unexpected, stored),
+        ("of another shape than the config's", mismatched, expected),
+    ):
+        if keys:
+            full = [full_key(k, names) for k in keys]
+            more = f" and {len(full) - 3} more" if len(full) > 3 else ""
+            problems.append(f"{len(full)} {'key' if len(full) == 1 else 'keys'} {what}: {', '.join(full[:3])}{more}")
+    raise ModelError(
+        f"{path / component}: its config.json does not match its weights ({weights.describe()}): {'; '.join(problems)}; "
+        "export needs the exact model: fix the config or the weights"
+    )
+
+
+def stored_keys(path: Path, weights: Weights) -> list[str]:
+    """The tensor names a component's safetensors hold (from the headers); [] for pickles."""
+    if not weights.safetensors:
+        return []
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for rel in weights.files:
+        with safe_open(str(path / rel), framework="np") as f:
+            names.extend(f.keys())
+    return names
+
+
+def full_key(key: str, names: list[str]) -> str:
+    """`key` as `names` spell it (with the prefix the loader stripped), or as given where none matches."""
+    if key in names:
+        return key
+    return next((n for n in names if n.endswith("." + key)), key)
 
 
 def read_scheduler(folder: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from . import onnx_export
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
 from .inputs import fixed_inputs
 from .manifest_writer import manifest_for
-from .model import SourceModel, load_model, write_tokenizer
+from .model import SourceModel, open_model, write_tokenizer
 from .options import BuildOptions
 from .resolve import image_size, needed_components, resolve_guidance, resolve_pipelines
 from .verify import FP16_MAX, VerificationError, activation_peak, compare, torch_reference
@@ -24,18 +24,30 @@ BACKEND = "onnxruntime"
 
 
 def export_onnx_bundle(model_path: Path, out: Path | None, options: BuildOptions, log: Log) -> Path:
-    """Export, verify and publish an ONNX bundle at `out` (default: under engines/); returns its folder."""
-    model = load_model(model_path, allow_pickle=options.allow_pickle)
+    """Export, verify and publish an ONNX bundle at `out` (default: under engines/); returns its folder.
+
+    model_path: a diffusers folder, or a single-file checkpoint (converted to a temporary folder for the export).
+    """
+    with open_model(
+        model_path, allow_pickle=options.allow_pickle, variant=options.variant, checkpoint_config=options.checkpoint_config, log=log
+    ) as model:
+        return export_model(model, out, options, log)
+
+
+def export_model(model: SourceModel, out: Path | None, options: BuildOptions, log: Log) -> Path:
+    """The loaded model -> a verified ONNX bundle."""
     height, width = image_size(model, options.height, options.width)
     guidance = resolve_guidance(model, options.guidance)
     pipelines = resolve_pipelines(model, options.pipelines)
     batch, precision = options.batch_size, options.precision
     out = out or ENGINES / default_name(model.name, height, width, batch, precision, BACKEND, guidance)
-    check_target(out, options.force)
+    check_target(out, options.force, model.source)
     what = f"{height}x{width}, batch {batch}, {precision}, {BACKEND}, guidance {guidance}; {', '.join(pipelines)}"
-    log(f"building {out} from {model.path} ({what})")
+    log(f"building {out} from {model.source} ({what})")
+    for line in model.report():
+        log(line)
     t0 = time.perf_counter()
-    with staging(out, options.force) as work:
+    with staging(out, options.force, model.source) as work:
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
         components = {s.name: export_component(s, model, work, precision, log) for s in specs if s.name in needed_components(pipelines)}
         write_tokenizer(model.tokenizer_dir, work / "tokenizer")

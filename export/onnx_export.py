@@ -117,14 +117,19 @@ def export_onnx(spec: ComponentSpec, sample: dict[str, Any], out: Path) -> None:
 
 
 def export_onnx_as(spec: ComponentSpec, sample: dict[str, Any], out: Path, precision: str) -> None:
-    """torch -> ONNX at `out` in `precision`: fp16 is exported in fp32 to a scratch folder, then converted."""
+    """torch -> ONNX at `out` in `precision`: fp16 is exported in fp32 to a scratch folder, then converted.
+
+    Either way the file written must pass onnx.checker's full check (InvalidOnnxError otherwise).
+    """
     if precision != "fp16":
         export_onnx(spec, sample, out)
+        check_onnx(out, spec.name)
         return
     with tempfile.TemporaryDirectory(prefix="fp32-") as tmp:
         fp32 = Path(tmp) / "model.onnx"
         export_onnx(spec, sample, fp32)
         convert_fp16(fp32, out)
+    check_onnx(out, spec.name)
 
 
 def save_onnx(proto: Any, out: Path) -> list[Path]:
@@ -149,7 +154,78 @@ def convert_fp16(src: Path, dst: Path) -> None:
     proto = onnx.load(str(src), load_external_data=True)
     half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
     _restore_fp32_resize_params(half)
+    topological_sort(half.graph)  # the converter appends the fp32 -> fp16 input Casts after the nodes that read them
     save_onnx(half, dst)
+
+
+def topological_sort(graph: Any) -> None:
+    """Reorder graph.node in place so every node follows the nodes whose outputs it reads (ONNX requires it).
+
+    Stable: among the nodes that are ready, the earliest in the old order goes first, so an already sorted
+    graph is left as it was. Names a subgraph (If/Loop body) reads from the outer scope count as inputs.
+    """
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {name: i for i, n in enumerate(nodes) for name in n.output if name}
+    waits_on: list[set[int]] = []
+    for n in nodes:
+        names = set(n.input) | _outer_names(n)
+        waits_on.append({producer[name] for name in names if name in producer})
+    readers: dict[int, list[int]] = {}
+    for i, deps in enumerate(waits_on):
+        for d in deps:
+            readers.setdefault(d, []).append(i)
+    pending = [len(deps) for deps in waits_on]
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for r in readers.get(i, ()):
+            pending[r] -= 1
+            if pending[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise InvalidOnnxError(f"the graph has a cycle through {len(nodes) - len(order)} nodes; it cannot be sorted")
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _outer_names(node: Any) -> set[str]:
+    """The names a node's subgraphs read without defining them (their outer-scope inputs)."""
+    from onnx import AttributeProto
+
+    used: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []
+        for g in graphs:
+            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                used |= (set(n.input) | _outer_names(n)) - defined
+                defined |= set(n.output)
+    used.discard("")
+    return used
+
+
+class InvalidOnnxError(RuntimeError):
+    """An exported ONNX file fails onnx.checker's full check: an exporter bug, never shipped."""
+
+
+def check_onnx(path: Path, what: str) -> None:
+    """onnx.checker's full check (types and shapes inferred strictly) on the file as written, external data included."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # the path form: works past 2 GB, with external data
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise InvalidOnnxError(
+            f"{what}: the exported {path.name} fails onnx.checker's full check ({detail}); nothing was written. "
+            "This is an export bug: please report it with the model's config"
+        ) from e
 
 
 def _restore_fp32_resize_params(proto: Any) -> None:

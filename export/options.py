@@ -24,6 +24,8 @@ class BuildOptions:
     guidance: str = "auto"  # auto: embedded where the UNet takes a guidance embedding, else cfg
     pipelines: str | None = None  # comma-separated; None: all the model can do
     allow_pickle: bool = False  # .bin/.ckpt weights can run code: trusted files only
+    variant: str | None = None  # a folder's weight variant (save_pretrained's variant=, e.g. fp16); None: detected
+    checkpoint_config: str | None = None  # a single file's config: a shipped name (sd1, sd2, ...) or a diffusers folder; None: detected
     force: bool = False  # replace an existing bundle; with TensorRT also keep an engine over its gate
     # TensorRT's builder (None: the preset's, else TensorRT's own); checked whatever the backend
     builder_optimization_level: int | None = None

@@ -25,6 +25,7 @@ from runtime.manifest import Component, Manifest, TensorSpec, load_manifest
 
 from .from_onnx import onnx_component
 from .tensorrt import (
+    PRESETS,
     TIMING_CACHE_DIR,
     BuilderSettings,
     EngineBuildError,
@@ -185,11 +186,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the commands as JSON (what CMakeLists.txt reads)")
     p.add_argument("--trtexec", default="trtexec", help="the trtexec program (default: trtexec from PATH)")
     p.add_argument("--engine-dir", type=Path, help="where the rebuilt engines go (default: engines/.trtexec/<bundle name>)")
-    p.add_argument("--timing-cache", type=Path, help="timing cache file (default: the bundle's engines/.timing-cache/<gpu>-<trt>.cache)")
+    p.add_argument(
+        "--timing-cache",
+        type=Path,
+        help="timing cache file (default: for a TensorRT bundle, the cache its engines were built with, "
+        "engines/.timing-cache/<gpu>-<trt>.cache; for an ONNX bundle, whose GPU is not known yet, engines/.timing-cache/trtexec.cache)",
+    )
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="engine precision (default: the bundle's)")
     p.add_argument("--builder-optimization-level", type=int, metavar="N", help="0 to 5 (default: the bundle's, else 3)")
     p.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit in MiB (default: the bundle's, else none)")
-    p.add_argument("--device-preset", help="builder limits for a device class, e.g. jetson-orin-nano")
+    p.add_argument("--device-preset", choices=sorted(PRESETS), help="builder limits for a device class (default: the bundle's)")
     return p
 
 

@@ -99,9 +99,8 @@ def test_failed_verification_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     assert list((tmp_path / "engines").iterdir()) == []
 
 
-def test_force_replaces_a_bundle(tiny_model, tmp_path):
-    out = tmp_path / "b"
-    out.mkdir()
+def test_force_replaces_a_bundle(tiny_model, bundle_fp32, tmp_path):
+    out = shutil.copytree(bundle_fp32, tmp_path / "b")  # only a bundle is replaced (tests/export/test_hardening.py)
     (out / "stale.txt").write_text("old")
     build(tiny_model, out, precision="fp32", force=True, log=lambda _: None)
     assert not (out / "stale.txt").exists() and (out / "manifest.json").is_file()
