@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.sampling import SAMPLERS
+
 DEFAULT_BUNDLE = Path("engines") / "shapes-ldm-64x64-b1-fp32-onnxruntime"
 # results/bench/ holds the published figures: a run writes there only when asked (--out results/bench)
 DEFAULT_OUT = Path("out") / "bench"
@@ -350,7 +352,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="engine bundle folder (default %(default)s)")
     add_run_options(p, out=DEFAULT_OUT, warmup=2, name="runtime-<bundle folder name>")
-    p.add_argument("--scheduler", help="sampler name (default: the one the model's scheduler config names)")
+    p.add_argument(
+        "--scheduler", choices=sorted(SAMPLERS), help="sampler (default: the one the model's scheduler config names)"
+    )
     p.add_argument("--import-runs", type=int, default=7, help="fresh interpreters timing `import runtime` (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="smoke mode: 2 steps, 1 warm-up, 2 counted runs, 2 import probes")
     return p

@@ -36,6 +36,7 @@ from reference.dataset import (
     make_dataset,
     sample_attributes,
 )
+from runtime.sampling import SAMPLERS
 
 # Held-out real images for FID, apart from the classifier's training and held-out seeds.
 REAL_SEED = 31337
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scales to compare (default 1 3 5 8)",
     )
     parser.add_argument("--steps", type=_positive_int, nargs="+", default=[50], help="sampling step counts (default 50)")
-    parser.add_argument("--scheduler", nargs="+", default=["ddim"], help="runtime sampler names (default ddim)")
+    parser.add_argument("--scheduler", nargs="+", default=["ddim"], choices=sorted(SAMPLERS), help="runtime samplers (default ddim)")
     parser.add_argument("--seed", type=int, default=0, help="prompt and noise seed (default 0)")
     parser.add_argument("--out", type=Path, default=Path("results/eval"), help="output folder (default results/eval)")
     parser.add_argument("--weights", type=Path, default=classifier.DEFAULT_WEIGHTS, help="classifier weights")
