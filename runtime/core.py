@@ -165,7 +165,7 @@ class Core:
         options: dict[str, Any] = {"device": device} if device else {}
         missing = [c for c in ("text_encoder", *NEEDED) if c not in manifest.components]
         if missing:
-            raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `python -m export.build`")
+            raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `{rebuild_hint(bundle, manifest)}`")
         if cuda_graph and manifest.components["unet"].format != "plan":
             raise ValueError(
                 f"cuda_graph=True needs TensorRT engines, and {bundle} holds ONNX; "
@@ -183,7 +183,7 @@ class Core:
         """A component's engine, opened on first use."""
         if name not in self.engines:
             if name not in self.manifest.components:
-                raise BundleError(f"bundle {self.bundle} has no {name}; rebuild it with `python -m export.build`")
+                raise BundleError(f"bundle {self.bundle} has no {name}; rebuild it with `{rebuild_hint(self.bundle, self.manifest)}`")
             component = self.manifest.components[name]
             engine = load_engine(component, self.bundle, **_engine_options(component, self._options))
             if self._state is not None and self._state.files and not self._state.current():
@@ -218,7 +218,7 @@ class Core:
         encoder = " (adds the VAE encoder)" if pipeline in ("img2img", "inpaint") else ""
         raise BundleError(
             f"{pipeline} is not available: bundle {self.bundle} was built for {', '.join(self.pipelines)} only; "
-            f"rebuild it with `python -m export.build --pipelines txt2img,img2img,inpaint`{encoder}"
+            f"rebuild it with `{rebuild_hint(self.bundle, self.manifest, pipelines='txt2img,img2img,inpaint')}`{encoder}"
         )
 
     def close(self) -> None:

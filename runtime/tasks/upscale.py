@@ -14,7 +14,7 @@ import numpy as np
 from .. import images as img
 from ..core import Core, Images, Prompt, Sampling, sampling_options
 from ..errors import BundleError
-from ..manifest import UpscaleInfo
+from ..manifest import UpscaleInfo, rebuild_hint
 from ..sampling import noise_schedule
 from ..sampling.common import noised_vp
 
@@ -67,7 +67,8 @@ def upscale(
     settings = pipe.manifest.upscale
     if settings is None:
         raise BundleError(
-            f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; rebuild it with `python -m export.build`"
+            f"bundle {pipe.bundle} runs upscale but its manifest has no 'upscale' section; "
+            f"rebuild it with `{rebuild_hint(pipe.bundle, pipe.manifest)}`"
         )
     level = check_noise_level(noise_level, settings.max_noise_level)
     batch, shape = pipe.batch_size, pipe.manifest.latent_shape

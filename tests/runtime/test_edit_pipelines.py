@@ -227,7 +227,8 @@ def test_pipelines_a_bundle_was_not_built_for_are_refused_with_the_flag(tiny_mod
         BundleError,
         match=(
             r"img2img is not available: .* built for txt2img only; "
-            r"rebuild it with `python -m export.build --pipelines txt2img,img2img,inpaint`"
+            r"rebuild it with `python -m export.build --model \S+ --precision fp32 .* --pipelines txt2img,img2img,inpaint "
+            rf"--out {out} --force`"
         ),
     ):
         pipe.img2img(PROMPT, IMAGE, steps=3)
