@@ -17,7 +17,8 @@ from pathlib import Path
 from runtime.errors import BundleError
 from runtime.manifest import MANIFEST, SCHEMA, Manifest, sha256_file
 
-ENGINES = Path("engines")
+# The checkout's engines/ folder, wherever the command runs from (as --model's default, the shipped model, is)
+ENGINES = Path(__file__).resolve().parent.parent / "engines"
 Log = Callable[[str], None]  # where a build reports progress, one line at a time (print by default)
 
 

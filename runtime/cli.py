@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DEFAULT_BUNDLE = Path("engines") / "shapes-ldm-64x64-b1-fp16-onnxruntime"
+# the bundle `python -m export.build` makes of the reference model, in the checkout's engines/ (any working directory)
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "engines" / "shapes-ldm-64x64-b1-fp16-onnxruntime"
 SUBCOMMANDS = ("txt2img", "img2img", "inpaint", "upscale")
 DESCRIPTIONS = {
     "txt2img": "Generate images from a text prompt.",

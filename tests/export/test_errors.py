@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +12,7 @@ from export.build import build, main
 from export.model import ModelError
 from export.verify import VerificationError
 from runtime.backends.tensorrt import TensorRTMissing, tensorrt_available
+from tests.helpers import REPO
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -131,6 +131,12 @@ def test_manifest_contract(bundle_fp32, tiny_model):
 
 
 def test_default_bundle_name(tiny_model, tmp_path, monkeypatch):
+    """The checkout's engines/ folder, whatever the working directory: runtime's default --bundle looks there too."""
+    from export import onnx_bundle
+    from runtime.cli import DEFAULT_BUNDLE
+
+    monkeypatch.setattr(onnx_bundle, "ENGINES", tmp_path / "engines")
     monkeypatch.chdir(tmp_path)
     out = build(tiny_model, precision="fp16", log=lambda _: None)
-    assert out == Path("engines") / "tiny-sd-64x64-b1-fp16-onnxruntime"
+    assert out == tmp_path / "engines" / "tiny-sd-64x64-b1-fp16-onnxruntime"
+    assert DEFAULT_BUNDLE.parent == REPO / "engines" and DEFAULT_BUNDLE.is_absolute()

@@ -160,3 +160,17 @@ def test_benchmarks_publish_to_results_only_when_asked():
     assert runtime_bench.parser().parse_args(["--bundle", "b"]).out.parts[-2:] == ("out", "bench")
     assert compare.parser().parse_args([]).out.parts[-2:] == ("out", "bench")
     assert "/out/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_soak_quick_records_memory_threads_and_files(bundle_fp32, tmp_path):
+    """benchmarks.soak --quick: readings for both phases; growth is reported, never asserted."""
+    cmd = [sys.executable, "-m", "benchmarks.soak", "--bundle", str(bundle_fp32), "--quick", "--steps", "2", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "soak.json").read_text())
+    for phase, count in (("generations", 20), ("load_close_cycles", 10)):
+        readings = result[phase]["readings"]
+        assert result[phase]["count"] == count and readings[-1]["done"] == count
+        assert all(r["rss_mib"] > 0 and r["threads"] >= 1 and r["fds"] >= 3 for r in readings)
+        assert set(result[phase]["second_half_growth"]) == {"rss_mib", "threads", "fds"}
+    assert "| generations | 20 |" in (tmp_path / "soak.md").read_text()
