@@ -7,13 +7,12 @@ them: inpainting, x4 upscaler, LCM, Turbo); a folder of another family is refuse
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.manifest import TensorSpec
 
-from .errors import ModelError
+from .errors import ModelError, read_json_object
 from .onnx_export import ComponentSpec, wrap
 
 # cross_attention_dim -> the checkpoint architecture it belongs to; the reference model and others are "custom"
@@ -68,7 +67,7 @@ class StableDiffusion:
 
 def detect(path: Path) -> ExportFamily:
     """The family of a diffusers folder, from its pipeline class and components; another family is refused by name."""
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_json_object(path / "model_index.json")
     pipeline = str(index.get("_class_name", ""))
     for prefix, what in OTHER_FAMILIES.items():
         if pipeline.startswith(prefix):

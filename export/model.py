@@ -13,7 +13,7 @@ from typing import Any
 
 from runtime.manifest import sha256_file
 
-from .errors import ModelError
+from .errors import ModelError, read_json_object
 from .families import ExportFamily, StableDiffusion, detect
 
 __all__ = ["REFERENCE_MODEL", "ModelError", "SourceModel", "load_model", "open_model", "write_tokenizer"]
@@ -226,8 +226,13 @@ def check_checksums(path: Path) -> None:
     sums = path / "SHA256SUMS"
     if not sums.is_file():
         return
-    for line in sums.read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
+    for number, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
+        words = line.split(maxsplit=1)
+        if not line.strip():
+            continue
+        if len(words) != 2 or len(words[0]) != 64 or any(c not in "0123456789abcdef" for c in words[0].lower()):
+            raise ModelError(f"{sums} line {number} is not `<sha256> <file>`: {line[:80]!r}; restore the file")
+        digest, name = words
         f = path / name.lstrip("*")
         if not f.is_file():
             raise ModelError(f"{f} is missing (listed in {sums}); restore the model folder")
@@ -307,7 +312,7 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, variant: str | N
     if not has_bpe_files and not (tok / "tokenizer.json").is_file():
         raise ModelError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json: the CLIP tokenizer is missing")
     low_res = path / "low_res_scheduler"
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_json_object(path / "model_index.json")
     omitted = omitted_components(index)
     model = SourceModel(
         family=detect(path),
@@ -386,7 +391,7 @@ def read_scheduler(folder: Path) -> dict[str, Any]:
     f = folder / "scheduler_config.json"
     if not f.is_file():
         raise ModelError(f"{f} is missing; the model folder is incomplete")
-    raw = json.loads(f.read_text())
+    raw = read_json_object(f)
     return {"class_name": raw.get("_class_name", ""), "config": {k: v for k, v in raw.items() if not k.startswith("_")}}
 
 

@@ -140,3 +140,19 @@ def test_default_bundle_name(tiny_model, tmp_path, monkeypatch):
     out = build(tiny_model, precision="fp16", log=lambda _: None)
     assert out == tmp_path / "engines" / "tiny-sd-64x64-b1-fp16-onnxruntime"
     assert DEFAULT_BUNDLE.parent == REPO / "engines" and DEFAULT_BUNDLE.is_absolute()
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda m: (m / "model_index.json").write_text("{not json"), "model_index.json is not valid JSON"),
+        (lambda m: (m / "scheduler" / "scheduler_config.json").write_text("[1, 2]"), "scheduler_config.json holds a JSON list"),
+        (lambda m: (m / "SHA256SUMS").write_text("deadbeef unet/config.json\n"), "SHA256SUMS line 1 is not `<sha256> <file>`"),
+    ],
+)
+def test_broken_model_files_are_named(tiny_model, tmp_path, capsys, damage, named):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    damage(model)
+    code, err = run_cli(capsys, "--model", str(model), "--out", str(tmp_path / "b"))
+    assert code == 2 and err.count("\n") == 1 and named in err and "Traceback" not in err
