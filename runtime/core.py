@@ -232,6 +232,10 @@ class Core:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def rebuild(self, **changes: object) -> str:
+        """The export.build line that rebuilds this bundle in place, with `changes` to its flags (height=512)."""
+        return rebuild_hint(self.bundle, self.manifest, **changes)
+
     def prompts(self, prompt: Prompt, what: str) -> list[str]:
         """One prompt repeated, or exactly batch-size prompts; an empty `prompt` is refused."""
         prompts = check_prompts(prompt, what)
@@ -255,7 +259,7 @@ class Core:
         negatives = self.prompts(negative_prompt, "negative_prompt")
         return guided(
             self.engines["unet"], self.family, self.manifest.guidance_info, prompts, negatives,
-            options["guidance_scale"], options["guidance_rescale"], image,
+            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild,
         )  # fmt: skip
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

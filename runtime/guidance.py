@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from .manifest import GUIDANCE_MODES, GuidanceInfo
 from .sampling.common import Model
 
 MODES = GUIDANCE_MODES
+CFG_BUILD = "python -m export.build --guidance cfg"
 
 
 Extra = Mapping[str, np.ndarray]
@@ -89,8 +90,12 @@ def guided(
     scale: float,
     rescale: float = 0.0,
     image: Extra | None = None,
+    rebuild: Callable[..., str] | None = None,
 ) -> Model:
-    """The UNet wrapped for the bundle's guidance mode; refuses settings that mode cannot honour."""
+    """The UNet wrapped for the bundle's guidance mode; refuses settings that mode cannot honour.
+
+    rebuild(**changed flags): the export.build line that rebuilds the bundle with them, for the refusals.
+    """
     mode = guidance.mode
     if rescale and mode != "cfg":
         raise ValueError(f"guidance_rescale needs classifier-free guidance, and this bundle was built with guidance {mode!r}")
@@ -101,7 +106,7 @@ def guided(
         if scale > 1:
             raise ValueError(
                 f"guidance_scale {scale} needs classifier-free guidance, but this bundle was built without it "
-                "(batch-B UNet); use guidance_scale <= 1, or rebuild with `python -m export.build --guidance cfg`"
+                f"(batch-B UNet); use guidance_scale <= 1, or rebuild with `{rebuild(guidance='cfg') if rebuild else CFG_BUILD}`"
             )
         if has_negative:
             warnings.warn("negative_prompt has no effect without classifier-free guidance", stacklevel=4)

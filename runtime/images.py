@@ -6,12 +6,13 @@ becomes 2x - 1; masks become grayscale, then 1 where >= 0.5 (repaint) and 0 else
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+Rebuild = Callable[..., str]  # rebuild(**changed flags) -> the export.build line for the caller's bundle
 ImageLike = Any  # a PIL image, an (H, W, C) / (B, H, W, C) array (uint8 0-255, or float 0-1), or a list of them
 
 
@@ -32,10 +33,13 @@ def to_pil(images: np.ndarray) -> list[Any]:
     return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
 
-def _as_arrays(image: ImageLike, mode: str, size: tuple[int, int], resize: bool, what: str, scale: int = 1) -> list[np.ndarray]:
+def _as_arrays(
+    image: ImageLike, mode: str, size: tuple[int, int], resize: bool, what: str, scale: int = 1, rebuild: Rebuild | None = None
+) -> list[np.ndarray]:
     """Each image as float32 (H, W, C) in [0, 1], at `size` (height, width): resized only when asked.
 
-    scale: the bundle's output size over its input size (the x4 upscaler: 4), for the rebuild hint.
+    scale: the bundle's output size over its input size (the x4 upscaler: 4), for the rebuild hint;
+    rebuild(**changed flags): the command that rebuilds the caller's bundle with them (runtime.manifest.rebuild_hint).
     """
     items = list(image) if isinstance(image, (list, tuple)) else [image]
     if len(items) == 1 and isinstance(items[0], np.ndarray) and items[0].ndim == 4:
@@ -45,10 +49,11 @@ def _as_arrays(image: ImageLike, mode: str, size: tuple[int, int], resize: bool,
         pil = _to_pil(item, mode, what)
         if (pil.height, pil.width) != size:
             if not resize:
+                sized = {"height": pil.height * scale, "width": pil.width * scale}
+                command = rebuild(**sized) if rebuild else f"python -m export.build --height {sized['height']} --width {sized['width']}"
                 raise ValueError(
                     f"{what} is {pil.width}x{pil.height} (width x height) but this bundle's engines are built for "
-                    f"{size[1]}x{size[0]}; pass resize=True (CLI: --resize) to resize it, or rebuild the bundle with "
-                    f"`python -m export.build --width {pil.width * scale} --height {pil.height * scale}`"
+                    f"{size[1]}x{size[0]}; pass resize=True (CLI: --resize) to resize it, or rebuild the bundle with `{command}`"
                 )
             from PIL import Image
 
@@ -120,15 +125,24 @@ def _batch(arrays: list[np.ndarray], batch: int, what: str) -> np.ndarray:
 
 
 def image_tensor(
-    image: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, what: str = "image", scale: int = 1
+    image: ImageLike,
+    size: tuple[int, int],
+    batch: int,
+    *,
+    resize: bool = False,
+    what: str = "image",
+    scale: int = 1,
+    rebuild: Rebuild | None = None,
 ) -> np.ndarray:
     """RGB image(s) -> float32 (B, 3, H, W) in [-1, 1], the VAE encoder's (or the upscaler's) input."""
-    return _batch(_as_arrays(image, "RGB", size, resize, what, scale), batch, what) * 2.0 - 1.0
+    return _batch(_as_arrays(image, "RGB", size, resize, what, scale, rebuild), batch, what) * 2.0 - 1.0
 
 
-def mask_tensor(mask: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False) -> np.ndarray:
+def mask_tensor(
+    mask: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, rebuild: Rebuild | None = None
+) -> np.ndarray:
     """Mask image(s) -> float32 (B, 1, H, W): grayscale, then 1 (repaint) where >= 0.5 of white, else 0 (keep)."""
-    gray = _batch(_as_arrays(mask, "L", size, resize, "mask_image"), batch, "mask_image")
+    gray = _batch(_as_arrays(mask, "L", size, resize, "mask_image", rebuild=rebuild), batch, "mask_image")
     return (gray >= 0.5).astype(np.float32)
 
 

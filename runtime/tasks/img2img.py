@@ -41,7 +41,7 @@ def img2img(
     rng = np.random.default_rng(options["seed"])
     shape = pipe.manifest.latent_shape
     noise = pipe.draw(noise, rng, shape, "noise")
-    pixels = img.image_tensor(image, (pipe.height, pipe.width), pipe.batch_size, resize=resize)
+    pixels = img.image_tensor(image, (pipe.height, pipe.width), pipe.batch_size, resize=resize, rebuild=pipe.rebuild)
     init = pipe.encode_image(pixels, pipe.draw(encoder_noise, rng, shape, "encoder_noise"))
     model = pipe.guided_model(prompt, negative_prompt, options)
     return pipe.finish(pipe.denoise(model, noise, options, rng, init=init, start=start), output_type)

@@ -49,8 +49,8 @@ def inpaint(
     start = start_step(options["steps"], strength)
     dedicated = pipe.manifest.model.kind == "inpainting"
     size, batch, shape = (pipe.height, pipe.width), pipe.batch_size, pipe.manifest.latent_shape
-    pixels = img.image_tensor(image, size, batch, resize=resize)
-    mask = img.mask_tensor(mask_image, size, batch, resize=resize)
+    pixels = img.image_tensor(image, size, batch, resize=resize, rebuild=pipe.rebuild)
+    mask = img.mask_tensor(mask_image, size, batch, resize=resize, rebuild=pipe.rebuild)
     if not _has_work(mask):
         return _unchanged(pipe, pixels, output_type)
     rng = np.random.default_rng(options["seed"])

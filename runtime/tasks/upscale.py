@@ -72,7 +72,7 @@ def upscale(
         )
     level = check_noise_level(noise_level, settings.max_noise_level)
     batch, shape = pipe.batch_size, pipe.manifest.latent_shape
-    pixels = img.image_tensor(image, shape[2:], batch, resize=resize, scale=pipe.height // shape[2])
+    pixels = img.image_tensor(image, shape[2:], batch, resize=resize, scale=pipe.height // shape[2], rebuild=pipe.rebuild)
     rng = np.random.default_rng(options["seed"])
     noise_for_image = pipe.draw(image_noise, rng, pixels.shape, "image_noise")
     noise = pipe.draw(latents, rng, shape, "latents")
