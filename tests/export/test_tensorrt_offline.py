@@ -152,10 +152,10 @@ def test_from_onnx_bundle_layout_and_manifest(trt_bundle, bundle_fp32):
 
 
 def test_from_onnx_default_name_says_gpu_and_tensorrt(bundle_fp32, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(from_onnx_mod, "ENGINES", tmp_path / "engines")  # the checkout's engines/ otherwise
     out = offline_build(bundle_fp32, None)
-    assert out == Path("engines/tiny-sd-64x64-b1-fp32-tensorrt-orin-sm87-trt10.3.0.30")
-    assert (tmp_path / out / "manifest.json").is_file()
+    assert out == tmp_path / "engines/tiny-sd-64x64-b1-fp32-tensorrt-orin-sm87-trt10.3.0.30"
+    assert (out / "manifest.json").is_file()
 
 
 def test_lcm_bundle_feeds_the_guidance_embedding(tmp_path, monkeypatch):
@@ -164,9 +164,9 @@ def test_lcm_bundle_feeds_the_guidance_embedding(tmp_path, monkeypatch):
 
     model = make_tiny_sd(tmp_path / "tiny-lcm", kind="lcm")
     lcm = build(model, tmp_path / "onnx", precision="fp32", backend="onnxruntime", log=lambda _: None)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(from_onnx_mod, "ENGINES", tmp_path / "engines")
     out = offline_build(lcm, None)
-    assert out == Path("engines/tiny-lcm-64x64-b1-fp32-tensorrt-orin-sm87-trt10.3.0.30-embedded")
+    assert out == tmp_path / "engines/tiny-lcm-64x64-b1-fp32-tensorrt-orin-sm87-trt10.3.0.30-embedded"
     unet = load_manifest(out).components["unet"]
     assert "timestep_cond" in {t.name for t in unet.inputs} and unet.verification["passed"] is True
 
