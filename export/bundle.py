@@ -52,6 +52,9 @@ def check_target(out: Path, force: bool, source: Path | None = None) -> None:
         raise TargetError(
             f"{out} is a symbolic link (to {os.readlink(out)}), not a bundle folder: export does not replace it; choose another --out"
         )
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TargetError(f"{out} cannot be made: {blocking} is a file, not a folder; choose another --out")
     if not out.exists():
         return
     if out.is_dir() and not any(out.iterdir()):

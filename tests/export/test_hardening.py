@@ -257,3 +257,12 @@ def test_ctrl_c_during_a_rebuild_keeps_the_old_bundle(old_bundle, tiny_model, tm
     assert code == 130 and err == "error: interrupted; nothing was written\n"
     assert (old_bundle / MANIFEST).read_bytes() == before and load_manifest(old_bundle, verify_files=True)
     assert not old_bundle.with_name(f".{old_bundle.name}.partial").exists()
+
+
+def test_an_out_under_a_file_is_named(tiny_model, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    code = main(["--model", str(tiny_model), "--out", str(blocker / "bundle")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{blocker} is a file, not a folder" in err and err.count("\n") == 1
+    assert blocker.read_text() == "mine"
