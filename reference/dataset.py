@@ -23,7 +23,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -224,9 +224,11 @@ def make_dataset(n: int, seed: int, workers: int | None = None) -> tuple[np.ndar
     if workers <= 1:
         chunks = [_make_chunk_args(t) for t in tasks]
     else:
-        # fork, where there is one: spawn would re-import the caller's unguarded __main__.
-        method = "fork" if "fork" in get_all_start_methods() else "spawn"
-        with get_context(method).Pool(workers) as pool:
+        # spawn, not fork: a child forked from a process whose other threads hold locks (numpy's BLAS pool,
+        # a loaded ONNX Runtime session or torch, a progress monitor) can wait on one of them forever, as a
+        # dataset pool did in the test suite after export tests had run in the same process. The price:
+        # spawn re-imports the caller's __main__, so a script calling this must guard its top level.
+        with get_context("spawn").Pool(workers) as pool:
             chunks = pool.map(_make_chunk_args, tasks, chunksize=1)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     attributes: list[Attributes] = []
