@@ -14,8 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runtime.errors import BundleError
-from runtime.manifest import MANIFEST, SCHEMA, Manifest, sha256_file
+from runtime.manifest import MANIFEST, SCHEMA, Manifest, declared_schema, sha256_file
 
 # The checkout's engines/ folder, wherever the command runs from (as --model's default, the shipped model, is)
 ENGINES = Path(__file__).resolve().parent.parent / "engines"
@@ -73,17 +72,9 @@ def not_a_bundle(folder: Path) -> str:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return f"no {MANIFEST}"
-    try:
-        raw = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"its {MANIFEST} is not readable JSON: {e}"
-    try:
-        Manifest.from_json(raw, str(manifest))
-    except BundleError as e:
-        # a bundle of another schema version, or a damaged one, is still export's to rebuild; anything else is not
-        if not (isinstance(raw, dict) and raw.get("schema") == SCHEMA):
-            return str(e).split(": ", 1)[-1]
-    return ""
+    # a bundle of another schema version, or a damaged one, is still export's to rebuild: the schema name decides
+    schema = declared_schema(manifest)
+    return "" if schema == SCHEMA else f"its {MANIFEST} declares schema {schema!r}, not {SCHEMA!r}"
 
 
 @contextmanager

@@ -65,9 +65,10 @@ class StableDiffusion:
         return (TensorSpec("encoder_hidden_states", (rows, seq, model.unet.config.cross_attention_dim), "float32"),)
 
 
-def detect(path: Path) -> ExportFamily:
-    """The family of a diffusers folder, from its pipeline class and components; another family is refused by name."""
-    index = read_json_object(path / "model_index.json")
+def detect(path: Path, index: dict[str, Any] | None = None) -> ExportFamily:
+    """The family of a diffusers folder, from its pipeline class (model_index.json, read here unless given) and
+    components; another family is refused by name."""
+    index = read_json_object(path / "model_index.json") if index is None else index
     pipeline = str(index.get("_class_name", ""))
     for prefix, what in OTHER_FAMILIES.items():
         if pipeline.startswith(prefix):

@@ -328,22 +328,19 @@ class Core:
                 user_callback(i, t, x)
 
         def checked(x: np.ndarray, t: float) -> np.ndarray:
-            where = f"step {done[0] - start + 1} of {steps - start}"
-            if not np.isfinite(x).all():
-                raise NonFiniteError(
-                    f"{where}: the latents entering the UNet hold NaN/inf, made by the {name} sampler's previous update "
-                    f"(eta={options['eta']}) from finite model outputs"
-                )
+            """The guided model, its NaN/inf named by step; the UNet and the mix check their own outputs, so the
+            latents are looked at only once something failed: the initial ones were checked, so NaN in them
+            can only come from the sampler's previous update."""
             try:
-                out = model(x, t)
+                return model(x, t)
             except NonFiniteError as e:
-                raise self._with_hint(e, f"{where}: ") from None
-            if not np.isfinite(out).all():
-                raise NonFiniteError(
-                    f"{where}: guidance turned finite UNet outputs into NaN/inf (guidance_scale {options['guidance_scale']}, "
-                    f"guidance_rescale {options['guidance_rescale']})"
-                )
-            return out
+                where = f"step {done[0] - start + 1} of {steps - start}: "
+                if not np.isfinite(x).all():
+                    raise NonFiniteError(
+                        f"{where}the latents entering the UNet hold NaN/inf, made by the {name} sampler's previous update "
+                        f"(eta={options['eta']}) from finite model outputs"
+                    ) from None
+                raise self._with_hint(e, where) from None
 
         latents: np.ndarray = sampler(
             checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,

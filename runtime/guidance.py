@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from .engine import Engine, cast_feed
-from .errors import BundleError
+from .errors import BundleError, NonFiniteError
 from .families import Conditioning, Family
 from .feed import check_finite
 from .manifest import GUIDANCE_MODES, GuidanceInfo
@@ -66,8 +66,14 @@ def classifier_free(unet: Engine, text: Conditioning, scale: float, rescale: flo
         u, c = np.split(unet_call(unet, np.concatenate([x, x]), t, text, doubled), 2)
         if scale <= 1.0:  # no guidance, as in diffusers: the conditional half alone
             return c
-        guided = u + scale * (c - u)
-        return rescale_cfg(guided, c, rescale) if rescale > 0 else guided
+        guided: np.ndarray = u + scale * (c - u)
+        if rescale > 0:
+            guided = rescale_cfg(guided, c, rescale)
+        if not np.isfinite(guided).all():  # the UNet's halves were finite (unet_call checked): the mix overflowed
+            raise NonFiniteError(
+                f"guidance turned finite UNet outputs into NaN/inf (guidance_scale {scale}, guidance_rescale {rescale})"
+            )
+        return guided
 
     return model
 

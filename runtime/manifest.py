@@ -26,7 +26,6 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
-KINDS = ("text2image", "inpainting", "upscaler")
 GUIDANCE_MODES = ("cfg", "none", "embedded")
 FORMATS = ("onnx", "plan")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int32", "int64", "bool")
@@ -110,9 +109,6 @@ class Component:
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
-
-    def has_input(self, name: str) -> bool:
-        return any(t.name == name for t in self.inputs)
 
     @property
     def source_onnx(self) -> Component | None:
@@ -370,20 +366,8 @@ def rebuild_command(bundle: Any, component: Component | None = None, *, in_place
     return shlex.join([*words, *args])
 
 
-def parse_manifest(raw: Mapping[str, Any], where: str = MANIFEST) -> Manifest:
-    return Manifest.from_json(raw, where)
-
-
-def write_manifest_json(path: Path, manifest: Manifest) -> None:
-    path.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return _hash_one(path)[0]
 
 
 def _check_values(m: Manifest) -> None:
@@ -471,6 +455,15 @@ class BundleState:
             return all(_identity(os.stat(self.bundle / rel)) == ident for rel, ident in self.files.items())
         except OSError:
             return False
+
+
+def declared_schema(path: Path) -> object:
+    """The `schema` a manifest file declares, without checking the rest; None where it is not a readable JSON object."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return raw.get("schema") if isinstance(raw, dict) else None
 
 
 def load_manifest(bundle: str | Path, *, verify_files: bool = True) -> Manifest:
@@ -589,8 +582,8 @@ def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]
     First, without reading a byte: every file a component or the tokenizer reads must be listed (else it is
     not covered by the hashes), each listed file must be a regular file within its role's size limit.
     Then each file is hashed through one handle; what that handle was (inode, size, mtime) is returned.
+    The paths were checked to stay inside the bundle by read_bundle (check_bundle_paths) first.
     """
-    check_bundle_paths(bundle, manifest)
     gap = _uncovered(bundle, manifest)
     if gap is not None:
         who, rel = gap
