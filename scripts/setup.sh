@@ -20,3 +20,10 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && ! { command -v chrom
     exit 1
   fi
 fi
+# The serving environment: `python -m runtime.serve` runs Triton from it and tests/serving talks to that server.
+# nvidia-pytriton ships the tritonserver binary and its Python backend, whose stub process needs numpy 1.x (with numpy 2
+# it returned corrupt tensors), hence a venv of its own beside .venv (which keeps numpy 2); tritonclient talks to the
+# server; kubernetes-validate checks deploy/k8s offline against the Kubernetes schemas it ships.
+[ -x .venv-triton/bin/python ] || "$PY" -m venv .venv-triton
+.venv-triton/bin/python -m pip install -q "numpy<2" onnxruntime tokenizers Pillow "nvidia-pytriton==0.7.0" \
+  "tritonclient[http,grpc]==2.73.0" "kubernetes-validate==1.37.0"
