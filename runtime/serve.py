@@ -134,8 +134,11 @@ def server_command(install: TritonInstall, repository: Path, backends: Path, arg
     ]
 
 
-def server_env(install: TritonInstall) -> dict[str, str]:
+def server_env(install: TritonInstall, workspace: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # temporary files of the server and its models (onnxruntime writes $TMPDIR/.ses on import) go with the workspace
+    env["TMPDIR"] = str(workspace / "tmp")
+    (workspace / "tmp").mkdir(exist_ok=True)
     env["PATH"] = f"{install.env / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, install.libs), *filter(None, [env.get("LD_LIBRARY_PATH")])])
     env.pop("PYTHONHOME", None)
@@ -230,7 +233,7 @@ def serve(args: argparse.Namespace) -> int:
                 options = RepositoryOptions(name=args.name, instances=args.instances, max_queue_delay_us=args.max_queue_delay_us, link=True)
                 repository = write_repository(args.bundle, workspace / "model_repository", options)
                 command = server_command(install, repository, backend_directory(install, workspace), args, shm_prefix)
-                proc = subprocess.Popen(command, env=server_env(install), stdout=sys.stderr, preexec_fn=_die_with_parent)
+                proc = subprocess.Popen(command, env=server_env(install, workspace), stdout=sys.stderr, preexec_fn=_die_with_parent)
                 local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
                 local = f"[{local}]" if ":" in local else local
                 wait_ready(f"http://{local}:{args.http_port}/v2/health/ready", proc, args.ready_timeout)
