@@ -269,7 +269,8 @@ def table(report: Mapping[str, Any]) -> str:
     execs = m.get("nv_inference_exec_count", 0.0)
     lines += [
         "",
-        f"answered {s['answered']}/{s['sent']}, errors {s['errors']}, images equal to the runtime's own: {s['images_equal']}/{s['answered']}",
+        f"answered {s['answered']}/{s['sent']}, errors {s['errors']}, "
+        f"images equal to the runtime's own: {s['images_equal']}/{s['answered']}",
         f"Triton metrics over the run: {m.get('nv_inference_request_success', 0):.0f} requests in {execs:.0f} executions "
         f"({m.get('nv_inference_count', 0) / max(execs, 1):.2f} requests per execution); mean queue time "
         f"{m.get('nv_inference_queue_duration_us', 0) / max(m.get('nv_inference_request_success', 1), 1) / 1e3:.1f} ms, "
