@@ -12,6 +12,7 @@ Only the standard library: it runs from any Python, the server from the serving 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import shutil
@@ -213,6 +214,16 @@ def stop_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def urls(args: argparse.Namespace, name: str) -> list[str]:
     host = f"[{args.host}]" if ":" in args.host else args.host
     return [
@@ -239,7 +250,7 @@ def serve(args: argparse.Namespace) -> int:
                 wait_ready(f"http://{local}:{args.http_port}/v2/health/ready", proc, args.ready_timeout)
                 print(f"serving {args.bundle} as model {args.name!r}", flush=True)
                 print("\n".join(urls(args, args.name)), flush=True)
-                if args.host not in ("127.0.0.1", "localhost", "::1"):
+                if not loopback(args.host):
                     print(f"  listening on {args.host}: reachable from other machines, with no authentication", flush=True)
                 print("ready; stop with Ctrl-C or SIGTERM", flush=True)
                 code = proc.wait()

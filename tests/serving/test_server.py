@@ -156,3 +156,33 @@ def test_sigterm_stops_the_server_and_leaves_nothing(served: Served) -> None:
     assert not (own_shm() & regions), f"shared memory left in /dev/shm: {sorted(own_shm() & regions)}"
     assert not any(served.tmpdir.iterdir()), f"workspace left: {list(served.tmpdir.iterdir())}"
     assert stopped_in < 60, f"stopping took {stopped_in:.0f} s"
+
+
+def test_host_binds_the_address_given_and_ctrl_c_stops_it_cleanly(bundle_batch2: Path, tmp_path: Path) -> None:
+    """--host 127.0.0.2 (loopback still: nothing leaves this machine) is where every endpoint listens; SIGINT stops it."""
+    serving_python()
+    ports = {k: free_port() for k in ("http", "grpc", "metrics")}
+    cmd = [sys.executable, "-m", "runtime.serve", str(bundle_batch2), "--host", "127.0.0.2", *[f"--{k}-port={v}" for k, v in ports.items()]]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        assert lines and lines[-1].startswith("ready"), "".join(lines)
+        assert f"http://127.0.0.2:{ports['http']}/v2/models/ldm/infer" in "".join(lines)
+        assert "reachable from other machines" not in "".join(lines)  # 127.0.0.2 is loopback
+        for port in ports.values():
+            assert set(listening(port)) <= {"0200007F", "0000000000000000FFFF00000200007F"} and listening(port), listening(port)
+        tree = descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        assert not {pid: c for pid, c in tree.items() if alive(pid, c)}
+        assert not any(tmp_path.iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
