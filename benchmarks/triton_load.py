@@ -257,7 +257,8 @@ def table(report: Mapping[str, Any]) -> str:
     ]
     lines = [
         f"Load test: {report['bundle']} (batch {report['batch']}), {report['clients']} clients x {report['per_client']} requests, "
-        f"{report['steps']} steps, {report['cpu_count']} CPU cores",
+        f"{report['steps']} steps, {report['cpu_count']} CPU cores "
+        f"(1-minute load average {report['load_average_1m']['before']:.1f} before, {report['load_average_1m']['after']:.1f} after)",
         "",
         "| setting | requests/s | p50 s | p95 s | p99 s |",
         "| --- | --- | --- | --- | --- |",
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     requests = make_requests(args.clients, args.requests, args.steps)
     flat = [r for mine in requests for r in mine]
+    load_before = os.getloadavg()[0]
     server = None if args.url else Server(args.bundle, args.serve_args.split()).start()
     try:
         url = args.url or server.url(args.protocol)  # type: ignore[union-attr]
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_client": args.requests,
         "steps": args.steps,
         "cpu_count": os.cpu_count(),
+        "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs on the machine skew every figure
         "served": served,
         "metrics": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in METRICS},
         "batch_histogram": {b: n - hist_before.get(b, 0) for b, n in sorted(hist_after.items()) if n - hist_before.get(b, 0)},

@@ -7,6 +7,7 @@ shared-memory region and no workspace behind. The tests run in file order on one
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -139,6 +140,19 @@ def test_bad_requests_get_errors_naming_the_input_and_the_server_keeps_serving(s
             assert error is not None and expected in error, f"{protocol}: expected an error with {expected!r}, got {error!r}"
         assert errors[-1] is None and set(images) == {len(bad)}
         np.testing.assert_array_equal(images[len(bad)], runtime_image(pipe, "a green circle", 5))
+
+
+def test_load_benchmark_quick_run(served: Served, bundle_batch2: Path, tmp_path: Path) -> None:
+    """benchmarks.triton_load against this server, small: every request answered, every image the runtime's, figures written."""
+    cmd = [str(serving_python()), "-m", "benchmarks.triton_load", str(bundle_batch2), "--url", served.url("http")]
+    cmd += ["--metrics-url", f"http://{served.url('metrics')}/metrics", "--clients", "3", "--requests", "2", "--steps", "2"]
+    done = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / f"triton-load-{bundle_batch2.name}.json").read_text())
+    assert report["served"]["answered"] == report["served"]["images_equal"] == 6 and report["served"]["errors"] == 0
+    assert report["metrics"]["nv_inference_request_success"] == 6  # the counters moved by this run's requests, not the warm-up
+    assert sum(int(b) * n for b, n in report["batch_histogram"].items()) == 6
+    assert "| Triton (runtime.serve), http |" in (tmp_path / f"triton-load-{bundle_batch2.name}.md").read_text()
 
 
 def test_sigterm_stops_the_server_and_leaves_nothing(served: Served) -> None:
