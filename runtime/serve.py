@@ -6,6 +6,8 @@ environment (`.venv-triton`, made by scripts/setup.sh: numpy 1.x, which the Pyth
 bound to 127.0.0.1 unless --host says otherwise, waits until the model is ready and prints the URLs.
 On SIGTERM/SIGINT it asks the server to stop, waits for it, ends whatever of its process group is left
 (the Python backend's stub processes), removes the shared-memory regions under its own prefix and the workspace.
+If the launcher itself is killed (SIGKILL), the kernel sends the server SIGTERM (PR_SET_PDEATHSIG) and it stops
+the same way; only the workspace (ldm-serve-* in $TMPDIR) is left.
 Only the standard library: it runs from any Python, the server from the serving environment.
 """
 
