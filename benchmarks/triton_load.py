@@ -268,14 +268,16 @@ def table(report: Mapping[str, Any]) -> str:
     lines.append(f"| runtime in one process, {d['batched']['batch']} requests per call | {d['batched']['throughput_rps']:.2f} | | | |")
     m = report["metrics"]
     execs = m.get("nv_inference_exec_count", 0.0)
+    requests = m.get("nv_inference_count", 0.0)
     lines += [
         "",
         f"answered {s['answered']}/{s['sent']}, errors {s['errors']}, "
         f"images equal to the runtime's own: {s['images_equal']}/{s['answered']}",
         f"Triton metrics over the run: {m.get('nv_inference_request_success', 0):.0f} requests in {execs:.0f} executions "
-        f"({m.get('nv_inference_count', 0) / max(execs, 1):.2f} requests per execution); mean queue time "
-        f"{m.get('nv_inference_queue_duration_us', 0) / max(m.get('nv_inference_request_success', 1), 1) / 1e3:.1f} ms, "
-        f"mean compute {m.get('nv_inference_compute_infer_duration_us', 0) / max(execs, 1) / 1e3:.1f} ms per execution",
+        f"({requests / max(execs, 1):.2f} requests per execution); per request: mean queue time "
+        f"{m.get('nv_inference_queue_duration_us', 0) / max(requests, 1) / 1e3:.1f} ms, mean execution time "
+        f"{m.get('nv_inference_compute_infer_duration_us', 0) / max(requests, 1) / 1e3:.1f} ms "
+        "(Triton's durations add up per request; each request of a batch counts the whole execution)",
         f"executions by batch size: {report['batch_histogram']}",
     ]
     return "\n".join(lines)
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-args", default="", help="extra runtime.serve flags, e.g. '--instances 2'")
     p.add_argument("--no-direct", action="store_true", help="skip the in-process baseline (and the image check)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the load may take before the rest is not sent")
-    p.add_argument("--out", type=Path, help="write triton-load-<bundle>.json and .md here")
+    p.add_argument("--out", type=Path, help="write triton-load-<bundle>-<clients>x<requests>-<steps>steps.json and .md here")
     args = p.parse_args(argv)
     requests = make_requests(args.clients, args.requests, args.steps)
     flat = [r for mine in requests for r in mine]
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "direct"} | {"direct": report.get("direct")}, default=str, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"triton-load-{args.bundle.name}"
+        stem = args.out / f"triton-load-{args.bundle.name}-{args.clients}x{args.requests}-{args.steps}steps"
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         if "direct" in report:
             stem.with_suffix(".md").write_text(table(report) + "\n")

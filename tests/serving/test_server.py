@@ -148,11 +148,11 @@ def test_load_benchmark_quick_run(served: Served, bundle_batch2: Path, tmp_path:
     cmd += ["--metrics-url", f"http://{served.url('metrics')}/metrics", "--clients", "3", "--requests", "2", "--steps", "2"]
     done = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((tmp_path / f"triton-load-{bundle_batch2.name}.json").read_text())
+    report = json.loads((tmp_path / f"triton-load-{bundle_batch2.name}-3x2-2steps.json").read_text())
     assert report["served"]["answered"] == report["served"]["images_equal"] == 6 and report["served"]["errors"] == 0
     assert report["metrics"]["nv_inference_request_success"] == 6  # the counters moved by this run's requests, not the warm-up
     assert sum(int(b) * n for b, n in report["batch_histogram"].items()) == 6
-    assert "| Triton (runtime.serve), http |" in (tmp_path / f"triton-load-{bundle_batch2.name}.md").read_text()
+    assert "| Triton (runtime.serve), http |" in (tmp_path / f"triton-load-{bundle_batch2.name}-3x2-2steps.md").read_text()
 
 
 def test_sigterm_stops_the_server_and_leaves_nothing(served: Served) -> None:
