@@ -155,6 +155,17 @@ def scrape(metrics_url: str, model: str = MODEL) -> dict[str, float]:
     return found
 
 
+def settled(metrics_url: str, before: Mapping[str, float], answered: int, timeout_s: float = 5.0) -> dict[str, float]:
+    """The counters once they count every answered request: a response can reach the client just before Triton counts it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = scrape(metrics_url)
+        done = after.get("nv_inference_request_success", 0.0) - before.get("nv_inference_request_success", 0.0)
+        if done >= answered or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
+
+
 def batch_histogram(protocol: str, url: str, model: str = MODEL) -> dict[int, int]:
     """Executions per batch size, from Triton's statistics extension."""
     module, conn = client(protocol, url)
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         before = scrape(metrics_url)
         hist_before = batch_histogram(args.protocol, url)
         results, wall = run_load(args.protocol, url, requests, args.timeout)
-        after = scrape(metrics_url)
+        after = settled(metrics_url, before, sum(r.error is None for mine in results for r in mine))
         hist_after = batch_histogram(args.protocol, url)
     finally:
         if server is not None:
