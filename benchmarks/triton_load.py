@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "clients": args.clients,
         "per_client": args.requests,
         "steps": args.steps,
+        "serve_args": args.serve_args,
         "cpu_count": os.cpu_count(),
         "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},  # other jobs on the machine skew every figure
         "served": served,
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "direct"} | {"direct": report.get("direct")}, default=str, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"triton-load-{args.bundle.name}-{args.clients}x{args.requests}-{args.steps}steps"
+        serve = re.sub(r"[^A-Za-z0-9]+", "-", args.serve_args).strip("-")  # '--instances 2' -> 'instances-2'
+        stem = args.out / f"triton-load-{args.bundle.name}-{args.clients}x{args.requests}-{args.steps}steps{'-' + serve if serve else ''}"
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         if "direct" in report:
             stem.with_suffix(".md").write_text(table(report) + "\n")
