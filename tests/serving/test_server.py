@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO
-from tests.serving.common import alive, descendants, free_port, listening, request, send, serving_python
+from tests.serving.common import alive, cmdline, descendants, free_port, listening, request, send, serving_python
 
 pytestmark = pytest.mark.slow
 SHM = Path("/dev/shm")
@@ -200,3 +201,20 @@ def test_host_binds_the_address_given_and_ctrl_c_stops_it_cleanly(bundle_batch2:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_port_in_use_is_named_and_the_failed_start_leaves_nothing(bundle_batch2: Path, tmp_path: Path) -> None:
+    serving_python()
+    regions_before = own_shm()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "runtime.serve", str(bundle_batch2), f"--http-port={port}"]
+        cmd += [f"--grpc-port={free_port()}", f"--metrics-port={free_port()}"]
+        done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "error: tritonserver exited with code 1 before it was ready" in done.stderr and "a port in use?" in done.stderr
+    assert f"'127.0.0.1:{port}' already in use" in done.stderr  # the server's own log line, passed through
+    assert own_shm() <= regions_before and not any(tmp_path.iterdir())
+    assert not [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if str(tmp_path) in cmdline(pid)]
