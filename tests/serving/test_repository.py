@@ -127,3 +127,32 @@ def test_serve_without_its_environment_says_how_to_make_it(bundle_batch2: Path, 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: no serving environment at {tmp_path / 'nowhere'}") and "bash scripts/setup.sh" in done.stderr
+
+
+def test_instance_kind_follows_the_bundles_backend(bundle_batch2: Path, tmp_path: Path) -> None:
+    """ONNX bundles: CPU unless --kind gpu (CUDA execution provider); TensorRT engines: GPU only."""
+    from dataclasses import replace
+
+    from runtime.triton.repository import RepositoryOptions, config_pbtxt
+
+    onnx = load_manifest(bundle_batch2)
+    tensorrt = replace(onnx, backend="tensorrt")
+    kinds = {
+        (m.backend, kind): parsed_kind(tmp_path, config_pbtxt(m, "bundle", RepositoryOptions(kind=kind)))
+        for m in (onnx, tensorrt)
+        for kind in ("auto", "gpu")
+    }
+    assert kinds == {
+        ("onnxruntime", "auto"): "KIND_CPU",
+        ("onnxruntime", "gpu"): "KIND_GPU",
+        ("tensorrt", "auto"): "KIND_GPU",
+        ("tensorrt", "gpu"): "KIND_GPU",
+    }
+    with pytest.raises(ValueError, match="TensorRT engines, which run on an NVIDIA GPU only; use --kind gpu"):
+        config_pbtxt(tensorrt, "bundle", RepositoryOptions(kind="cpu"))
+
+
+def parsed_kind(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.pbtxt"
+    path.write_text(text)
+    return parsed_config(path)["instance_group"][0]["kind"]
