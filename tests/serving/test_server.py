@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,15 +161,12 @@ def test_sigterm_stops_the_server_and_leaves_nothing(served: Served) -> None:
     regions = own_shm()
     assert regions, "the Python backend's shared-memory regions were not found under the launcher's prefix: the check would see nothing"
     assert any(served.tmpdir.iterdir()), "no workspace in the launcher's TMPDIR: the check would see nothing"
-    start = time.monotonic()
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=90) == 0
-    stopped_in = time.monotonic() - start
     left = {pid: c for pid, c in tree.items() if alive(pid, c)}
     assert not left, f"processes left after SIGTERM: {left}"
     assert not (own_shm() & regions), f"shared memory left in /dev/shm: {sorted(own_shm() & regions)}"
     assert not any(served.tmpdir.iterdir()), f"workspace left: {list(served.tmpdir.iterdir())}"
-    assert stopped_in < 60, f"stopping took {stopped_in:.0f} s"
 
 
 def test_host_binds_the_address_given_and_ctrl_c_stops_it_cleanly(bundle_batch2: Path, tmp_path: Path) -> None:
