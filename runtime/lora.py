@@ -119,19 +119,23 @@ def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str
         raise LoraError(f"LoRA file {path} does not exist (or is not a file)")
     data = path.read_bytes()
     what = f"LoRA file {path}"
-    if path.suffix.lower() in PICKLE_SUFFIXES or data[:1] == b"\x80" or data[:2] == b"PK":
+    header = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    fits = 0 <= header <= min(MAX_HEADER, len(data) - 8) and data[8:9] == b"{"
+    # pickle protocol 2+ opens with 0x80 and the protocol number, torch.save's zip with PK\x03\x04 (a safetensors
+    # header length can start with 0x80 too: the header decides first)
+    pickled = (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04"
+    if path.suffix.lower() in PICKLE_SUFFIXES or (pickled and not fits):
         raise LoraError(
             f"{what} is a pickle (torch.save) file, which can run code when loaded: adapters are read from .safetensors "
             "only. Convert it where you trust it (safetensors.torch.save_file(torch.load(f), 'adapter.safetensors'))"
         )
-    if len(data) < 8:
-        raise LoraError(f"{what} is {len(data)} bytes: not a safetensors file (truncated?)")
-    (header,) = struct.unpack("<Q", data[:8])
-    if header > min(MAX_HEADER, len(data) - 8) or data[8:9] != b"{":
+    if not fits:
         raise LoraError(f"{what} is not a safetensors file, or is truncated: its header does not fit the file ({len(data)} bytes)")
     try:
         from safetensors.numpy import load
-
+    except ImportError:
+        raise LoraError("reading LoRA adapters needs the safetensors package (no torch): `pip install safetensors`") from None
+    try:
         tensors = load(data)
         meta = json.loads(data[8 : 8 + header]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own SafetensorError (and others for bf16 in numpy)
@@ -207,6 +211,8 @@ def _metadata_alphas(meta: Mapping[str, str], path: Path) -> dict[str, float]:
                 raise LoraError(f"LoRA file {path}: per-layer {name} in its metadata is not supported; fuse such adapters with peft")
             elif name == "use_dora" and value:
                 raise LoraError(f"LoRA file {path} is a DoRA adapter (use_dora); this SDK applies plain LoRA only")
+            elif name == "use_rslora" and value:
+                raise LoraError(f"LoRA file {path} uses rank-stabilised scaling (use_rslora: alpha / sqrt(rank)); not supported")
     return alphas
 
 

@@ -11,6 +11,7 @@ diffusers cannot load the kohya one (its kohya text-encoder conversion fails wit
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 LAYOUTS = ("peft", "kohya")
 
 
+@functools.lru_cache(maxsize=4)
 def _layers(model_dir: Path) -> dict[str, dict[str, tuple[str, int, int]]]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -54,6 +56,7 @@ def make_adapter(
     rng = np.random.default_rng(seed)
     alpha = float(rank if alpha is None else alpha)
     tensors: dict[str, np.ndarray] = {}
+    targets: dict[str, list[str]] = {"unet": [], "text_encoder": []}
     for component, layers in _layers(model_dir).items():
         for module, (kind, fin, fout) in sorted(layers.items()):
             if kind not in ("linear", "conv1x1") or not select(component, module):
@@ -62,7 +65,8 @@ def make_adapter(
             down = (std * rng.standard_normal((rank, fin, *tail))).astype(np.float32)
             up = (std * rng.standard_normal((fout, rank, *tail))).astype(np.float32)
             tensors.update(_keys(layout, component, module, down, up, alpha))
-    return _save(out, tensors, layout, alpha, rank)
+            targets[component].append(module)
+    return _save(out, tensors, layout, alpha, rank, targets)
 
 
 def _keys(layout: str, component: str, module: str, down: np.ndarray, up: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
@@ -76,12 +80,16 @@ def _keys(layout: str, component: str, module: str, down: np.ndarray, up: np.nda
     raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
 
 
-def _save(out: Path, tensors: dict[str, np.ndarray], layout: str, alpha: float, rank: int) -> Path:
+def _save(out: Path, tensors: dict[str, np.ndarray], layout: str, alpha: float, rank: int, targets: dict[str, list[str]]) -> Path:
     from safetensors.numpy import save_file
 
     metadata = {"format": "pt"}
-    if layout == "peft":  # as diffusers' save_lora_weights writes peft's LoraConfig
-        config = {f"{c}.{k}": v for c in ("unet", "text_encoder") for k, v in (("r", rank), ("lora_alpha", alpha))}
+    if layout == "peft":  # as diffusers' save_lora_weights writes each component's peft LoraConfig (the fields that matter)
+        config = {
+            f"{c}.{k}": v
+            for c, modules in targets.items() if modules
+            for k, v in (("r", rank), ("lora_alpha", alpha), ("target_modules", sorted(modules)))
+        }  # fmt: skip
         metadata["lora_adapter_metadata"] = json.dumps(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
