@@ -442,7 +442,12 @@ def _lora_list(adapters: LoraSpec, scale: float) -> list[tuple[Path, float]]:
     """set_lora's argument as (file, scale) pairs; anything else is a TypeError naming what was given."""
     if adapters is None:
         return []
-    items = [(adapters, scale)] if isinstance(adapters, (str, Path)) else list(adapters)
+    pair = isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[0], (str, Path))
+    pair = pair and not isinstance(adapters[1], (str, Path))  # type: ignore[index]
+    if isinstance(adapters, (str, Path)):
+        items: list[Any] = [(adapters, scale)]
+    else:
+        items = [adapters] if pair else list(adapters)
     out = []
     for item in items:
         if isinstance(item, (str, Path)):

@@ -469,7 +469,7 @@ def _check_values(m: Manifest) -> None:
                     elements *= d
                 bounded(f"components.{name}: tensor {t.name!r} element count", elements, 1, MAX_ELEMENTS)
     if m.lora is not None:
-        _check_lora(m)
+        _check_lora(m, m.lora)
     for rel, digest in m.files.items():
         if not SHA256.fullmatch(digest):
             raise ValueError(f"files[{rel!r}] is not a sha256 hex digest")
@@ -478,20 +478,19 @@ def _check_values(m: Manifest) -> None:
 MAX_LORA_RANK = 1024
 
 
-def _check_lora(m: Manifest) -> None:
+def _check_lora(m: Manifest, lora: LoraInfo) -> None:
     """Every slot target names stacked inputs of its component that fit its rank, features and index."""
-    assert m.lora is not None
-    if not 0 <= m.lora.slot_rank <= MAX_LORA_RANK:
-        raise ValueError(f"lora.slots.rank {m.lora.slot_rank} is out of range 0..{MAX_LORA_RANK}")
-    for a in m.lora.fused:
+    if not 0 <= lora.slot_rank <= MAX_LORA_RANK:
+        raise ValueError(f"lora.slots.rank {lora.slot_rank} is out of range 0..{MAX_LORA_RANK}")
+    for a in lora.fused:
         if not SHA256.fullmatch(a.sha256) or not abs(a.scale) < float("inf"):
             raise ValueError(f"lora.fused entry {a.file!r} needs a sha256 hex digest and a finite scale")
-    for t in m.lora.targets:
+    for t in lora.targets:
         comp = m.components.get(t.component)
         if comp is None:
             continue  # a bundle without that component (txt2img-only bundles still have both LoRA components)
         names = {s.name: s.shape for s in comp.inputs}
-        want = {t.a: (t.index, m.lora.slot_rank, t.in_features), t.b: (t.index, t.out_features, m.lora.slot_rank)}
+        want = {t.a: (t.index, lora.slot_rank, t.in_features), t.b: (t.index, t.out_features, lora.slot_rank)}
         for name, (index, *dims) in want.items():
             shape = names.get(name)
             if shape is None or len(shape) != 3 or list(shape[1:]) != dims or not 0 <= index < shape[0]:

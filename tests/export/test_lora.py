@@ -165,7 +165,7 @@ def test_switching_is_exact_and_zero_is_the_base_model(slotted, adapters, latent
     assert np.abs(none - base_image).max() <= 1e-5  # zero slots: the base model (another graph, so not bit for bit)
     pipe.set_lora(adapters["a"])
     a1 = generate(pipe, latents)
-    pipe.set_lora(adapters["b"], 0.7)
+    pipe.set_lora((adapters["b"], 0.7))  # one (file, scale) pair
     b = generate(pipe, latents)
     pipe.set_lora(adapters["a"])
     a2 = generate(pipe, latents)
@@ -310,3 +310,35 @@ def test_cli_refuses_a_bad_adapter_before_writing(tiny_model, tmp_path):
     assert "Traceback" not in done.stderr and not out.exists()
     done = subprocess.run([*cmd[:-2], "--lora", "nothing.safetensors:x"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "error: --lora nothing.safetensors:x: nothing.safetensors:x is not a file" in done.stderr
+
+
+# -- TensorRT: the same slot inputs (no refit), built here with a stand-in builder -----------------------
+
+
+def test_tensorrt_bundle_takes_the_same_slot_inputs(slotted, tmp_path):
+    """--from-onnx keeps the slots as engine inputs and records them; the stand-in engine is the ONNX itself
+    (as in test_tensorrt_offline), so the verification that fed it slot inputs is real."""
+    from export.from_onnx import build_from_onnx, onnx_component
+    from runtime.compat import Device
+    from runtime.engine import load_engine
+
+    built: dict[str, list[str]] = {}
+
+    def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache):
+        built[name] = [t.name for t in inputs]
+        return f"plan {name}".encode()
+
+    def onnx_as_engine(component, path):
+        return load_engine(onnx_component(component), path.parent.parent, backend="onnxruntime", device="cpu")
+
+    out = build_from_onnx(
+        slotted, tmp_path / "trt", build=fake_plan, open_engine=onnx_as_engine, device=Device("10.3.0.30", "Orin", "8.7"),
+        timing_cache_root=tmp_path / "cache", log=lambda _: None,
+    )  # fmt: skip
+    source, m = runtime.load_manifest(slotted), runtime.load_manifest(out)
+    assert m.lora == source.lora and m.backend == "tensorrt"
+    for name in ("unet", "text_encoder"):
+        slots = [t.name for t in source.components[name].inputs if t.name.startswith("lora_")]
+        assert slots and set(slots) <= set(built[name]) and m.components[name].inputs == source.components[name].inputs
+        assert m.components[name].format == "plan" and m.components[name].verification["passed"]
+    assert "--lora-slots 12" in runtime.manifest.rebuild_hint(out, m) and "--backend tensorrt" in runtime.manifest.rebuild_hint(out, m)
