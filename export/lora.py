@@ -2,8 +2,9 @@
 
 Fused (`--lora FILE[:SCALE]`): W += scale * alpha / rank * up @ down on each targeted layer before the export,
 as diffusers' load_lora_weights + fuse_lora do. Slotted (`--lora-slots RANK`): every slot target computes
-W x + B (A x) with A (rank, in) and B (out, rank) read from stacked engine inputs (one A and one B input per
-component and layer shape: `lora_a_<in>_<out>` (L, rank, in), `lora_b_<in>_<out>` (L, out, rank)), so the runtime
+W x + B (A x) with A and B read from stacked engine inputs (one A and one B input per component and layer shape:
+`lora_a_<in>_<out>` (L, in, rank) holds A transposed, `lora_b_<in>_<out>` (L, rank, out) B transposed, so a Linear's
+update is two plain matmuls, x @ a @ b, and a 1x1 conv's needs no transpose of its activations), so the runtime
 switches adapters by feeding other matrices (zeros: the base model), never touching the weights.
 """
 
@@ -100,7 +101,7 @@ def slot_inputs(targets: Sequence[LoraTarget], component: str, rank: int) -> tup
         if t.component != component:
             continue
         count[t.a] = count[t.b] = max(count.get(t.a, 0), t.index + 1)
-        shapes[t.a], shapes[t.b] = (rank, t.in_features), (t.out_features, rank)
+        shapes[t.a], shapes[t.b] = (t.in_features, rank), (rank, t.out_features)
     return tuple(TensorSpec(name, (count[name], *shapes[name]), "float32") for name in shapes)
 
 
@@ -121,11 +122,12 @@ def with_slots(spec: ComponentSpec, root: Any, targets: Sequence[LoraTarget], ra
         def hook(_m: Any, args: Any, out: Any) -> Any:
             if not fed:
                 return out
-            a, b = fed[t.a][t.index], fed[t.b][t.index]  # (rank, in), (out, rank)
+            a, b = fed[t.a][t.index], fed[t.b][t.index]  # A^T (in, rank), B^T (rank, out)
             x = args[0]
-            if t.kind == "conv1x1":  # channels last, the same low-rank matmuls, channels first again
-                return out + torch.matmul(torch.matmul(x.permute(0, 2, 3, 1), a.t()), b.t()).permute(0, 3, 1, 2)
-            return out + torch.matmul(torch.matmul(x, a.t()), b.t())
+            if t.kind == "conv1x1":  # on (N, C, H*W): the small matrices are transposed, never the activations
+                low = torch.matmul(a.t(), torch.flatten(x, 2))
+                return out + torch.matmul(b.t(), low).reshape(out.shape)
+            return out + torch.matmul(torch.matmul(x, a), b)
 
         return hook
 

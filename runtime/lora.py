@@ -311,8 +311,8 @@ def rank_needed(adapters: Sequence[tuple[Adapter, float]]) -> tuple[int, str]:
 def slot_feeds(
     targets: Sequence[LoraTarget], rank: int, shapes: Shapes, adapters: Sequence[tuple[Adapter, float]]
 ) -> dict[str, dict[str, np.ndarray]]:
-    """The slot inputs per component: A rows are the adapters' down matrices side by side along the rank, B columns
-    their up matrices times scale * alpha / rank; the rest zeros (zero B: the base model). Ranks must fit `rank`."""
+    """The slot inputs per component: A^T (in, rank) holds the adapters' down matrices side by side along the rank,
+    B^T (rank, out) their up matrices times scale * alpha / rank; the rest zeros (the base model). Ranks must fit `rank`."""
     feeds: dict[str, dict[str, np.ndarray]] = {}
     for t in targets:
         for name in (t.a, t.b):
@@ -329,8 +329,8 @@ def slot_feeds(
         for u, scale in updates:
             if offset + u.rank > rank:
                 raise LoraError(f"{t.component} layer {t.module}: the adapters' ranks exceed the slot rank {rank}")
-            a[t.index, offset : offset + u.rank, :] = u.down
-            b[t.index, :, offset : offset + u.rank] = (u.up.astype(np.float64) * (scale * u.alpha / u.rank)).astype(np.float32)
+            a[t.index, :, offset : offset + u.rank] = u.down.T
+            b[t.index, offset : offset + u.rank, :] = (u.up.astype(np.float64) * (scale * u.alpha / u.rank)).astype(np.float32).T
             offset += u.rank
     return feeds
 

@@ -229,8 +229,8 @@ class LoraAdapter:
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """One layer with a LoRA slot: `component`'s `module` computes W x + B (A x), its A and B row `index` of the
-    stacked inputs `a` (L, rank, in_features) and `b` (L, out_features, rank); kind: linear | conv1x1."""
+    """One layer with a LoRA slot: `component`'s `module` computes W x + B (A x), A^T and B^T being row `index` of the
+    stacked inputs `a` (L, in_features, rank) and `b` (L, rank, out_features); kind: linear | conv1x1."""
 
     component: str
     module: str
@@ -490,7 +490,7 @@ def _check_lora(m: Manifest, lora: LoraInfo) -> None:
         if comp is None:
             continue  # a bundle without that component (txt2img-only bundles still have both LoRA components)
         names = {s.name: s.shape for s in comp.inputs}
-        want = {t.a: (t.index, lora.slot_rank, t.in_features), t.b: (t.index, t.out_features, lora.slot_rank)}
+        want = {t.a: (t.index, t.in_features, lora.slot_rank), t.b: (t.index, lora.slot_rank, t.out_features)}
         for name, (index, *dims) in want.items():
             shape = names.get(name)
             if shape is None or len(shape) != 3 or list(shape[1:]) != dims or not 0 <= index < shape[0]:

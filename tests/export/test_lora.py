@@ -207,7 +207,7 @@ def test_slotted_manifest_records_rank_and_targets(slotted):
     assert kinds == {"linear", "conv1x1"}
     for t in m.lora.targets:
         shapes = {t.name: t.shape for t in m.components[t.component].inputs}
-        assert shapes[t.a][1:] == (SLOT_RANK, t.in_features) and shapes[t.b][1:] == (t.out_features, SLOT_RANK)
+        assert shapes[t.a][1:] == (t.in_features, SLOT_RANK) and shapes[t.b][1:] == (SLOT_RANK, t.out_features)
     assert unet["lora_a_32_32"][0] == sum(1 for t in m.lora.targets if t.component == "unet" and t.a == "lora_a_32_32")
     assert "--lora-slots 12" in runtime.Pipeline.load(slotted).rebuild()
 
