@@ -342,3 +342,22 @@ def test_tensorrt_bundle_takes_the_same_slot_inputs(slotted, tmp_path):
         assert slots and set(slots) <= set(built[name]) and m.components[name].inputs == source.components[name].inputs
         assert m.components[name].format == "plan" and m.components[name].verification["passed"]
     assert "--lora-slots 12" in runtime.manifest.rebuild_hint(out, m) and "--backend tensorrt" in runtime.manifest.rebuild_hint(out, m)
+
+
+def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adapters, tmp_path):
+    """`python -m runtime --lora FILE:SCALE` equals set_lora; on a bundle without slots it is one error line."""
+    from PIL import Image
+
+    def cli(bundle, *more):
+        args = ["a red circle", "--bundle", str(bundle), "--steps", "2", "--seed", "3", "--quiet", *more]
+        return subprocess.run([sys.executable, "-m", "runtime", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    done = cli(slotted, "--lora", f"{adapters['a']}:0.8", "--lora", str(adapters["b"]), "-o", str(tmp_path / "ab.png"))
+    assert done.returncode == 0, done.stderr
+    pipe = runtime.Pipeline.load(slotted)
+    pipe.set_lora([(adapters["a"], 0.8), (adapters["b"], 1.0)])
+    expected = pipe.txt2img("a red circle", steps=2, seed=3)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ab.png")), np.asarray(expected))
+    done = cli(bundle_fp32, "--lora", str(adapters["a"]), "-o", str(tmp_path / "x.png"))
+    assert done.returncode == 2 and done.stderr.startswith("error: bundle ") and "--lora-slots 8" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
