@@ -361,3 +361,19 @@ def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adap
     done = cli(bundle_fp32, "--lora", str(adapters["a"]), "-o", str(tmp_path / "x.png"))
     assert done.returncode == 2 and done.stderr.startswith("error: bundle ") and "--lora-slots 8" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_manifest_lora_round_trip_and_altered_slots(slotted, fused, tmp_path):
+    from runtime.manifest import Manifest
+
+    for bundle in (slotted, fused):
+        raw = json.loads((bundle / "manifest.json").read_text())
+        assert Manifest.from_json(raw).to_json() == raw
+    raw = json.loads((slotted / "manifest.json").read_text())
+    raw["lora"]["slots"]["targets"][0]["a"] = "lora_a_9_9"
+    with pytest.raises(BundleError, match=r"malformed manifest .*names input 'lora_a_9_9', which unet lacks"):
+        Manifest.from_json(raw)
+    raw = json.loads((fused / "manifest.json").read_text())
+    raw["lora"]["fused"][0]["sha256"] = "abc"
+    with pytest.raises(BundleError, match="malformed manifest .*needs a sha256"):
+        Manifest.from_json(raw)
