@@ -85,6 +85,20 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing bundle folder; with TensorRT also keep an engine over its verification gate",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA adapter (.safetensors, diffusers/peft or kohya layout, UNet and text encoder parts) into the "
+        "weights at SCALE (default 1) before the export; repeat for several; the manifest records file, sha256 and scale",
+    )
+    p.add_argument(
+        "--lora-slots",
+        type=int,
+        metavar="RANK",
+        help="give the UNet and text encoder LoRA slots of this rank (their attention and transformer layers take low-rank "
+        "matrices as inputs), so Pipeline.set_lora switches adapters at run time without a rebuild; default: none",
+    )
 
 
 def add_tensorrt_flags(p: argparse.ArgumentParser) -> None:
@@ -125,6 +139,8 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--pipelines", args.pipelines),
         ("--variant", args.variant),
         ("--checkpoint-config", args.checkpoint_config),
+        ("--lora", args.lora),
+        ("--lora-slots", args.lora_slots),
     )
     clashes = [flag for flag, v in given if v]
     if clashes or args.batch_size != 1:

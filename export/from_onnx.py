@@ -25,6 +25,7 @@ from runtime.manifest import Component, Manifest, TensorRTInfo, TensorSpec, load
 from .bundle import ENGINES, Log, check_target, default_name, now, staging, write_manifest
 from .gates import TOLERANCE, error_figures
 from .inputs import fixed_inputs
+from .lora import suffix as lora_suffix
 from .onnx_export import onnx_files
 from .tensorrt import (
     TIMING_CACHE_DIR,
@@ -132,9 +133,10 @@ def build_from_onnx(
         require_tensorrt("building TensorRT engines")
         device = current_device()
     precisions = plan_precisions(manifest, sources, source, asked, int(device.tensorrt.split(".")[0]))
-    out = out or ENGINES / default_name(
+    name = default_name(
         manifest.model.name, manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}", manifest.guidance
     )
+    out = out or ENGINES / (name + lora_suffix(manifest.lora))
     check_target(out, force)
     log(
         f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, "

@@ -43,4 +43,6 @@ def _value(t: TensorSpec, component_name: str, vae_scaling_factor: float, rng: n
         return rng.standard_normal(t.shape) / vae_scaling_factor
     if t.name == "sample" and component_name == "vae_encoder":  # an image
         return rng.uniform(-1, 1, t.shape)
+    if t.name.startswith("lora_"):  # LoRA slot matrices: small, as trained adapters' updates are next to the weights
+        return 0.02 * rng.standard_normal(t.shape)
     return rng.standard_normal(t.shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from runtime.manifest import (
     Component,
     GuidanceInfo,
+    LoraInfo,
     Manifest,
     ModelInfo,
     SchedulerInfo,
@@ -28,6 +29,7 @@ def manifest_for(
     backend: str,
     guidance: str,
     pipelines: tuple[str, ...] = ("txt2img",),
+    lora: LoraInfo | None = None,
 ) -> Manifest:
     """Everything the runtime needs to drive the exported components, from the model folder's own configs."""
     upscale = None
@@ -62,4 +64,5 @@ def manifest_for(
         precision=precision,
         components=components,
         upscale=upscale,
+        lora=lora,
     )

@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime.manifest import Component
 
-from . import onnx_export
+from . import lora, onnx_export
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
 from .inputs import fixed_inputs
 from .manifest_writer import manifest_for
@@ -40,7 +40,10 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     guidance = resolve_guidance(model, options.guidance)
     pipelines = resolve_pipelines(model, options.pipelines)
     batch, precision = options.batch_size, options.precision
-    out = out or ENGINES / default_name(model.name, height, width, batch, precision, BACKEND, guidance)
+    adapters = lora.read_adapters(model, options.lora)  # checked against the model before anything is exported
+    targets = lora.slot_targets(model, options.lora_slots) if options.lora_slots else ()
+    info = lora.lora_info(lora.records(adapters), options.lora_slots, targets)
+    out = out or ENGINES / (default_name(model.name, height, width, batch, precision, BACKEND, guidance) + lora.suffix(info))
     check_target(out, options.force, model.source)
     what = f"{height}x{width}, batch {batch}, {precision}, {BACKEND}, guidance {guidance}; {', '.join(pipelines)}"
     log(f"building {out} from {model.source} ({what})")
@@ -48,12 +51,15 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         log(line)
     t0 = time.perf_counter()
     with staging(out, options.force, model.source) as work:
+        lora.fuse(model, adapters, log)
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
+        roots = {"unet": model.unet, "text_encoder": model.text_encoder}
+        specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
         components = {s.name: export_component(s, model, work, precision, log) for s in specs if s.name in needed_components(pipelines)}
         write_tokenizer(model.tokenizer_dir, work / "tokenizer")
         manifest = manifest_for(
             model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-            pipelines=pipelines,
+            pipelines=pipelines, lora=info,
         )  # fmt: skip
         write_manifest(work, manifest)
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")

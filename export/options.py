@@ -31,6 +31,8 @@ class BuildOptions:
     builder_optimization_level: int | None = None
     workspace: int | None = None  # MiB
     device_preset: str | None = None
+    lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
+    lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -44,7 +46,26 @@ class BuildOptions:
             raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.guidance not in ("auto", *GUIDANCE_MODES):
             raise ValueError(f"unknown guidance mode {self.guidance!r}: choose one of auto, {', '.join(GUIDANCE_MODES)}")
+        object.__setattr__(self, "lora", tuple(self.lora))  # argparse's append gives a list
+        self.check_lora()
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
+
+    def check_lora(self) -> None:
+        """The adapter files exist and their scales are finite numbers; the slot rank is in range (before any model loads)."""
+        import math
+
+        from runtime.lora import parse_spec
+
+        from .lora import MAX_SLOT_RANK
+
+        for spec in self.lora:
+            path, scale = parse_spec(spec)
+            if not path.is_file():
+                raise ValueError(f"--lora {spec}: {path} is not a file (pass FILE[:SCALE], e.g. --lora style.safetensors:0.8)")
+            if not math.isfinite(scale):
+                raise ValueError(f"--lora {spec}: the scale must be a finite number")
+        if not 0 <= self.lora_slots <= MAX_SLOT_RANK:
+            raise ValueError(f"--lora-slots {self.lora_slots}: the slot rank must be 0 (no slots) to {MAX_SLOT_RANK}")
 
     def tensorrt_builder(self) -> BuilderSettings:
         """The TensorRT builder settings: the preset, with explicit level and workspace on top."""

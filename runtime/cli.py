@@ -100,6 +100,13 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
         default=Path("out.png"),
         help="PNG file to write; with batch > 1, NAME-0.png, NAME-1.png, ... (default %(default)s)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="a LoRA adapter (.safetensors) at SCALE (default 1), fed through the bundle's LoRA slots (a bundle built with "
+        "--lora-slots); repeat for several",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -171,6 +178,10 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     image = open_image(args.image, "--image") if command != "txt2img" else None  # read before the bundle: cheap checks first
     mask = open_image(args.mask, "--mask") if command == "inpaint" else None
     pipe = Pipeline.load(args.bundle, device=args.device)
+    if args.lora:
+        from .lora import parse_spec
+
+        pipe.set_lora([parse_spec(spec) for spec in args.lora])
     options: Sampling = {
         "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "seed": seed,
         "scheduler": args.scheduler, "eta": args.eta, "callback": None if args.quiet else progress_bar(),

@@ -216,6 +216,69 @@ class TensorRTInfo:
 
 
 @dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter fused into the weights at export: the file as given, its sha256, and the scale it was fused at."""
+
+    file: str
+    sha256: str
+    scale: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "scale": self.scale}
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One layer with a LoRA slot: `component`'s `module` computes W x + B (A x), A^T and B^T being row `index` of the
+    stacked inputs `a` (L, in_features, rank) and `b` (L, rank, out_features); kind: linear | conv1x1."""
+
+    component: str
+    module: str
+    kind: str
+    in_features: int
+    out_features: int
+    a: str
+    b: str
+    index: int
+
+    def to_json(self) -> dict[str, Any]:
+        return _fields(self)
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """LoRA in a bundle: adapters fused into the weights at export, and/or low-rank slots fed as engine inputs.
+
+    slot_rank 0: no slots (set_lora is refused); else every target takes adapters whose ranks sum to <= slot_rank.
+    """
+
+    fused: tuple[LoraAdapter, ...] = ()
+    slot_rank: int = 0
+    targets: tuple[LoraTarget, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fused": [a.to_json() for a in self.fused]}
+        if self.slot_rank:
+            out["slots"] = {"rank": self.slot_rank, "targets": [t.to_json() for t in self.targets]}
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> LoraInfo:
+        slots = d.get("slots") or {}
+        return cls(
+            fused=tuple(LoraAdapter(str(a["file"]), str(a["sha256"]), float(a["scale"])) for a in d.get("fused", ())),
+            slot_rank=int(slots.get("rank", 0)),
+            targets=tuple(
+                LoraTarget(
+                    str(t["component"]), str(t["module"]), str(t["kind"]), int(t["in_features"]), int(t["out_features"]),
+                    str(t["a"]), str(t["b"]), int(t["index"]),
+                )  # fmt: skip
+                for t in slots.get("targets", ())
+            ),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's manifest.json, typed. `files` maps every other file of the bundle to its sha256."""
 
@@ -236,6 +299,7 @@ class Manifest:
     created: str = ""
     upscale: UpscaleInfo | None = None
     tensorrt: TensorRTInfo | None = None
+    lora: LoraInfo | None = None  # adapters fused at export and/or LoRA slots; None: the base model, no slots
 
     @property
     def guidance(self) -> str:
@@ -276,6 +340,8 @@ class Manifest:
         out["components"] = {name: c.to_json() for name, c in self.components.items()}
         if self.upscale is not None:
             out["upscale"] = self.upscale.to_json()
+        if self.lora is not None:
+            out["lora"] = self.lora.to_json()
         out["files"] = dict(self.files)
         return out
 
@@ -354,6 +420,7 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
             str(trt["tensorrt"]), str(trt["gpu"]), str(trt["compute_capability"]), _frozen(trt.get("builder")),
             tuple(str(a) for a in trt.get("from_onnx_args", ())),
         ) if trt else None,
+        lora=LoraInfo.from_json(raw["lora"]) if raw.get("lora") else None,
     )  # fmt: skip
 
 
@@ -401,15 +468,40 @@ def _check_values(m: Manifest) -> None:
                 for d in t.shape:
                     elements *= d
                 bounded(f"components.{name}: tensor {t.name!r} element count", elements, 1, MAX_ELEMENTS)
+    if m.lora is not None:
+        _check_lora(m, m.lora)
     for rel, digest in m.files.items():
         if not SHA256.fullmatch(digest):
             raise ValueError(f"files[{rel!r}] is not a sha256 hex digest")
 
 
+MAX_LORA_RANK = 1024
+
+
+def _check_lora(m: Manifest, lora: LoraInfo) -> None:
+    """Every slot target names stacked inputs of its component that fit its rank, features and index."""
+    if not 0 <= lora.slot_rank <= MAX_LORA_RANK:
+        raise ValueError(f"lora.slots.rank {lora.slot_rank} is out of range 0..{MAX_LORA_RANK}")
+    for a in lora.fused:
+        if not SHA256.fullmatch(a.sha256) or not abs(a.scale) < float("inf"):
+            raise ValueError(f"lora.fused entry {a.file!r} needs a sha256 hex digest and a finite scale")
+    for t in lora.targets:
+        comp = m.components.get(t.component)
+        if comp is None:
+            continue  # a bundle without that component (txt2img-only bundles still have both LoRA components)
+        names = {s.name: s.shape for s in comp.inputs}
+        want = {t.a: (t.index, t.in_features, lora.slot_rank), t.b: (t.index, lora.slot_rank, t.out_features)}
+        for name, (index, *dims) in want.items():
+            shape = names.get(name)
+            if shape is None or len(shape) != 3 or list(shape[1:]) != dims or not 0 <= index < shape[0]:
+                raise ValueError(f"lora slot {t.component}:{t.module} names input {name!r}, which {t.component} lacks or has another shape")
+
+
 def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> str:
     """The `python -m export.build` line that rebuilds BUNDLE in place as its manifest records it: the model it came
     from, its precision, size, batch, guidance and pipelines; `changes` override flags (precision="fp32",
-    pipelines="txt2img,img2img"). Every runtime hint that says "rebuild" is built here, shell-quoted."""
+    pipelines="txt2img,img2img"; None drops a flag; lora=[FILE:SCALE, ...] replaces the fused adapters).
+    Every runtime hint that says "rebuild" is built here, shell-quoted."""
     flags: dict[str, str] = {
         "--model": manifest.model.source or "MODEL_FOLDER",
         "--precision": manifest.source_precision,
@@ -421,10 +513,22 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
     }
     if manifest.backend == "tensorrt":
         flags["--backend"] = "tensorrt"
-    flags.update({"--" + k.replace("_", "-"): str(v) for k, v in changes.items()})
+    lora = manifest.lora or LoraInfo()
+    if lora.slot_rank:
+        flags["--lora-slots"] = str(lora.slot_rank)
+    fused = [f"{a.file}:{a.scale!r}" for a in lora.fused]
+    for key, value in changes.items():
+        if key == "lora":  # FILE:SCALE specs in place of the fused adapters (an empty list: none)
+            fused = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif value is None:  # None drops a flag (lora_slots=None: no slots)
+            flags.pop("--" + key.replace("_", "-"), None)
+        else:
+            flags["--" + key.replace("_", "-")] = str(value)
     words = ["python", "-m", "export.build"]
     for flag, value in flags.items():
         words += [flag, value]
+    for spec in fused:
+        words += ["--lora", spec]
     return shlex.join([*words, "--out", str(bundle), "--force"])
 
 
