@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from runtime.manifest import GUIDANCE_MODES
 
 from .tensorrt import BuilderSettings, builder_settings
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
@@ -31,13 +32,19 @@ class BuildOptions:
     builder_optimization_level: int | None = None
     workspace: int | None = None  # MiB
     device_preset: str | None = None
+    # int8 (the UNet as calibrated QDQ): prompts file (None: the reference captions or the shipped set), generations
+    # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
+    calibration_prompts: Path | None = None
+    calibration_size: int = 32
+    int8_float_convs: int = 10
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)} "
-                "(int8 engines are built with --from-onnx from a bundle whose UNet ONNX carries Q/DQ nodes)"
+                "(int8: the UNet calibrated to int8 QDQ, the other components fp32)"
             )
+        self.check_int8()
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.backend not in BACKENDS:
@@ -45,6 +52,18 @@ class BuildOptions:
         if self.guidance not in ("auto", *GUIDANCE_MODES):
             raise ValueError(f"unknown guidance mode {self.guidance!r}: choose one of auto, {', '.join(GUIDANCE_MODES)}")
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
+
+    def check_int8(self) -> None:
+        """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""
+        from .calibration import CalibrationError, check_size, read_prompts
+
+        check_size(self.calibration_size)
+        if isinstance(self.int8_float_convs, bool) or not isinstance(self.int8_float_convs, int) or self.int8_float_convs < 0:
+            raise CalibrationError(f"--int8-float-convs must be a whole number >= 0, got {self.int8_float_convs!r}")
+        if self.calibration_prompts is not None:
+            if self.precision != "int8":
+                raise CalibrationError(f"--calibration-prompts is for --precision int8, not {self.precision}; drop it or ask for int8")
+            read_prompts(Path(self.calibration_prompts))
 
     def tensorrt_builder(self) -> BuilderSettings:
         """The TensorRT builder settings: the preset, with explicit level and workspace on top."""
