@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         feed = rec.feeds[len(rec.feeds) // 2]
         engines = {"fp32": OrtEngine(unet, source, device="cpu"), "int8": OrtEngine(unet, target, device="cpu")}
         times: dict[str, list[float]] = {"fp32": [], "int8": []}
-        for name, engine in engines.items():
+        for engine in engines.values():
             engine(feed)  # warm-up
         for _ in range(args.calls):
             for name, engine in engines.items():
@@ -120,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"int8-unet-{args.bundle.name}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    ratio = result["int8_over_fp32_time"]
     table = "\n".join(
         [
             f"# benchmarks.int8_unet: {args.bundle.name}",
             "",
             "| | fp32 | int8 | int8 / fp32 |",
             "|---|---|---|---|",
-            f"| UNet call (median of {args.calls}, interleaved) | {med['fp32']:.3f} s | {med['int8']:.3f} s | {result['int8_over_fp32_time']:.2f}x |",
+            f"| UNet call (median of {args.calls}, interleaved) | {med['fp32']:.3f} s | {med['int8']:.3f} s | {ratio:.2f}x |",
             f"| UNet file | {sizes['fp32'] / 2**20:.1f} MiB | {sizes['int8'] / 2**20:.1f} MiB | {result['size_ratio']:.2f}x |",
             "",
             f"- calibration: {len(rec.feeds)} UNet inputs from {args.calibration_size} generation(s), recorded in {record_s:.1f} s",

@@ -106,7 +106,7 @@ class RecordingEngine:
         self.component = inner.component
 
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.inner(feed)
+        out: dict[str, np.ndarray] = self.inner(feed)
         self.recording.feeds.append({k: np.array(v, copy=True) for k, v in feed.items()})
         self.recording.outputs.append(np.array(out[self.component.outputs[0].name], dtype=np.float32, copy=True))
         self.recording.timesteps.append(float(np.asarray(feed["timestep"]).reshape(-1)[0]))
