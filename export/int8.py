@@ -10,6 +10,7 @@ Called by export.onnx_bundle once every component is exported in fp32 and the fp
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -55,7 +56,8 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
             runs = calibration.plan(choices.prompts.prompts, choices.size, scales)
             rec = calibration.record(pipe, runs, log)
             calibration_s = time.perf_counter() - t0
-            floats, sweep_record = float_nodes(source, rec.feeds, where, choices.float_convs, tmp / "ranges.json", log)
+            calibration_id = json.dumps([runs, calibration.STEPS])
+            floats, sweep_record = float_nodes(source, rec.feeds, where, choices.float_convs, tmp / "ranges.json", log, calibration_id)
             t1 = time.perf_counter()
             quantize.quantize(source, target, rec.feeds, where, exclude=sorted(floats), ranges=tmp / "ranges.json")
             quantize_s = time.perf_counter() - t1
@@ -88,7 +90,13 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
 
 
 def float_nodes(
-    source: Path, feeds: list[Any], where: quantize.Placement, count: int, ranges: Path, log: Callable[[str], None]
+    source: Path,
+    feeds: list[Any],
+    where: quantize.Placement,
+    count: int,
+    ranges: Path,
+    log: Callable[[str], None],
+    calibration_id: str = "",
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Node name -> why it stays float: the rules, then the `count` most sensitive convs by the sweep."""
     import onnx
@@ -103,7 +111,7 @@ def float_nodes(
     if not ranges.exists():  # one calibration pass; the one-node quantizations and the final one reuse its ranges
         with tempfile.TemporaryDirectory(prefix="int8-ranges-") as tmp:
             quantize.quantize(source, Path(tmp) / "all.onnx", feeds, where, exclude=sorted(kept), ranges=ranges)
-    errors, record = quantize.sensitivity(source, feeds, where, names, ranges, log)
+    errors, record = quantize.sensitivity(source, feeds, where, names, ranges, log, calibration_id)
     for name in quantize.most_sensitive(errors, count):
         kept[name] = f"sensitive: relative L2 {errors[name]:.4f} when quantized alone"
     record = {**record, "run": True, "convs_measured": len(names), "kept_float": count, "seconds": round(time.perf_counter() - t0, 2)}

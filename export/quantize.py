@@ -231,9 +231,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or ENGINES / ".cache") / "int8-sensitivity"
 
 
-def sweep_key(source: Path, ranges: Path, where: Placement, names: Sequence[str]) -> str:
+def sweep_key(source: Path, calibration_id: str, where: Placement, names: Sequence[str]) -> str:
+    """The fp32 UNet's hash, what the calibration recorded (prompts, seeds, scales, steps: not the ranges, whose last
+    bits vary with ONNX Runtime's threaded reductions), the placement and the nodes measured."""
     h = hashlib.sha256()
-    for part in (sha256_file(source), sha256_file(ranges), json.dumps(where.record(), sort_keys=True), *names):
+    for part in (sha256_file(source), calibration_id, json.dumps(where.record(), sort_keys=True), *names):
         h.update(part.encode())
     return h.hexdigest()[:32]
 
@@ -245,13 +247,14 @@ def sensitivity(
     names: Sequence[str],
     ranges: Path,
     log: Callable[[str], None] = lambda _: None,
+    calibration_id: str = "",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Each named node quantized alone: its UNet relative L2 error on sweep samples; cached on disk.
 
     Returns (errors by node, a record of the sweep: samples, cache key, whether the cache answered).
     """
     samples = sweep_samples(feeds)
-    key = sweep_key(source, ranges, where, names)
+    key = sweep_key(source, calibration_id or sha256_file(ranges), where, names)
     cached = cache_dir() / f"{key}.json"
     record: dict[str, Any] = {"measured": "UNet relative L2, one node quantized at a time", "samples": len(samples), "cache_key": key}
     if cached.is_file():

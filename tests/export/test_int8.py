@@ -107,10 +107,19 @@ def test_calibration_covers_the_sampler_timesteps_and_the_cfg_batch(bundle_fp32,
     assert sorted(quantization(bundle_int8)["calibration"]["timesteps"]) == sorted(round(t, 3) for t in visited)
 
 
-def test_the_sweep_is_cached(bundle_int8, sweep_cache):
+def test_the_sweep_is_cached(bundle_int8, bundle_fp32, recorded, sweep_cache, tmp_path):
     key = quantization(bundle_int8)["sensitivity_sweep"]["cache_key"]
     entry = json.loads((sweep_cache / "int8-sensitivity" / f"{key}.json").read_text())
     assert len(entry["errors"]) == quantization(bundle_int8)["sensitivity_sweep"]["convs_measured"]
+    # measured once, then answered from the cache for the same UNet, calibration and nodes
+    manifest, _ = read_bundle(bundle_fp32)
+    source, where = bundle_fp32 / manifest.components["unet"].file, quantize.placement("onnxruntime")
+    names = quantize.candidates(onnx.load(str(source)), {})[-2:]
+    ranges = tmp_path / "ranges.json"
+    quantize.quantize(source, tmp_path / "all.onnx", recorded.feeds, where, ranges=ranges)
+    first, record1 = quantize.sensitivity(source, recorded.feeds, where, names, ranges, calibration_id="run 1")
+    again, record2 = quantize.sensitivity(source, recorded.feeds, where, names, ranges, calibration_id="run 1")
+    assert (record1["cached"], record2["cached"]) == (False, True) and first == again and all(v > 0 for v in first.values())
 
 
 @pytest.fixture(scope="module")
