@@ -222,3 +222,18 @@ def test_calibration_size_zero_is_refused(tiny_model, tmp_path, capsys):
 def test_calibration_prompts_need_int8(tiny_model, prompts_file, tmp_path, capsys):
     code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(tmp_path / "b"), "--calibration-prompts", str(prompts_file))
     assert code == 2 and "--calibration-prompts is for --precision int8, not fp16" in err
+
+
+def test_sd2_v_prediction_exports_int8(tmp_path_factory, prompts_file, sweep_cache, monkeypatch):
+    """SD 2.x (v-prediction, linear-projection attention: proj_in/out are MatMuls) through the same road."""
+    from tests.helpers.tiny_models import make_tiny_sd
+
+    monkeypatch.setattr(int8, "GATE_GENERATIONS", 2)
+    model = make_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd2", kind="sd2")
+    out = build(
+        model, tmp_path_factory.mktemp("engines") / "sd2-int8", precision="int8", calibration_prompts=prompts_file,
+        calibration_size=1, int8_float_convs=0, log=lambda _: None,
+    )  # fmt: skip
+    manifest, _ = read_bundle(out)
+    assert manifest.model.prediction_type == "v_prediction" and manifest.components["unet"].verification["passed"] is True
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / manifest.components["unet"].file)).graph.node)
