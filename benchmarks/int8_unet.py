@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.manifest import read_bundle
     from runtime.pipeline import Pipeline
 
+    load = list(os.getloadavg())
     manifest, _ = read_bundle(args.bundle, verify_files=False)
     unet = manifest.components["unet"]
     if unet.precision != "fp32":
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "int8_over_fp32_time": med["int8"] / med["fp32"],
         "rel_l2_mid_trajectory": rel,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "load_average_at_start": load,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"int8-unet-{args.bundle.name}"

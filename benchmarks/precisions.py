@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from reference.evaluate import prompt_set
 
     prompts, _ = prompt_set(args.n, args.seed)
+    load = list(os.getloadavg())  # a shared machine's load: times are indicative when it is high
     rows = [run_bundle(b, prompts, args.steps, args.guidance_scale, args.seed) for b in args.bundles]
     ref = rows[0]["images"].astype(np.float64)
     for row in rows:
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         row["pixel_max_abs_vs_first"] = float(diff.max())
     result = {
         "command": ["python", "-m", "benchmarks.precisions", *(argv if argv is not None else sys.argv[1:])],
-        "n": args.n, "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed, "rows": rows,
+        "n": args.n, "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
+        "load_average_at_start": load, "rows": rows,
     }  # fmt: skip
     name = Path(args.bundles[0]).name.split("-64x64")[0].split("-512x512")[0]
     args.out.mkdir(parents=True, exist_ok=True)
