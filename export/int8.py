@@ -23,6 +23,7 @@ from runtime.manifest import Component
 
 from . import calibration, int8_gate, quantize
 from .calibration import PromptSet
+from .onnx_export import check_onnx, onnx_files, save_onnx
 
 GATE_GENERATIONS = 4
 GATE_GUIDANCE = 5.0
@@ -47,9 +48,12 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
     staged = work / unet.file
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp_name:
         tmp = Path(tmp_name)
-        source = tmp / "unet-fp32.onnx"
-        shutil.copyfile(staged, source)  # the quantizer and the sweep read this copy
-        target = tmp / "unet-int8.onnx"
+        (tmp / "fp32").mkdir()
+        (tmp / "int8").mkdir()
+        for f in onnx_files(staged):  # the quantizer and the sweep read this copy (external data beside it)
+            shutil.copyfile(f, tmp / "fp32" / f.name)
+        source = tmp / "fp32" / staged.name
+        target = tmp / "int8" / staged.name
         with Pipeline.load(work, device="cpu", verify=False) as pipe:
             t0 = time.perf_counter()
             scales = calibration.guidance_scales(pipe.manifest.guidance_info.mode)
@@ -63,10 +67,7 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
             quantize_s = time.perf_counter() - t1
             figures = measure(pipe, unet, target, choices.prompts, log)
         check_gate(figures, choices.force, log)
-        from .onnx_export import check_onnx
-
-        check_onnx(target, "unet (int8)")
-        shutil.copyfile(target, staged)
+        publish_unet(target, staged)
     record = {
         **quantize.tool_record(),
         "format": "QDQ",
@@ -87,6 +88,18 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
         "quantize_seconds": round(quantize_s, 2),
     }
     return replace(unet, precision="int8", build={**unet.build, "quantization": record}, verification=figures)
+
+
+def publish_unet(target: Path, staged: Path) -> None:
+    """The int8 UNet replaces the staged fp32 one: one file, or external data past 2 GB, as every export;
+    the fp32 files go first so no stale external data stays behind to be hashed into the manifest."""
+    import onnx
+
+    proto = onnx.load(str(target), load_external_data=True)
+    for f in onnx_files(staged):
+        f.unlink()
+    save_onnx(proto, staged)
+    check_onnx(staged, "unet (int8)")
 
 
 def float_nodes(

@@ -34,6 +34,7 @@ from runtime.manifest import sha256_file
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 SWEEP_SAMPLES = 8  # calibration inputs each one-node quantization is measured on
 CACHE_ENV = "LDM_DEPLOY_CACHE"
+LARGE = 1 << 30  # bytes of a single-file ONNX past which the quantizer writes external data
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ def quantize(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     reader = FeedReader(feeds)
+    # past protobuf's 2 GB (a full-size UNet) the quantizer's augmented and output models need external data
+    external = source.with_name(source.name + ".data").exists() or source.stat().st_size > LARGE
     extra = {"CalibStridedMinMax": stride_for(len(reader)), **dict(where.extra)}
     with quiet_quantizer():
         quantize_static(
@@ -193,6 +196,7 @@ def quantize(
             calibrate_method=CalibrationMethod.MinMax,
             extra_options=extra,
             calibration_cache_path=str(ranges) if ranges is not None else None,
+            use_external_data_format=external,
         )
 
 

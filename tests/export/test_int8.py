@@ -237,3 +237,24 @@ def test_sd2_v_prediction_exports_int8(tmp_path_factory, prompts_file, sweep_cac
     manifest, _ = read_bundle(out)
     assert manifest.model.prediction_type == "v_prediction" and manifest.components["unet"].verification["passed"] is True
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / manifest.components["unet"].file)).graph.node)
+
+
+def test_a_unet_past_2gb_is_quantized_and_published_with_external_data(tiny_model, prompts_file, sweep_cache, tmp_path, monkeypatch):
+    """A full-size UNet (3.4 GB fp32) is stored as external data: the quantizer must read and write it so, and the
+    published int8 UNet must leave no stale fp32 data file behind. The limits are lowered to make the tiny model 'large'."""
+    from export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", (64 << 20) + 1024)  # every file goes to external data
+    monkeypatch.setattr(quantize, "LARGE", 0)
+    monkeypatch.setattr(int8, "GATE_GENERATIONS", 1)
+    # force: this random UNet without the sweep sits near the gate; the storage is what is tested here
+    out = build(
+        tiny_model, tmp_path / "big", precision="int8", calibration_prompts=prompts_file, calibration_size=1,
+        int8_float_convs=0, force=True, log=lambda _: None,
+    )  # fmt: skip
+    manifest, _ = read_bundle(out)  # every file's sha256 checked
+    unet = manifest.components["unet"]
+    assert sorted(p.name for p in (out / unet.file).parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert set(manifest.files) >= {unet.file, unet.file + ".data"}
+    with Pipeline.load(out) as pipe:
+        assert np.isfinite(pipe.txt2img("a red circle", steps=2, seed=0, output_type="np")).all()
