@@ -156,14 +156,3 @@ def record(pipe: Any, runs: list[Generation], log: Callable[[str], None] = lambd
     generate(pipe, runs, recording=recording)
     log(f"  calibration: {len(runs)} generations x {STEPS} steps -> {len(recording.feeds)} UNet inputs")
     return recording
-
-
-def sampler_timesteps(pipe: Any, steps: int = STEPS) -> list[float]:
-    """The timesteps the pipeline's default sampler visits at `steps` (what calibration must cover)."""
-    seen: list[float] = []
-
-    def note(_step: int, _total: int, t: float) -> None:
-        seen.append(float(t))
-
-    pipe.txt2img("a", steps=steps, guidance_scale=1.0, seed=0, output_type="latent", callback=note)
-    return seen
