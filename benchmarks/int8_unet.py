@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 
-def quantize_in_child(source: str, target: str, feeds: list[dict[str, np.ndarray]], float_convs: int) -> dict[str, Any]:
-    """Run in a spawned process, so its peak RSS is the quantization step's alone."""
+def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], float_convs: int) -> dict[str, Any]:
+    """Calibration pass + QDQ rewrite; run in a child process (--child), so its peak RSS is this step's alone."""
     import onnx
 
     from export import quantize
@@ -52,6 +52,31 @@ def quantize_in_child(source: str, target: str, feeds: list[dict[str, np.ndarray
     }
 
 
+def save_feeds(path: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    np.savez(path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+
+
+def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as z:
+        rows: dict[int, dict[str, np.ndarray]] = {}
+        for key in z.files:
+            i, name = key.split("/", 1)
+            rows.setdefault(int(i), {})[name] = z[key]
+    return [rows[i] for i in sorted(rows)]
+
+
+def quantize_in_child(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], float_convs: int, tmp: Path) -> dict[str, Any]:
+    """A fresh interpreter (not a multiprocessing pool: one spawned from this many-threaded process hung once)."""
+    feeds_file = tmp / "feeds.npz"
+    save_feeds(feeds_file, feeds)
+    cmd = [sys.executable, "-m", "benchmarks.int8_unet", "--child", str(source), str(target), str(feeds_file), str(float_convs)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"quantization failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def onnx_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -59,12 +84,20 @@ def onnx_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.int8_unet", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, required=True, help="an fp32 ONNX Runtime bundle (python -m export.build --precision fp32)")
+    p.add_argument("--bundle", type=Path, help="an fp32 ONNX Runtime bundle (python -m export.build --precision fp32)")
     p.add_argument("--calibration-size", type=int, default=1, help="generations recorded for calibration, 20 steps each (default 1)")
     p.add_argument("--float-convs", type=int, default=0, help="most sensitive convs kept float by a sweep (default 0: rules only)")
     p.add_argument("--calls", type=int, default=3, help="timed calls per precision, after one warm-up each (default 3)")
     p.add_argument("--out", type=Path, default=Path("out") / "int8", help="folder for the JSON and Markdown results")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps of the recorded generations (default %(default)s)")
+    p.add_argument("--child", nargs=4, metavar=("SOURCE", "TARGET", "FEEDS", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        source, target, feeds, n = args.child
+        print(json.dumps(quantize_step(source, target, load_feeds(Path(feeds)), int(n))))
+        return 0
+    if args.bundle is None:
+        p.error("--bundle is required")
 
     from export import calibration
     from runtime.backends.onnxruntime import OrtEngine
@@ -81,15 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts = calibration.read_prompts(calibration.DEFAULT_PROMPTS).prompts
     t0 = time.perf_counter()
     with Pipeline.load(args.bundle, device="cpu", verify=False) as pipe:
-        rec = calibration.record(pipe, calibration.plan(prompts, args.calibration_size), print)
+        rec = calibration.Recording()
+        calibration.generate(pipe, calibration.plan(prompts, args.calibration_size), args.steps, rec)
     record_s = time.perf_counter() - t0
     print(f"recorded {len(rec.feeds)} UNet inputs in {record_s:.1f} s")
 
     with tempfile.TemporaryDirectory(prefix="int8-unet-") as tmp:
         target = Path(tmp) / "unet-int8.onnx"
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(1) as pool:
-            q = pool.apply(quantize_in_child, (str(source), str(target), rec.feeds, args.float_convs))
+        q = quantize_in_child(source, target, rec.feeds, args.float_convs, Path(tmp))
         print(f"quantized in {q['seconds']:.1f} s, peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB")
         sizes = {"fp32": onnx_bytes(source), "int8": onnx_bytes(target)}
         feed = rec.feeds[len(rec.feeds) // 2]
@@ -109,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": ["python", "-m", "benchmarks.int8_unet", *(argv if argv is not None else sys.argv[1:])],
         "bundle": str(args.bundle),
         "unet_input": {t.name: list(t.shape) for t in unet.inputs},
-        "calibration": {"generations": args.calibration_size, "unet_inputs": len(rec.feeds), "record_seconds": record_s},
+        "calibration": {"generations": args.calibration_size, "steps": args.steps, "unet_inputs": len(rec.feeds), "seconds": record_s},
         "quantization": q,
         "unet_bytes": sizes,
         "size_ratio": sizes["int8"] / sizes["fp32"],
