@@ -72,7 +72,8 @@ def quantize_in_child(source: Path, target: Path, feeds: list[dict[str, np.ndarr
     cmd = [sys.executable, "-m", "benchmarks.int8_unet", "--child", str(source), str(target), str(feeds_file), str(float_convs)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"quantization failed: {done.stderr[-2000:]}")
+        killed = " (killed by a signal: out of memory?)" if done.returncode < 0 else ""
+        raise RuntimeError(f"quantization failed with exit status {done.returncode}{killed}: {done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
