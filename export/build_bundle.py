@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from runtime.backends.tensorrt import require_tensorrt, tensorrt_available
@@ -38,7 +39,8 @@ def build_bundle(model_path: Path, out: Path | None, options: BuildOptions, log:
     if backend == "onnxruntime":
         return export_onnx_bundle(model_path, out, options, log)
     with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:
-        onnx_bundle = export_onnx_bundle(model_path, Path(tmp) / "onnx", options, log)
+        # backend named: an int8 UNet gets TensorRT's Q/DQ placement
+        onnx_bundle = export_onnx_bundle(model_path, Path(tmp) / "onnx", replace(options, backend="tensorrt"), log)
         return from_onnx.build_from_onnx(
             onnx_bundle, out, precision=options.precision, settings=options.tensorrt_builder(), force=options.force, log=log
         )

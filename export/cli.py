@@ -43,8 +43,9 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="bundle folder (default: engines/<model>-<H>x<W>-b<B>-<precision>-<backend>)")
     p.add_argument(
         "--precision",
-        help="fp32 or fp16 (fp16 keeps a component in fp32 where it would overflow); default fp16. "
-        "With --from-onnx also int8 (needs a UNet ONNX with Q/DQ nodes); default there: the bundle's own precision",
+        help="fp32, fp16 (fp16 keeps a component in fp32 where it would overflow) or int8 (the UNet calibrated to int8 "
+        "QDQ on real sampling runs and gated on image quality, the rest fp32); default fp16. With --from-onnx: int8 needs "
+        "a UNet ONNX with Q/DQ nodes; default there: the bundle's own precision",
     )
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
@@ -80,6 +81,7 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         "(sd1, sd1-inpainting, sd2, sd2-base, sd2-inpainting) or a diffusers folder with its configs; "
         "default: recognised from the checkpoint's keys and shapes (SD 2.x as the 768 v-prediction model)",
     )
+    add_int8_flags(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -98,6 +100,30 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         metavar="RANK",
         help="give the UNet and text encoder LoRA slots of this rank (their attention and transformer layers take low-rank "
         "matrices as inputs), so Pipeline.set_lora switches adapters at run time without a rebuild; default: none",
+    )
+
+
+def add_int8_flags(p: argparse.ArgumentParser) -> None:
+    """--precision int8's calibration and float-node choices."""
+    p.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        metavar="FILE",
+        help="int8: UTF-8 text, one prompt per line (# comments), to calibrate on; default: the reference model's own "
+        "captions for it, else the project's shipped prompt set (export/calibration_prompts.txt)",
+    )
+    p.add_argument(
+        "--calibration-size",
+        type=int,
+        metavar="N",
+        help="int8: generations (20 steps each, every UNet call recorded) to calibrate on (default 32)",
+    )
+    p.add_argument(
+        "--int8-float-convs",
+        type=int,
+        metavar="N",
+        help="int8: how many of the most sensitive convolutions stay float, found by a sensitivity sweep cached under "
+        "engines/.cache (default 10; 0 skips the sweep)",
     )
 
 
@@ -141,6 +167,9 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--checkpoint-config", args.checkpoint_config),
         ("--lora", args.lora),
         ("--lora-slots", args.lora_slots),
+        ("--calibration-prompts", args.calibration_prompts),
+        ("--calibration-size", args.calibration_size),
+        ("--int8-float-convs", args.int8_float_convs),
     )
     clashes = [flag for flag, v in given if v]
     if clashes or args.batch_size != 1:

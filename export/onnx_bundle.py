@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from runtime.manifest import Component
+from runtime.manifest import Component, Manifest
 
-from . import lora, onnx_export
+from . import calibration, int8, lora, onnx_export
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
 from .inputs import fixed_inputs
 from .manifest_writer import manifest_for
-from .model import SourceModel, open_model, write_tokenizer
+from .model import REFERENCE_MODEL, ModelError, SourceModel, open_model, write_tokenizer
 from .options import BuildOptions
 from .resolve import image_size, needed_components, resolve_guidance, resolve_pipelines
 from .verify import FP16_MAX, VerificationError, activation_peak, compare, torch_reference
@@ -50,20 +50,41 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     for line in model.report():
         log(line)
     t0 = time.perf_counter()
+    choices = int8_choices(model, options) if precision == "int8" else None
     with staging(out, options.force, model.source) as work:
         lora.fuse(model, adapters, log)
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
         specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
-        components = {s.name: export_component(s, model, work, precision, log) for s in specs if s.name in needed_components(pipelines)}
+        exported = "fp32" if precision == "int8" else precision  # int8: the UNet is quantized from its fp32 export
+        components = {s.name: export_component(s, model, work, exported, log) for s in specs if s.name in needed_components(pipelines)}
         write_tokenizer(model.tokenizer_dir, work / "tokenizer")
-        manifest = manifest_for(
-            model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-            pipelines=pipelines, lora=info,
-        )  # fmt: skip
-        write_manifest(work, manifest)
+
+        def manifest(precision: str) -> Manifest:
+            return manifest_for(
+                model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
+                pipelines=pipelines, lora=info,
+            )  # fmt: skip
+
+        write_manifest(work, manifest(exported))
+        if choices is not None:  # the staged fp32 bundle is what calibration samples with and the gate compares against
+            components["unet"] = int8.quantize_unet(work, components["unet"], choices, log)
+            write_manifest(work, manifest(precision))
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
     return out
+
+
+def int8_choices(model: SourceModel, options: BuildOptions) -> int8.Int8Choices:
+    """--precision int8's choices, checked before any export work: txt2img drives calibration, so the model must have it."""
+    if model.kind != "text2image":
+        raise ModelError(
+            f"--precision int8 calibrates on txt2img sampling runs, and {model.source} is a {model.kind} model, which has none; "
+            "build it with --precision fp16 or fp32"
+        )
+    is_reference = Path(model.source).resolve() == REFERENCE_MODEL.resolve()
+    prompts = calibration.prompt_set(options.calibration_prompts, is_reference, options.calibration_size)
+    target = "tensorrt" if options.backend == "tensorrt" else "onnxruntime"
+    return int8.Int8Choices(prompts, options.calibration_size, options.int8_float_convs, target, options.force)
 
 
 def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log) -> Component:

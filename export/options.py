@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from runtime.manifest import GUIDANCE_MODES
 
 from .tensorrt import BuilderSettings, builder_settings
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
@@ -33,13 +34,19 @@ class BuildOptions:
     device_preset: str | None = None
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
+    # int8 (the UNet as calibrated QDQ): prompts file (None: the reference captions or the shipped set), generations
+    # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
+    calibration_prompts: Path | None = None
+    calibration_size: int = 32
+    int8_float_convs: int = 10
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)} "
-                "(int8 engines are built with --from-onnx from a bundle whose UNet ONNX carries Q/DQ nodes)"
+                "(int8: the UNet calibrated to int8 QDQ, the other components fp32)"
             )
+        self.check_int8()
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.backend not in BACKENDS:
@@ -66,6 +73,21 @@ class BuildOptions:
                 raise ValueError(f"--lora {spec}: the scale must be a finite number")
         if not 0 <= self.lora_slots <= MAX_SLOT_RANK:
             raise ValueError(f"--lora-slots {self.lora_slots}: the slot rank must be 0 (no slots) to {MAX_SLOT_RANK}")
+        if self.lora_slots and self.precision == "int8":
+            # calibration would see only the zero (base) slots, and the quantized layers would misread an adapter's
+            raise ValueError("--lora-slots with --precision int8 is not supported: fuse the adapter with --lora, or build slots in fp16/fp32")
+
+    def check_int8(self) -> None:
+        """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""
+        from .calibration import CalibrationError, check_size, read_prompts
+
+        check_size(self.calibration_size)
+        if isinstance(self.int8_float_convs, bool) or not isinstance(self.int8_float_convs, int) or self.int8_float_convs < 0:
+            raise CalibrationError(f"--int8-float-convs must be a whole number >= 0, got {self.int8_float_convs!r}")
+        if self.calibration_prompts is not None:
+            if self.precision != "int8":
+                raise CalibrationError(f"--calibration-prompts is for --precision int8, not {self.precision}; drop it or ask for int8")
+            read_prompts(Path(self.calibration_prompts))
 
     def tensorrt_builder(self) -> BuilderSettings:
         """The TensorRT builder settings: the preset, with explicit level and workspace on top."""

@@ -25,11 +25,10 @@ if TYPE_CHECKING:
 TIMING_CACHE_DIR = Path("engines") / ".timing-cache"
 OPTIMIZATION_LEVELS = range(0, 6)
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-MODELOPT_HINT = (
-    "quantize the fp32 ONNX with NVIDIA ModelOpt, calibrated on real UNet inputs "
-    "(`python -m modelopt.onnx.quantization --onnx_path=unet/model.onnx --quantize_mode=int8 "
-    "--calibration_data=calib.npz --output_path=unet/model.qdq.onnx`) and build from a bundle whose unet is that "
-    "QDQ ONNX; or build fp16 with --precision fp16"
+INT8_HINT = (
+    "export an int8 bundle, its UNet calibrated on real sampling runs and gated on image quality "
+    "(`python -m export.build --model MODEL --precision int8 --backend tensorrt`, or `--backend onnxruntime` "
+    "and then --from-onnx that bundle); or build fp16 with --precision fp16"
 )
 
 
@@ -115,7 +114,7 @@ def choose_precision(
     if asked == "int8" and component == "unet":
         raise EngineBuildError(
             f"int8 needs a UNet ONNX with Q/DQ (QuantizeLinear/DequantizeLinear) nodes: TensorRT 10+ builds int8 "
-            f"only from explicitly quantized ONNX, and this bundle's unet has none. To get one, {MODELOPT_HINT}"
+            f"only from explicitly quantized ONNX, and this bundle's unet has none. To get one, {INT8_HINT}"
         )
     if asked == "fp32" or kept_fp32:
         if onnx_precision != "fp32":

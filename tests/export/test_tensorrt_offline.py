@@ -244,7 +244,7 @@ def test_backend_tensorrt_exports_then_builds_from_the_onnx(tiny_model, tmp_path
 
 @needs_no_tensorrt
 def test_int8_without_qdq_is_refused_before_tensorrt_is_needed(bundle_fp32, tmp_path):
-    with pytest.raises(EngineBuildError, match=r"int8 needs a UNet ONNX with Q/DQ .*modelopt\.onnx\.quantization.*--precision fp16"):
+    with pytest.raises(EngineBuildError, match=r"int8 needs a UNet ONNX with Q/DQ .*--precision int8 --backend tensorrt.*--precision fp16"):
         build_from_onnx(bundle_fp32, tmp_path / "b", precision="int8", log=lambda _: None)
 
 

@@ -1,0 +1,181 @@
+"""python -m benchmarks.int8_unet: int8 vs fp32 UNet call time on ONNX Runtime, interleaved in one process.
+
+From an fp32 ONNX Runtime bundle: record calibration inputs from real sampling runs (as --precision int8
+does), quantize a copy of its UNet with export.quantize (float nodes by the rules; --float-convs N adds
+the sweep), then time fp32 and int8 calls alternately on the same recorded mid-trajectory input, so
+load changes on a shared machine hit both alike. Reports calibration and quantization time, the
+quantization step's peak memory (measured in a child process), and the UNet file sizes.
+
+    python -m benchmarks.int8_unet --bundle engines/sd15-random-512x512-b1-fp32-onnxruntime \\
+        --calibration-size 1 --calls 3 --out results/int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], float_convs: int) -> dict[str, Any]:
+    """Calibration pass + QDQ rewrite; run in a child process (--child), so its peak RSS is this step's alone."""
+    import onnx
+
+    from export import quantize
+
+    where = quantize.placement("onnxruntime")
+    model = onnx.load(source, load_external_data=False)
+    kept = quantize.float_rules(model)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="int8-bench-") as tmp:
+        ranges = Path(tmp) / "ranges.json"
+        if float_convs > 0:
+            quantize.quantize(Path(source), Path(tmp) / "all.onnx", feeds, where, exclude=sorted(kept), ranges=ranges)
+            errors, _ = quantize.sensitivity(Path(source), feeds, where, quantize.candidates(model, kept), ranges)
+            kept |= {n: "sensitive" for n in quantize.most_sensitive(errors, float_convs)}
+        quantize.quantize(Path(source), Path(target), feeds, where, exclude=sorted(kept), ranges=ranges)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "float_nodes": len(kept),
+    }
+
+
+def save_feeds(path: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    np.savez(path, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+
+
+def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as z:
+        rows: dict[int, dict[str, np.ndarray]] = {}
+        for key in z.files:
+            i, name = key.split("/", 1)
+            rows.setdefault(int(i), {})[name] = z[key]
+    return [rows[i] for i in sorted(rows)]
+
+
+def quantize_in_child(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], float_convs: int, tmp: Path) -> dict[str, Any]:
+    """A fresh interpreter (not a multiprocessing pool: one spawned from this many-threaded process hung once)."""
+    feeds_file = tmp / "feeds.npz"
+    save_feeds(feeds_file, feeds)
+    cmd = [sys.executable, "-m", "benchmarks.int8_unet", "--child", str(source), str(target), str(feeds_file), str(float_convs)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        killed = " (killed by a signal: out of memory?)" if done.returncode < 0 else ""
+        raise RuntimeError(f"quantization failed with exit status {done.returncode}{killed}: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def onnx_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.int8_unet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, help="an fp32 ONNX Runtime bundle (python -m export.build --precision fp32)")
+    p.add_argument("--calibration-size", type=int, default=1, help="generations recorded for calibration, 20 steps each (default 1)")
+    p.add_argument("--float-convs", type=int, default=0, help="most sensitive convs kept float by a sweep (default 0: rules only)")
+    p.add_argument("--calls", type=int, default=3, help="timed calls per precision, after one warm-up each (default 3)")
+    p.add_argument("--out", type=Path, default=Path("out") / "int8", help="folder for the JSON and Markdown results")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps of the recorded generations (default %(default)s)")
+    p.add_argument("--child", nargs=4, metavar=("SOURCE", "TARGET", "FEEDS", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        source, target, feeds, n = args.child
+        print(json.dumps(quantize_step(source, target, load_feeds(Path(feeds)), int(n))))
+        return 0
+    if args.bundle is None:
+        p.error("--bundle is required")
+
+    from export import calibration
+    from runtime.backends.onnxruntime import OrtEngine
+    from runtime.manifest import read_bundle
+    from runtime.pipeline import Pipeline
+
+    load = list(os.getloadavg())
+    manifest, _ = read_bundle(args.bundle, verify_files=False)
+    unet = manifest.components["unet"]
+    if unet.precision != "fp32":
+        print(f"error: {args.bundle} has a {unet.precision} UNet; give an fp32 bundle", file=sys.stderr)
+        return 2
+    source = args.bundle / unet.file
+    prompts = calibration.read_prompts(calibration.DEFAULT_PROMPTS).prompts
+    t0 = time.perf_counter()
+    with Pipeline.load(args.bundle, device="cpu", verify=False) as pipe:
+        rec = calibration.Recording()
+        calibration.generate(pipe, calibration.plan(prompts, args.calibration_size), args.steps, rec)
+    record_s = time.perf_counter() - t0
+    print(f"recorded {len(rec.feeds)} UNet inputs in {record_s:.1f} s")
+
+    with tempfile.TemporaryDirectory(prefix="int8-unet-") as tmp:
+        target = Path(tmp) / "unet-int8.onnx"
+        q = quantize_in_child(source, target, rec.feeds, args.float_convs, Path(tmp))
+        print(f"quantized in {q['seconds']:.1f} s, peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB")
+        sizes = {"fp32": onnx_bytes(source), "int8": onnx_bytes(target)}
+        feed = rec.feeds[len(rec.feeds) // 2]
+        engines = {"fp32": OrtEngine(unet, source, device="cpu"), "int8": OrtEngine(unet, target, device="cpu")}
+        times: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for engine in engines.values():
+            engine(feed)  # warm-up
+        for _ in range(args.calls):
+            for name, engine in engines.items():
+                t = time.perf_counter()
+                engine(feed)
+                times[name].append(time.perf_counter() - t)
+        outs = {name: np.asarray(engine(feed)[unet.outputs[0].name], dtype=np.float64) for name, engine in engines.items()}
+    rel = float(np.linalg.norm(outs["int8"] - outs["fp32"]) / np.linalg.norm(outs["fp32"]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "command": ["python", "-m", "benchmarks.int8_unet", *(argv if argv is not None else sys.argv[1:])],
+        "bundle": str(args.bundle),
+        "unet_input": {t.name: list(t.shape) for t in unet.inputs},
+        "calibration": {"generations": args.calibration_size, "steps": args.steps, "unet_inputs": len(rec.feeds), "seconds": record_s},
+        "quantization": q,
+        "unet_bytes": sizes,
+        "size_ratio": sizes["int8"] / sizes["fp32"],
+        "call_seconds": times,
+        "median_call_seconds": med,
+        "int8_over_fp32_time": med["int8"] / med["fp32"],
+        "rel_l2_mid_trajectory": rel,
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "load_average_at_start": load,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"int8-unet-{args.bundle.name}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    ratio = result["int8_over_fp32_time"]
+    table = "\n".join(
+        [
+            f"# benchmarks.int8_unet: {args.bundle.name}",
+            "",
+            "| | fp32 | int8 | int8 / fp32 |",
+            "|---|---|---|---|",
+            f"| UNet call (median of {args.calls}, interleaved) | {med['fp32']:.3f} s | {med['int8']:.3f} s | {ratio:.2f}x |",
+            f"| UNet file | {sizes['fp32'] / 2**20:.1f} MiB | {sizes['int8'] / 2**20:.1f} MiB | {result['size_ratio']:.2f}x |",
+            "",
+            f"- calibration: {len(rec.feeds)} UNet inputs from {args.calibration_size} generation(s), recorded in {record_s:.1f} s",
+            f"- quantization (calibration pass + QDQ rewrite, {q['float_nodes']} float nodes): {q['seconds']:.1f} s, "
+            f"peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB (child process)",
+            f"- int8 vs fp32 relative L2 on the timed input: {rel:.4f}",
+        ]
+    )
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

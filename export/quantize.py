@@ -1,0 +1,295 @@
+"""The UNet to int8 QDQ with onnxruntime.quantization, and which of its nodes stay float.
+
+Only Conv, MatMul and Gemm are quantized (Softmax, norms and the rest stay float). The nodes kept float are
+chosen two ways, both recorded in the manifest:
+- rules, from where quantization is known to destroy the signal: the Conv reading the noisy latents
+  (quantizing x_t loses the small low-t signal), the Conv writing the output, the time-embedding Gemms
+  (the timestep's sinusoids are the whole conditioning on t), and the attention batched MatMuls
+  (activation x activation: Q.K^T and softmax.V, whose ranges vary most);
+- measurement: a sweep quantizes each remaining Conv alone and keeps float the most sensitive ones,
+  by their UNet relative L2 error on calibration inputs; the sweep is cached by the fp32 UNet's hash
+  and the calibration ranges' hash.
+
+Quantization works on the fp32 file at `source` and writes a new file; the source is only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.manifest import sha256_file
+
+OP_TYPES = ("Conv", "MatMul", "Gemm")
+SWEEP_SAMPLES = 8  # calibration inputs each one-node quantization is measured on
+CACHE_ENV = "LDM_DEPLOY_CACHE"
+LARGE = 1 << 30  # bytes of a single-file ONNX past which the quantizer writes external data
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How Q/DQ nodes are placed and typed for a target runtime."""
+
+    target: str  # onnxruntime | tensorrt
+    activation: str  # QUInt8 | QInt8
+    weight: str
+    reduce_range: bool
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "activations": self.activation, "weights": f"{self.weight} per-channel",
+            "reduce_range": self.reduce_range, **dict(self.extra),
+        }  # fmt: skip
+
+
+def has_vnni() -> bool:
+    """x86 with VNNI (AVX512-VNNI / AVX-VNNI) multiplies u8 x s8 without the 16-bit saturation of older AVX2."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def placement(target: str) -> Placement:
+    """ONNX Runtime CPU: U8 activations, S8 per-channel weights (its fast u8s8 kernels), 7-bit weights on x86
+    without VNNI (ORT's documented fix for vpmaddubsw saturation). TensorRT: symmetric S8 for both, one Q/DQ
+    pair per consumer, as TensorRT's explicit-quantization fusion expects (and ORT documents for its TensorRT EP)."""
+    if target == "tensorrt":
+        extra = (("ActivationSymmetric", True), ("WeightSymmetric", True), ("DedicatedQDQPair", True))
+        return Placement("tensorrt", "QInt8", "QInt8", False, extra)
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+    return Placement("onnxruntime", "QUInt8", "QInt8", x86 and not has_vnni())
+
+
+# ---- which nodes stay float -------------------------------------------------------------------------------
+
+
+def float_rules(model: Any) -> dict[str, str]:
+    """Node name -> why it stays float, by the rules above, from the graph's structure (not its names)."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    kept: dict[str, str] = {}
+    for n in graph.node:
+        if n.op_type == "Conv" and n.input[0] in inputs:
+            kept[n.name] = "reads the noisy latents (conv_in)"
+        elif n.op_type == "Conv" and _feeds_output(graph, n, outputs):
+            kept[n.name] = "writes the UNet output (conv_out)"
+        elif n.op_type == "Gemm":
+            kept[n.name] = "time embedding (Gemm)"
+        elif n.op_type == "MatMul" and not any(i in weights for i in n.input):
+            kept[n.name] = "attention batched matmul (activation x activation)"
+    return kept
+
+
+def _feeds_output(graph: Any, node: Any, outputs: set[str]) -> bool:
+    """The node's output reaches a graph output through shape-only or elementwise-free ops (or directly)."""
+    passthrough = {"Identity", "Reshape", "Cast", "Transpose"}
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    frontier = list(node.output)
+    while frontier:
+        name = frontier.pop()
+        if name in outputs:
+            return True
+        frontier += [o for r in readers.get(name, []) if r.op_type in passthrough for o in r.output]
+    return False
+
+
+def candidates(model: Any, kept: dict[str, str]) -> list[str]:
+    """The Convs the sensitivity sweep measures: every Conv the rules do not already keep float."""
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in kept]
+
+
+# ---- calibration ranges -------------------------------------------------------------------------------------
+
+
+class FeedReader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over recorded feeds, with the strided ranges
+    CalibStridedMinMax asks for (ranges are merged per stride: memory holds one stride's activations)."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self.start, self.end = 0, len(self.feeds)
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end = start_index, end_index
+        self._it = None
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = iter(self.feeds[self.start : self.end])
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self.set_range(0, len(self.feeds))
+
+
+def stride_for(count: int, wanted: int = 8) -> int:
+    """The largest stride <= wanted that divides count (ORT refuses a stride that does not)."""
+    return next(s for s in range(min(wanted, count), 0, -1) if count % s == 0)
+
+
+@contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """onnxruntime.quantization logs a pre-processing hint per call through the root logger: not for our users."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize(
+    source: Path,
+    target: Path,
+    feeds: Sequence[dict[str, np.ndarray]],
+    where: Placement,
+    *,
+    exclude: Sequence[str] = (),
+    only: Sequence[str] = (),
+    ranges: Path | None = None,
+) -> None:
+    """fp32 ONNX at `source` -> QDQ ONNX at `target`. `ranges`: a calibration cache file, computed from
+    `feeds` when absent and reused when present (the sweep's one-node quantizations share it)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    reader = FeedReader(feeds)
+    # past protobuf's 2 GB (a full-size UNet) the quantizer's augmented and output models need external data
+    external = source.with_name(source.name + ".data").exists() or source.stat().st_size > LARGE
+    extra = {"CalibStridedMinMax": stride_for(len(reader)), **dict(where.extra)}
+    with quiet_quantizer():
+        quantize_static(
+            str(source),
+            str(target),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(OP_TYPES),
+            per_channel=True,
+            reduce_range=where.reduce_range,
+            activation_type=getattr(QuantType, where.activation),
+            weight_type=getattr(QuantType, where.weight),
+            nodes_to_quantize=list(only),
+            nodes_to_exclude=list(exclude),
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options=extra,
+            calibration_cache_path=str(ranges) if ranges is not None else None,
+            use_external_data_format=external,
+        )
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------
+
+
+def session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_all(path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    s = session(path)
+    return [np.asarray(s.run(None, f)[0], dtype=np.float32) for f in feeds]
+
+
+def relative_l2(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> float:
+    """||got - ref|| / ||ref|| over all the samples together."""
+    err = sum(float(np.sum((g.astype(np.float64) - r) ** 2)) for g, r in zip(got, ref))
+    norm = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    return float(np.sqrt(err / max(norm, 1e-30)))
+
+
+def sweep_samples(feeds: Sequence[dict[str, np.ndarray]], n: int = SWEEP_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """n feeds spread evenly over the recording (so over timesteps and prompts)."""
+    idx = np.linspace(0, len(feeds) - 1, min(n, len(feeds))).round().astype(int)
+    return [feeds[i] for i in sorted(set(idx.tolist()))]
+
+
+def cache_dir() -> Path:
+    from .bundle import ENGINES
+
+    return Path(os.environ.get(CACHE_ENV) or ENGINES / ".cache") / "int8-sensitivity"
+
+
+def sweep_key(source: Path, calibration_id: str, where: Placement, names: Sequence[str]) -> str:
+    """The fp32 UNet's hash, what the calibration recorded (prompts, seeds, scales, steps: not the ranges, whose last
+    bits vary with ONNX Runtime's threaded reductions), the placement and the nodes measured."""
+    h = hashlib.sha256()
+    for part in (sha256_file(source), calibration_id, json.dumps(where.record(), sort_keys=True), *names):
+        h.update(part.encode())
+    return h.hexdigest()[:32]
+
+
+def sensitivity(
+    source: Path,
+    feeds: Sequence[dict[str, np.ndarray]],
+    where: Placement,
+    names: Sequence[str],
+    ranges: Path,
+    log: Callable[[str], None] = lambda _: None,
+    calibration_id: str = "",
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Each named node quantized alone: its UNet relative L2 error on sweep samples; cached on disk.
+
+    Returns (errors by node, a record of the sweep: samples, cache key, whether the cache answered).
+    """
+    samples = sweep_samples(feeds)
+    key = sweep_key(source, calibration_id or sha256_file(ranges), where, names)
+    cached = cache_dir() / f"{key}.json"
+    record: dict[str, Any] = {"measured": "UNet relative L2, one node quantized at a time", "samples": len(samples), "cache_key": key}
+    if cached.is_file():
+        try:
+            errors = {str(k): float(v) for k, v in json.loads(cached.read_text())["errors"].items()}
+            if set(errors) == set(names):
+                log(f"  sensitivity sweep: {len(names)} convs, from the cache ({cached})")
+                return errors, {**record, "cached": True}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # a damaged cache entry is measured again and rewritten
+    reference = run_all(source, samples)
+    errors = {}
+    with tempfile.TemporaryDirectory(prefix="int8-sweep-") as tmp:
+        one = Path(tmp) / "one.onnx"
+        for i, name in enumerate(names):
+            quantize(source, one, feeds, where, only=[name], ranges=ranges)
+            errors[name] = relative_l2(run_all(one, samples), reference)
+            if (i + 1) % 10 == 0 or i + 1 == len(names):
+                log(f"  sensitivity sweep: {i + 1}/{len(names)} convs measured")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(".tmp")
+    tmp_file.write_text(json.dumps({"errors": errors, **record}, indent=1) + "\n")
+    tmp_file.replace(cached)
+    return errors, {**record, "cached": False}
+
+
+def most_sensitive(errors: dict[str, float], count: int) -> list[str]:
+    return sorted(errors, key=lambda k: -errors[k])[:count]
+
+
+def tool_record() -> dict[str, str]:
+    import onnxruntime
+
+    return {"tool": "onnxruntime.quantization.quantize_static", "version": onnxruntime.__version__}
