@@ -75,7 +75,9 @@ class BuildOptions:
             raise ValueError(f"--lora-slots {self.lora_slots}: the slot rank must be 0 (no slots) to {MAX_SLOT_RANK}")
         if self.lora_slots and self.precision == "int8":
             # calibration would see only the zero (base) slots, and the quantized layers would misread an adapter's
-            raise ValueError("--lora-slots with --precision int8 is not supported: fuse the adapter with --lora, or build slots in fp16/fp32")
+            raise ValueError(
+                "--lora-slots with --precision int8 is not supported: fuse the adapter with --lora, or build slots in fp16 or fp32"
+            )
 
     def check_int8(self) -> None:
         """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""
