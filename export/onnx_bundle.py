@@ -49,8 +49,10 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     t0 = time.perf_counter()
     with staging(out, options.force, model.source) as work:
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
-        components = {s.name: export_component(s, model, work, precision, log) for s in specs if s.name in needed_components(pipelines)}
-        write_tokenizer(model.tokenizer_dir, work / "tokenizer")
+        needed = needed_components(pipelines, tuple(s.name for s in specs if s.name.startswith("text_encoder")))
+        components = {s.name: export_component(s, model, work, precision, log) for s in specs if s.name in needed}
+        for dest, src in model.family.tokenizers(model).items():
+            write_tokenizer(src, work / dest)
         manifest = manifest_for(
             model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
             pipelines=pipelines,
@@ -64,7 +66,7 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
     """Export one component, choose its precision, verify it against the fp32 module."""
     feed = fixed_inputs(spec.inputs, spec.name, float(model.vae.config.scaling_factor))
     reference = torch_reference(spec, feed)
-    chosen, note = component_precision(spec, feed, precision)
+    chosen, note = component_precision(spec, feed, precision, model.family.precision_note(model, spec.name))
     target = work / spec.name / "model.onnx"
     t0 = time.perf_counter()
     onnx_export.export_onnx_as(spec, feed, target, chosen)
@@ -80,7 +82,7 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
     figures = compare(component, work, reference, feed)
     size = sum(f.stat().st_size for f in onnx_export.onnx_files(target)) / 2**20
     log(
-        f"  {spec.name:<13} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
+        f"  {spec.name:<14} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
         + (f"  [{note}]" if note else "")
     )
     if not figures["passed"]:
@@ -92,8 +94,13 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
     return replace(component, verification=figures)
 
 
-def component_precision(spec: onnx_export.ComponentSpec, feed: dict[str, np.ndarray], asked: str) -> tuple[str, str]:
-    """The precision to export in, and why it is not the one asked for ("" when it is)."""
+def component_precision(spec: onnx_export.ComponentSpec, feed: dict[str, np.ndarray], asked: str, family_note: str = "") -> tuple[str, str]:
+    """The precision to export in, and why it is not the one asked for ("" when it is).
+
+    family_note: the model family's reason to keep this component fp32 (SDXL's VAE with force_upcast), if any.
+    """
+    if asked == "fp16" and family_note:
+        return "fp32", family_note
     if asked == "fp16":
         peak = activation_peak(spec, feed)
         if peak > FP16_MAX / 2:  # half the range: headroom for inputs larger than the fixed ones

@@ -16,6 +16,8 @@ from typing import Any
 from runtime.manifest import TensorSpec
 
 OPSET = 17
+# UNet inputs diffusers' UNet2DConditionModel takes inside `added_cond_kwargs` (SDXL's pooled text and micro-conditioning)
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
 PROTOBUF_LIMIT = 2**31 - 1
 
 
@@ -65,7 +67,9 @@ def component_specs(model: Any, *, height: int, width: int, batch: int, guidance
     keywords = [t.name for t in (*text, *conditioning)]
 
     def unet_fn(m: Any, x: Any, t: Any, *more: Any) -> Any:
-        return m(x, t, **dict(zip(keywords, more)), return_dict=False)[0]
+        given = dict(zip(keywords, more))
+        added = {k: given.pop(k) for k in ADDED_CONDITIONS if k in given}  # SDXL's, which diffusers takes as one dict
+        return m(x, t, **given, **({"added_cond_kwargs": added} if added else {}), return_dict=False)[0]
 
     denoiser = ComponentSpec(
         "unet", wrap(unet, unet_fn), unet_inputs, (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),)

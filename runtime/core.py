@@ -60,11 +60,15 @@ DEFAULTS: Sampling = {
 }  # fmt: skip
 
 
-def sampling_options(task: str, given: Mapping[str, Any], **task_defaults: Any) -> Sampling:
-    """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's."""
+def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence[str] = (), **task_defaults: Any) -> Sampling:
+    """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's.
+
+    conditioning: the bundle family's own keywords (taken out of `given` by Core.options), named in that error.
+    """
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)})")
+        more = f"; this bundle's conditioning options: {', '.join(conditioning)}" if conditioning else ""
+        raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)}{more})")
     options: Sampling = {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
     seed = options["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -163,7 +167,7 @@ class Core:
     @classmethod
     def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool) -> Self:
         options: dict[str, Any] = {"device": device} if device else {}
-        missing = [c for c in ("text_encoder", *NEEDED) if c not in manifest.components]
+        missing = [c for c in NEEDED if c not in manifest.components]  # the text encoders are the family's to open
         if missing:
             raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `{rebuild_hint(bundle, manifest)}`")
         if cuda_graph and manifest.components["unet"].format != "plan":
@@ -200,10 +204,28 @@ class Core:
         """What this bundle can do: txt2img, img2img, inpaint (text-to-image models), or inpaint / upscale alone."""
         return self.manifest.pipelines
 
+    def options(self, task: str, given: Mapping[str, Any], **task_defaults: Any) -> tuple[Sampling, Mapping[str, Any]]:
+        """The sampling options (sampling_options) and the family's conditioning keywords (SDXL's original_size, ...),
+        both checked before any work; a keyword that is neither is a TypeError naming both lists."""
+        keywords = self.family.keywords
+        conditioning = {k: v for k, v in given.items() if k in keywords}
+        rest = {k: v for k, v in given.items() if k not in keywords}
+        options = sampling_options(task, rest, tuple(keywords), **task_defaults)
+        self.family.conditioning(conditioning)
+        return options, conditioning
+
     def require(self, pipeline: str) -> None:
         """Refuse a pipeline the bundle was not built for, saying why and what builds it."""
         if pipeline in self.pipelines:
             return
+        sdxl = self.manifest.sdxl
+        if pipeline == "txt2img" and sdxl is not None and sdxl.requires_aesthetics_score:
+            raise BundleError(
+                f"txt2img is not available: bundle {self.bundle} holds an SDXL refiner (conditioned on an aesthetic score, "
+                f"made to finish the last denoising steps), which runs {', '.join(self.pipelines)} only; generate with an SDXL base "
+                "bundle and hand its latents over: base.txt2img(prompt, denoising_end=0.8, output_type='latent'), then "
+                "refiner.img2img(prompt, latents, denoising_start=0.8)"
+            )
         kind = self.manifest.model.kind
         if kind != "text2image" or pipeline == "upscale":
             why = {
@@ -250,16 +272,20 @@ class Core:
             )
         return prompts
 
-    def guided_model(self, prompt: Prompt, negative_prompt: Prompt, options: Sampling, image: Extra | None = None) -> Model:
+    def guided_model(
+        self, prompt: Prompt, negative_prompt: Prompt, options: Sampling, image: Extra | None = None,
+        conditioning: Mapping[str, Any] | None = None,
+    ) -> Model:  # fmt: skip
         """The UNet wrapped for the bundle's guidance mode, conditioned on the prompts by the model's family.
 
         image: per-image UNet conditioning beyond latents and text (see guidance.unet_call), batch B.
+        conditioning: the family's keywords, as Core.options split them off.
         """
         prompts = self.prompts(prompt, "prompt")  # checked before the negatives: an empty prompt is the likelier mistake
         negatives = self.prompts(negative_prompt, "negative_prompt")
         return guided(
             self.engines["unet"], self.family, self.manifest.guidance_info, prompts, negatives,
-            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild,
+            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, conditioning,
         )  # fmt: skip
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

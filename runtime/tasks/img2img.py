@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling, sampling_options, start_step
+from ..core import Core, Images, Prompt, Sampling, start_step
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -34,7 +34,7 @@ def img2img(
     image: PIL or array, the bundle's size (resize=True resizes it, Lanczos).
     sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     """
-    options = sampling_options("img2img", sampling)
+    options, conditioning = pipe.options("img2img", sampling)
     pipe.require("img2img")
     img.check_output_type(output_type)
     start = start_step(options["steps"], strength)
@@ -43,5 +43,5 @@ def img2img(
     noise = pipe.draw(noise, rng, shape, "noise")
     pixels = img.image_tensor(image, (pipe.height, pipe.width), pipe.batch_size, resize=resize, rebuild=pipe.rebuild)
     init = pipe.encode_image(pixels, pipe.draw(encoder_noise, rng, shape, "encoder_noise"))
-    model = pipe.guided_model(prompt, negative_prompt, options)
+    model = pipe.guided_model(prompt, negative_prompt, options, conditioning=conditioning)
     return pipe.finish(pipe.denoise(model, noise, options, rng, init=init, start=start), output_type)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling, sampling_options, start_step
+from ..core import Core, Images, Prompt, Sampling, start_step
 from ..sampling import Known
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def inpaint(
     The seed's generator draws `latents` (the initial noise) first, then `encoder_noise`.
     sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     """
-    options = sampling_options("inpaint", sampling)
+    options, conditioning = pipe.options("inpaint", sampling)
     pipe.require("inpaint")
     img.check_output_type(output_type)
     start = start_step(options["steps"], strength)
@@ -64,7 +64,7 @@ def inpaint(
         extra = {"channels": np.concatenate([latent_mask, masked], axis=1)}
     else:
         known = Known(image_latents, latent_mask)  # type: ignore[arg-type]
-    model = pipe.guided_model(prompt, negative_prompt, options, extra)
+    model = pipe.guided_model(prompt, negative_prompt, options, extra, conditioning=conditioning)
     init = image_latents if strength < 1 else None
     x = pipe.denoise(model, noise, options, rng, init=init, start=start, known=known)
     paste = (not dedicated) if composite is None else composite

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling, sampling_options
+from ..core import Core, Images, Prompt, Sampling
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -29,10 +29,10 @@ def txt2img(
     latents: pass your own (B, C, H/f, W/f) instead; the sampler's noise still comes from the seed.
     sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     """
-    options = sampling_options("txt2img", sampling)
+    options, conditioning = pipe.options("txt2img", sampling)
     pipe.require("txt2img")
     img.check_output_type(output_type)
     rng = np.random.default_rng(options["seed"])
     noise = pipe.draw(latents, rng, pipe.manifest.latent_shape, "latents")
-    model = pipe.guided_model(prompt, negative_prompt, options)
+    model = pipe.guided_model(prompt, negative_prompt, options, conditioning=conditioning)
     return pipe.finish(pipe.denoise(model, noise, options, rng), output_type)
