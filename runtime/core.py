@@ -113,6 +113,25 @@ def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
 
 
+class _Stopped(Exception):
+    """A run stopped at its denoising_end: the latents it had reached."""
+
+    def __init__(self, latents: np.ndarray):
+        super().__init__("stopped at denoising_end")
+        self.latents = latents
+
+
+def handoff_cutoff(fraction: Any, what: str, config: Mapping[str, Any]) -> int:
+    """The timestep where a hand-off happens, as diffusers computes it for denoising_end / denoising_start."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) or not 0 < fraction < 1:
+        raise ValueError(
+            f"{what} must be a fraction strictly between 0 and 1 of the noise schedule (e.g. 0.8: the base runs the first "
+            f"80% of it, the refiner the rest), got {fraction!r}"
+        )
+    train = int(config.get("num_train_timesteps", 1000))
+    return int(round(train - float(fraction) * train))
+
+
 def start_step(steps: int, strength: float) -> int:
     """How many of the schedule's first steps img2img skips, as diffusers' get_timesteps: the noise level of strength."""
     if not 0.0 < strength <= 1.0:
@@ -336,8 +355,13 @@ class Core:
         init: np.ndarray | None = None,
         start: int = 0,
         known: Known | None = None,
+        end: int | None = None,
+        resume: bool = False,
     ) -> np.ndarray:
-        """The one sampling loop every task shares; see runtime.sampling for init, start and known."""
+        """The one sampling loop every task shares; see runtime.sampling for init, start, known and resume.
+
+        end: stop after that many of the schedule's steps and return the latents reached (denoising_end).
+        """
         name = options["scheduler"] or self._default_sampler()
         sampler = get_sampler(name)
         eta = {} if options["eta"] is None else {"eta": options["eta"]}
@@ -346,12 +370,14 @@ class Core:
         if init is not None:
             self.check_latents(init, "the encoded image latents")
         done = [start]  # schedule steps finished, advanced by the callback the sampler calls after each step
-        user_callback = _step_callback(options["callback"], start, steps)
+        user_callback = _step_callback(options["callback"], start, end or steps)
 
         def on_step(i: int, t: float, x: np.ndarray) -> None:
             done[0] = i + 1
             if user_callback is not None:
                 user_callback(i, t, x)
+            if end is not None and i + 1 >= end:
+                raise _Stopped(x)
 
         def checked(x: np.ndarray, t: float) -> np.ndarray:
             """The guided model, its NaN/inf named by step; the UNet and the mix check their own outputs, so the
@@ -368,12 +394,51 @@ class Core:
                     ) from None
                 raise self._with_hint(e, where) from None
 
-        latents: np.ndarray = sampler(
-            checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,
-        )  # fmt: skip
+        try:
+            latents: np.ndarray = sampler(
+                checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,
+                **({"resume": True} if resume else {}),
+            )  # fmt: skip
+        except _Stopped as stop:
+            latents = stop.latents
         if not np.isfinite(latents).all():
             raise NonFiniteError(f"the {name} sampler's last update (eta={options['eta']}) produced NaN/inf from finite model outputs")
         return latents
+
+    def timesteps(self, options: Sampling) -> list[float]:
+        """The timestep of each step the sampler will run: a dry run of it with a zero model on a 1x1 latent."""
+        seen: list[float] = []
+        get_sampler(options["scheduler"] or self._default_sampler())(
+            lambda x, t: np.zeros_like(x), np.zeros((1, 1, 1, 1), np.float32), self.schedule, options["steps"],
+            rng=np.random.default_rng(0), callback=lambda i, t, x: seen.append(t),
+        )  # fmt: skip
+        return seen
+
+    def end_step(self, options: Sampling, denoising_end: float | None) -> int | None:
+        """How many steps run before a denoising_end hand-off: those whose timestep is at or above the cutoff (diffusers)."""
+        if denoising_end is None:
+            return None
+        cutoff = handoff_cutoff(denoising_end, "denoising_end", self.manifest.scheduler.config)
+        ts = self.timesteps(options)
+        kept = sum(t >= cutoff for t in ts)
+        if kept == 0:
+            raise ValueError(
+                f"denoising_end {denoising_end} stops before the first of {len(ts)} steps (its timestep {ts[0]:g} is below the "
+                f"cutoff {cutoff}); raise denoising_end"
+            )
+        return kept
+
+    def start_at(self, options: Sampling, denoising_start: float) -> int:
+        """The step a denoising_start hand-off resumes at: the run keeps the steps below the cutoff (diffusers)."""
+        cutoff = handoff_cutoff(denoising_start, "denoising_start", self.manifest.scheduler.config)
+        ts = self.timesteps(options)
+        kept = sum(t < cutoff for t in ts)
+        if kept == 0:
+            raise ValueError(
+                f"denoising_start {denoising_start} leaves none of the {len(ts)} steps to run (the last timestep {ts[-1]:g} is "
+                f"not below the cutoff {cutoff}); lower denoising_start or use more steps"
+            )
+        return len(ts) - kept
 
     def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
         """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""

@@ -19,6 +19,7 @@ def txt2img(
     negative_prompt: Prompt = "",
     *,
     latents: np.ndarray | None = None,
+    denoising_end: float | None = None,
     output_type: str = "pil",
     **sampling: Unpack[Sampling],
 ) -> Images:
@@ -27,6 +28,8 @@ def txt2img(
     seed: one `np.random.default_rng(seed)` makes the initial latents (its first draw,
     `standard_normal(shape, float32)`) and then any noise the sampler adds, in order.
     latents: pass your own (B, C, H/f, W/f) instead; the sampler's noise still comes from the seed.
+    denoising_end: stop that fraction of the way through the noise schedule (diffusers' denoising_end), to hand
+    the latents (output_type='latent') to a refiner's img2img(..., denoising_start=the same fraction).
     sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     """
     options, conditioning = pipe.options("txt2img", sampling)
@@ -34,5 +37,6 @@ def txt2img(
     img.check_output_type(output_type)
     rng = np.random.default_rng(options["seed"])
     noise = pipe.draw(latents, rng, pipe.manifest.latent_shape, "latents")
+    end = pipe.end_step(options, denoising_end)
     model = pipe.guided_model(prompt, negative_prompt, options, conditioning=conditioning)
-    return pipe.finish(pipe.denoise(model, noise, options, rng), output_type)
+    return pipe.finish(pipe.denoise(model, noise, options, rng, end=end), output_type)
