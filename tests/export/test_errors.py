@@ -38,7 +38,10 @@ def test_incomplete_model_folder(tiny_model, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("pipeline", "what"),
-    [("StableDiffusion3Pipeline", "SD3 (an MMDiT transformer"), ("StableDiffusionXLControlNetPipeline", "an SDXL variant this SDK does not export")],
+    [
+        ("StableDiffusion3Pipeline", "SD3 (an MMDiT transformer"),
+        ("StableDiffusionXLControlNetPipeline", "an SDXL variant this SDK does not export"),
+    ],
 )
 def test_a_folder_of_another_family_is_refused_by_name(tiny_model, tmp_path, capsys, pipeline, what):
     other = tmp_path / "other"

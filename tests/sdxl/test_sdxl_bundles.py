@@ -61,9 +61,7 @@ def test_fp16_bundle_keeps_an_overflowing_vae_fp32_and_gives_finite_images(tmp_p
     """SDXL's VAE overflows fp16 (diffusers upcasts it: force_upcast). A VAE whose activations pass 65504 is proven
     to give NaN/inf in fp16, and the fp16 bundle keeps it fp32 (by its config, else by its measured activations)."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
-
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     from export.build import build
 
@@ -138,7 +136,9 @@ def test_handoff_fractions_are_checked(sdxl_base_bundle, sdxl_refiner_bundle):
     base, refiner = runtime.Pipeline.load(sdxl_base_bundle), runtime.Pipeline.load(sdxl_refiner_bundle)
     with pytest.raises(ValueError, match=r"denoising_end must be a fraction strictly between 0 and 1"):
         base.txt2img(PROMPT, steps=4, denoising_end=1.5)
-    with pytest.raises(ValueError, match=r"denoising_end 0.1 stops before the first of 4 steps \(its timestep 751 is below the cutoff 900\)"):
+    with pytest.raises(
+        ValueError, match=r"denoising_end 0.1 stops before the first of 4 steps \(its timestep 751 is below the cutoff 900\)"
+    ):
         base.txt2img(PROMPT, steps=4, denoising_end=0.1)
     with pytest.raises(ValueError, match=r"denoising_start 0.9996 leaves none of the 4 steps to run"):
         refiner.img2img(PROMPT, np.zeros(refiner.manifest.latent_shape, np.float32), steps=4, denoising_start=0.9996)
@@ -151,7 +151,16 @@ def test_sizes_are_the_bundles_own(sdxl_models, sdxl_base_bundle, tmp_path, caps
 
     code, err = run_cli(capsys, "--model", str(sdxl_models["base"]), "--height", "40", "--out", str(tmp_path / "b"))
     assert code == 2 and "--height 40 is not a positive multiple of 16" in err
-    wide = build(sdxl_models["turbo"], tmp_path / "wide", precision="fp32", height=48, width=80, guidance="none", pipelines="txt2img", log=lambda _: None)
+    wide = build(
+        sdxl_models["turbo"],
+        tmp_path / "wide",
+        precision="fp32",
+        height=48,
+        width=80,
+        guidance="none",
+        pipelines="txt2img",
+        log=lambda _: None,
+    )
     pipe = runtime.Pipeline.load(wide)
     assert (pipe.manifest.height, pipe.manifest.width) == (48, 80)
     assert pipe.family.conditioning({})["original_size"] == (48, 80)

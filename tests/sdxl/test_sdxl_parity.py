@@ -99,7 +99,9 @@ def test_img2img_on_the_base_matches_diffusers(sdxl_base_bundle, base_ref, monke
 
     pipe = runtime.Pipeline.load(sdxl_base_bundle)
     noise, encoder_noise = draws(pipe.manifest.latent_shape, seed=4)
-    ours = pipe.img2img(PROMPT, IMAGE, strength=0.6, steps=10, guidance_scale=5.0, noise=noise, encoder_noise=encoder_noise, output_type="np")
+    ours = pipe.img2img(
+        PROMPT, IMAGE, strength=0.6, steps=10, guidance_scale=5.0, noise=noise, encoder_noise=encoder_noise, output_type="np"
+    )
     patch_diffusers_noise(monkeypatch, module, noise, encoder_noise)
     ref_pipe = StableDiffusionXLImg2ImgPipeline(**base_ref.components)
     ref_pipe.set_progress_bar_config(disable=True)
@@ -142,7 +144,9 @@ def test_base_then_refiner_handoff_matches_diffusers(sdxl_base_bundle, sdxl_refi
         PROMPT, num_inference_steps=10, guidance_scale=5.0, latents=torch.from_numpy(latents), denoising_end=fraction,
         output_type="latent",
     ).images  # fmt: skip
-    ref = refiner_ref(PROMPT, image=ref_latents, num_inference_steps=10, guidance_scale=5.0, denoising_start=fraction, output_type="np").images
+    ref = refiner_ref(
+        PROMPT, image=ref_latents, num_inference_steps=10, guidance_scale=5.0, denoising_start=fraction, output_type="np"
+    ).images
     assert steps[-1][0] == steps[-1][1] == round(10 * fraction)  # the base ran only its share, and said so
     assert np.abs(handed - ref_latents.numpy()).max() <= 1e-3
     assert np.abs(ours - ref).max() <= 1e-3
