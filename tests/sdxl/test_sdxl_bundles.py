@@ -167,3 +167,16 @@ def test_sizes_are_the_bundles_own(sdxl_models, sdxl_base_bundle, tmp_path, caps
     assert pipe.txt2img(PROMPT, steps=1, guidance_scale=0.0, seed=0, output_type="np").shape == (1, 48, 80, 3)
     with pytest.raises(ValueError, match=r"32x32.*64x64|64x64.*32x32"):
         runtime.Pipeline.load(sdxl_base_bundle).img2img(PROMPT, IMAGE.resize((32, 32)), steps=4)
+
+
+def test_cli_takes_the_sdxl_conditioning_flags(sdxl_base_bundle, bundle_fp32, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "runtime", *args, "--quiet"], cwd=REPO, capture_output=True, text=True)
+
+    flags = ["--steps", "2", "--seed", "0", "--original-size", "512", "512", "--crops-coords-top-left", "0", "16"]
+    done = run("a cat", "--bundle", str(sdxl_base_bundle), *flags, "-o", str(tmp_path / "x.png"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "x.png").is_file()
+    refused = run("a cat", "--bundle", str(bundle_fp32), *flags, "-o", str(tmp_path / "y.png"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "unexpected keyword argument 'crops_coords_top_left'" in refused.stderr or "'original_size'" in refused.stderr
