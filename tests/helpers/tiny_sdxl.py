@@ -4,6 +4,7 @@ small widths, random weights, saved with save_pretrained. `kind` picks the check
 
 - base: StableDiffusionXLPipeline, both encoders, time_ids (original_size, crops_coords_top_left, target_size)
 - turbo: the base's shape with SDXL-Turbo's trailing timesteps (run with no guidance, batch-B bundle)
+- inpaint: StableDiffusionXLInpaintPipeline with a 9-channel UNet (latents, mask, masked-image latents)
 - refiner: StableDiffusionXLImg2ImgPipeline with text_encoder_2/tokenizer_2 only and requires_aesthetics_score
   (time_ids: original_size, crops_coords_top_left, aesthetic_score)
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from reference.architecture import CLIP_DIR
 
-KINDS = ("base", "turbo", "refiner")
+KINDS = ("base", "turbo", "inpaint", "refiner")
 # SDXL's scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0), Turbo's differs in its spacing
 SDXL_SCHEDULE = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
@@ -33,7 +34,12 @@ def make_tiny_sdxl(
 ) -> Path:
     """Write a randomly initialised SDXL-shaped pipeline to `out` and return it."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
@@ -41,7 +47,7 @@ def make_tiny_sdxl(
     refiner = kind == "refiner"
     schedule = {**SDXL_SCHEDULE, **({"timestep_spacing": "trailing"} if kind == "turbo" else {})}
     parts: dict[str, Any] = dict(
-        unet=_unet(sample_size, refiner),
+        unet=_unet(sample_size, refiner, 9 if kind == "inpaint" else 4),
         vae=_vae(sample_size, vae_gain, force_upcast),
         text_encoder_2=_text_encoder(WIDTH_2, projection=True),
         tokenizer_2=_tokenizer("!"),
@@ -52,21 +58,22 @@ def make_tiny_sdxl(
             text_encoder=None, tokenizer=None, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, **parts
         )
     else:
-        pipe = StableDiffusionXLPipeline(text_encoder=_text_encoder(WIDTH_1), tokenizer=_tokenizer("<|endoftext|>"), **parts)
+        cls = StableDiffusionXLInpaintPipeline if kind == "inpaint" else StableDiffusionXLPipeline
+        pipe = cls(text_encoder=_text_encoder(WIDTH_1), tokenizer=_tokenizer("<|endoftext|>"), **parts)
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def _unet(sample_size: int, refiner: bool) -> Any:
+def _unet(sample_size: int, refiner: bool, in_channels: int = 4) -> Any:
     from diffusers import UNet2DConditionModel
 
     context = WIDTH_2 if refiner else WIDTH_1 + WIDTH_2
     time_ids = 5 if refiner else 6  # the refiner's aesthetic score replaces target_size's two numbers
     return UNet2DConditionModel(
         sample_size=sample_size // 8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -43,3 +43,12 @@ def sdxl_turbo_bundle(sdxl_models: dict[str, Path], tmp_path_factory: pytest.Tem
 
     out = tmp_path_factory.mktemp("sdxl-engines") / "turbo-none"
     return build(sdxl_models["turbo"], out, precision="fp32", guidance="none", pipelines="txt2img", **QUIET)
+
+
+@pytest.fixture(scope="session")
+def sdxl_inpaint_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The 9-channel SDXL inpainting UNet's folder and its bundle."""
+    from export.build import build
+
+    model = make_tiny_sdxl(tmp_path_factory.mktemp("sdxl-models") / "inpaint", kind="inpaint")
+    return model, build(model, tmp_path_factory.mktemp("sdxl-engines") / "inpaint-fp32", precision="fp32", **QUIET)

@@ -160,3 +160,19 @@ def test_inpaint_with_the_ordinary_unet_keeps_the_unmasked_pixels(sdxl_base_bund
     assert np.isfinite(out).all()
     assert np.abs(out[0][keep] - original[keep]).max() <= 1 / 255 + 1e-6
     assert np.abs(out[0][~keep] - original[~keep]).max() > 0.05
+
+
+def test_the_sdxl_inpainting_unet_matches_diffusers(sdxl_inpaint_bundle, monkeypatch):
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as module
+
+    model, bundle = sdxl_inpaint_bundle
+    pipe = runtime.Pipeline.load(bundle)
+    assert pipe.manifest.model.kind == "inpainting" and pipe.manifest.pipelines == ("inpaint",)
+    noise, encoder_noise = draws(pipe.manifest.latent_shape, seed=8)
+    ours = pipe.inpaint(PROMPT, IMAGE, MASK, steps=6, guidance_scale=5.0, latents=noise, encoder_noise=encoder_noise, output_type="np")
+    patch_diffusers_noise(monkeypatch, module, noise, encoder_noise)
+    ref = reference("StableDiffusionXLInpaintPipeline", model)(
+        PROMPT, image=IMAGE, mask_image=MASK, strength=1.0, num_inference_steps=6, guidance_scale=5.0, output_type="np"
+    ).images
+    assert ref.std() > 0.01
+    assert np.abs(ours - ref).max() <= 1e-3
