@@ -1,0 +1,34 @@
+"""benchmarks.sdxl: the full-size configs have SDXL base's sizes (counted on torch's meta device, no memory),
+and --quick writes a loadable SDXL folder that exports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def test_sdxl_configs_have_sdxl_base_sizes():
+    from benchmarks import sdxl
+
+    counts = sdxl.parameter_counts(sdxl.build_pipeline(meta=True))
+    # SDXL base 1.0's published components
+    assert counts == {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "unet": 2_567_463_684, "vae": 83_653_863}
+    figures = sdxl.estimate(counts, ram_bytes=24 * 2**30)
+    assert figures["bundle_fp32_bytes"] == 4 * sum(counts.values())
+    assert figures["export_peak_floor_bytes"] == 4 * (sum(counts.values()) + counts["unet"])
+    assert figures["bundle_fp16_bytes"] == 2 * (sum(counts.values()) - counts["vae"]) + 4 * counts["vae"]
+
+
+def test_sdxl_quick_writes_a_folder_the_exporter_reads(tmp_path):
+    out, results = tmp_path / "sdxl-quick", tmp_path / "estimate.json"
+    cmd = [sys.executable, "-m", "benchmarks.sdxl", "--quick", "--out", str(out), "--results", str(results)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and json.loads(results.read_text())["parameters"]["unet"] > 0
+    from export.model import load_model
+
+    model = load_model(out)
+    assert model.family.name == "sdxl" and model.family.info(model).time_ids == 6
