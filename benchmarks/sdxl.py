@@ -84,6 +84,9 @@ QUICK = {
     "vae": dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
 }  # fmt: skip
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+# What the floor leaves out and a machine must still hold: the OS and page cache, the tracer's graph, constant
+# folding's copies of transposed weights, the verification's activations, ONNX Runtime's session. An assumed margin.
+MARGIN_BYTES = 4 * 2**30
 
 
 def build_pipeline(seed: int = 0, quick: bool = False, meta: bool = False) -> Any:
@@ -125,7 +128,8 @@ def estimate(counts: dict[str, int], ram_bytes: int) -> dict[str, Any]:
     export.build loads every component in float32 at once, then exports one at a time; exporting the largest
     (the UNet) holds its torch weights and, while the ONNX file is written and checked, a second full copy of them
     (the ONNX proto), so the peak is at least all fp32 weights plus the largest component again. A floor: the
-    tracer's graph, the verification's activations and ONNX Runtime's session come on top.
+    tracer's graph, the verification's activations and ONNX Runtime's session come on top: "fits" asks for
+    MARGIN_BYTES of headroom above the floor.
     """
     fp32 = {k: 4 * v for k, v in counts.items()}
     largest = max(fp32.values())
@@ -139,7 +143,8 @@ def estimate(counts: dict[str, int], ram_bytes: int) -> dict[str, Any]:
         "bundle_fp16_bytes": sum(v // 2 for k, v in fp32.items() if k != "vae") + vae,
         "export_peak_floor_bytes": floor,
         "ram_bytes": ram_bytes,
-        "fits": floor < ram_bytes,
+        "headroom_bytes": ram_bytes - floor,
+        "fits": ram_bytes - floor >= MARGIN_BYTES,
     }
 
 
@@ -167,7 +172,8 @@ def report(figures: dict[str, Any]) -> str:
     lines += [
         f"bundle: {figures['bundle_fp32_bytes'] / gib:.2f} GiB fp32, {figures['bundle_fp16_bytes'] / gib:.2f} GiB fp16 (VAE kept fp32)",
         f"fp32 export peak, at least: {figures['export_peak_floor_bytes'] / gib:.1f} GiB (all fp32 weights + the UNet's ONNX copy); "
-        f"this machine: {figures['ram_bytes'] / gib:.1f} GiB -> {'fits' if figures['fits'] else 'does not fit'}",
+        f"this machine: {figures['ram_bytes'] / gib:.1f} GiB, headroom {figures['headroom_bytes'] / gib:.1f} GiB -> "
+        + ("fits" if figures["fits"] else f"does not fit (less than the {MARGIN_BYTES / gib:.0f} GiB margin)"),
     ]
     return "\n".join(lines)
 
