@@ -180,3 +180,18 @@ def test_cli_takes_the_sdxl_conditioning_flags(sdxl_base_bundle, bundle_fp32, tm
     refused = run("a cat", "--bundle", str(bundle_fp32), *flags, "-o", str(tmp_path / "y.png"))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "unexpected keyword argument 'crops_coords_top_left'" in refused.stderr or "'original_size'" in refused.stderr
+
+
+def test_tensorrt_engines_from_an_sdxl_onnx_bundle_carry_both_tokenizers(sdxl_base_bundle, tmp_path):
+    """--from-onnx (with the offline tests' stand-in builder): every SDXL component built and verified, tokenizer_2
+    and the manifest's sdxl section carried, the whole bundle hashed."""
+    from runtime.manifest import load_manifest
+    from tests.export.test_tensorrt_offline import offline_build
+
+    out = offline_build(sdxl_base_bundle, tmp_path / "trt")
+    manifest, source = load_manifest(out), load_manifest(sdxl_base_bundle)
+    assert manifest.backend == "tensorrt" and manifest.sdxl == source.sdxl
+    assert set(manifest.components) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert all(c.format == "plan" and c.verification["passed"] for c in manifest.components.values())
+    assert (out / "tokenizer_2" / "vocab.json").read_bytes() == (sdxl_base_bundle / "tokenizer_2" / "vocab.json").read_bytes()
+    assert {"tokenizer_2/vocab.json", "tokenizer_2/tokenizer_config.json"} <= set(manifest.files)
