@@ -55,6 +55,24 @@ class Sampling(TypedDict, total=False):
     callback: Progress
 
 
+class SdxlConditioning(TypedDict, total=False):
+    """The SDXL family's conditioning keywords (runtime.families.sdxl.KEYWORDS), typed for the tasks' signatures;
+    an SD bundle refuses them by name."""
+
+    original_size: tuple[int, int]
+    crops_coords_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    negative_original_size: tuple[int, int]
+    negative_crops_coords_top_left: tuple[int, int]
+    negative_target_size: tuple[int, int]
+    aesthetic_score: float
+    negative_aesthetic_score: float
+
+
+class TaskOptions(Sampling, SdxlConditioning, total=False):
+    """Every keyword a task takes beyond its own arguments: the sampling options and a family's conditioning."""
+
+
 DEFAULTS: Sampling = {
     "steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": None, "scheduler": None, "eta": None, "callback": None,
 }  # fmt: skip

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling, start_step
+from ..core import Core, Images, Prompt, TaskOptions, start_step
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -25,7 +25,7 @@ def img2img(
     resize: bool = False,
     denoising_start: float | None = None,
     output_type: str = "pil",
-    **sampling: Unpack[Sampling],
+    **sampling: Unpack[TaskOptions],
 ) -> Images:
     """Redraw `image` guided by `prompt`: its latents are noised to the level of `strength` and denoised
     over the last int(steps * strength) steps of the schedule.
@@ -37,6 +37,8 @@ def img2img(
     `image` is then the latents a base's txt2img(..., denoising_end=the same fraction, output_type='latent')
     returned, (B, C, H/f, W/f), taken as they are; strength is not used (an image given instead is encoded, not noised).
     sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
+    refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """
     options, conditioning = pipe.options("img2img", sampling)
     pipe.require("img2img")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling
+from ..core import Core, Images, Prompt, TaskOptions
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -21,7 +21,7 @@ def txt2img(
     latents: np.ndarray | None = None,
     denoising_end: float | None = None,
     output_type: str = "pil",
-    **sampling: Unpack[Sampling],
+    **sampling: Unpack[TaskOptions],
 ) -> Images:
     """Text to image. Returns a list of PIL images, or float32 (B, H, W, 3) in [0, 1] for output_type='np'.
 
@@ -31,6 +31,8 @@ def txt2img(
     denoising_end: stop that fraction of the way through the noise schedule (diffusers' denoising_end), to hand
     the latents (output_type='latent') to a refiner's img2img(..., denoising_start=the same fraction).
     sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
+    refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """
     options, conditioning = pipe.options("txt2img", sampling)
     pipe.require("txt2img")

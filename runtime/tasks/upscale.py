@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling
+from ..core import Core, Images, Prompt, TaskOptions
 from ..errors import BundleError
 from ..manifest import UpscaleInfo, rebuild_hint
 from ..sampling import noise_schedule
@@ -49,7 +49,7 @@ def upscale(
     image_noise: np.ndarray | None = None,
     resize: bool = False,
     output_type: str = "pil",
-    **sampling: Unpack[Sampling],
+    **sampling: Unpack[TaskOptions],
 ) -> Images:
     """Upscale `image` 4x guided by `prompt`. Returns PIL images, or float32 (B, H, W, 3) in [0, 1] for 'np'.
 
