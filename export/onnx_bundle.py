@@ -7,8 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from runtime.manifest import Component
 
 from . import onnx_export
@@ -18,7 +16,7 @@ from .manifest_writer import manifest_for
 from .model import SourceModel, open_model, write_tokenizer
 from .options import BuildOptions
 from .resolve import image_size, needed_components, resolve_guidance, resolve_pipelines
-from .verify import FP16_MAX, VerificationError, activation_peak, compare, torch_reference
+from .verify import FP16_MAX, VerificationError, compare, reference_and_peak, torch_reference
 
 BACKEND = "onnxruntime"
 
@@ -50,7 +48,12 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     with staging(out, options.force, model.source) as work:
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
         needed = needed_components(pipelines, tuple(s.name for s in specs if s.name.startswith("text_encoder")))
-        components = {s.name: export_component(s, model, work, precision, log) for s in specs if s.name in needed}
+        needed_specs = [s for s in specs if s.name in needed]
+        shared = shared_weights(needed_specs)
+        components = {}
+        for s in needed_specs:
+            low_memory = options.low_memory and s.name not in shared
+            components[s.name] = export_component(s, model, work, precision, log, low_memory=low_memory)
         for dest, src in model.family.tokenizers(model).items():
             write_tokenizer(src, work / dest)
         manifest = manifest_for(
@@ -62,14 +65,31 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     return out
 
 
-def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log) -> Component:
-    """Export one component, choose its precision, verify it against the fp32 module."""
+def export_component(
+    spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log, *, low_memory: bool = False
+) -> Component:
+    """Export one component, choose its precision, verify it against the fp32 module.
+
+    low_memory: an fp16 component is traced from the module cast to half precision (no fp32 ONNX in between), and
+    the module's torch weights are freed once the ONNX is written; the gate is the same (fp32 torch reference,
+    computed before the cast). Only for a module no other component shares.
+    """
     feed = fixed_inputs(spec.inputs, spec.name, float(model.vae.config.scaling_factor))
-    reference = torch_reference(spec, feed)
-    chosen, note = component_precision(spec, feed, precision, model.family.precision_note(model, spec.name))
+    family_note = model.family.precision_note(model, spec.name)
+    if precision == "fp16" and not family_note:  # the overflow check rides on the reference's forward pass
+        reference, peak = reference_and_peak(spec, feed)
+    else:
+        reference, peak = torch_reference(spec, feed), 0.0
+    chosen, note = component_precision(precision, family_note, peak)
     target = work / spec.name / "model.onnx"
     t0 = time.perf_counter()
-    onnx_export.export_onnx_as(spec, feed, target, chosen)
+    if low_memory and chosen == "fp16":
+        onnx_export.export_onnx_half(spec, feed, target)
+        note = note or "traced in fp16 (--low-memory)"
+    else:
+        onnx_export.export_onnx_as(spec, feed, target, chosen)
+    if low_memory:
+        free_weights(spec.module)
     component = Component(
         name=spec.name,
         file=str(target.relative_to(work)),
@@ -94,18 +114,31 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
     return replace(component, verification=figures)
 
 
-def component_precision(spec: onnx_export.ComponentSpec, feed: dict[str, np.ndarray], asked: str, family_note: str = "") -> tuple[str, str]:
+def component_precision(asked: str, family_note: str, peak: float) -> tuple[str, str]:
     """The precision to export in, and why it is not the one asked for ("" when it is).
 
-    family_note: the model family's reason to keep this component fp32 (SDXL's VAE with force_upcast), if any.
+    family_note: the model family's reason to keep this component fp32 (SDXL's VAE with force_upcast), if any;
+    peak: the largest |activation| of the fp32 module on the fixed inputs.
     """
     if asked == "fp16" and family_note:
         return "fp32", family_note
-    if asked == "fp16":
-        peak = activation_peak(spec, feed)
-        if peak > FP16_MAX / 2:  # half the range: headroom for inputs larger than the fixed ones
-            return "fp32", f"kept fp32: activations reach {peak:.3g}, past half of fp16's range"
+    if asked == "fp16" and peak > FP16_MAX / 2:  # half the range: headroom for inputs larger than the fixed ones
+        return "fp32", f"kept fp32: activations reach {peak:.3g}, past half of fp16's range"
     return asked, ""
+
+
+def shared_weights(specs: list[onnx_export.ComponentSpec]) -> set[str]:
+    """The components whose torch weights another component also uses (the VAE's decoder and encoder)."""
+    owners: dict[int, set[str]] = {}
+    for spec in specs:
+        for param in spec.module.parameters():
+            owners.setdefault(id(param), set()).add(spec.name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def free_weights(module: Any) -> None:
+    """Release a module's weight storage (moved to torch's meta device): an exported component needs them no more."""
+    module.to("meta")
 
 
 def build_record(seconds: float, note: str) -> dict[str, Any]:
