@@ -5,6 +5,9 @@ tokenizers are the real CLIP vocabulary from assets/clip-tokenizer (tokenizer_2 
 The weights are random, so images are noise, but every tensor has SDXL's size. `--estimate` prints the
 parameter counts and the memory an export needs, on paper, without allocating a weight (torch's meta
 device); the default writes the model folder; `--quick` does both for a tiny stand-in (the tests' smoke mode).
+`--export-to BUNDLE` then exports that folder the way that fits 24 GiB (fp16, `--low-memory`: traced from half-precision
+torch, weights freed as each component is written) in a child process, and records its wall time, peak resident
+memory (the kernel's, from wait4) and the bundle's size per file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -164,6 +168,38 @@ def write_model(out: Path, seed: int = 0, force: bool = False, quick: bool = Fal
     return counts
 
 
+def export_command(model: Path, bundle: Path, size: int | None) -> list[str]:
+    """The user's command: fp16, --low-memory, txt2img (no VAE encoder), classifier-free guidance, batch 1."""
+    cmd = [
+        sys.executable, "-m", "export.build", "--model", str(model), "--out", str(bundle), "--precision", "fp16",
+        "--low-memory", "--backend", "onnxruntime", "--pipelines", "txt2img", "--guidance", "cfg",
+    ]  # fmt: skip
+    return cmd + (["--height", str(size), "--width", str(size)] if size else [])
+
+
+def measure_export(model: Path, bundle: Path, size: int | None = None) -> dict[str, Any]:
+    """Run the export as a child process; its wall time, peak RSS and the bundle's files (bytes)."""
+    from .runtime_bench import bundle_size, machine
+
+    cmd = export_command(model.resolve(), bundle.resolve(), size)
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=REPO)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"export failed (exit {code}) after {seconds:.0f} s, peak RSS {usage.ru_maxrss / 2**20:.1f} GiB")
+    files = sorted(f for f in bundle.rglob("*") if f.is_file())
+    return {
+        "command": ["python", *cmd[1:]],
+        "export_s": seconds,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux
+        "bundle_bytes": bundle_size(bundle),
+        "files": {str(f.relative_to(bundle)): f.stat().st_size for f in files if f.stat().st_size > 2**20},
+        "machine": machine(),
+    }
+
+
 def report(figures: dict[str, Any]) -> str:
     gib = 2**30
     lines = [f"{'component':<15} {'parameters':>14} {'fp32':>10}"]
@@ -186,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimate", action="store_true", help="only count parameters and estimate the export's memory (allocates nothing)")
     p.add_argument("--results", type=Path, help="JSON file for the estimate")
     p.add_argument("--quick", action="store_true", help="the tiny stand-in instead of the full size (smoke test)")
+    p.add_argument("--export-to", type=Path, metavar="BUNDLE", help="then export the model folder to BUNDLE (fp16, --low-memory)")
+    p.add_argument("--export-results", type=Path, help="JSON file for the export's figures")
+    p.add_argument("--size", type=int, help="the bundle's image size (default: the model's native size, 1024 at full size)")
     args = p.parse_args(argv)
     figures = estimate(parameter_counts(build_pipeline(args.seed, args.quick, meta=True)), ram())
     print(report(figures))
@@ -194,14 +233,27 @@ def main(argv: list[str] | None = None) -> int:
         args.results.write_text(json.dumps(figures, indent=2) + "\n")
     if args.estimate:
         return 0
-    t0 = time.perf_counter()
-    try:
-        counts = write_model(args.out, args.seed, args.force, args.quick)
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    total = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in counts.items())
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s: {total} parameters")
+    if not (args.export_to and (args.out / "model_index.json").exists()):
+        t0 = time.perf_counter()
+        try:
+            counts = write_model(args.out, args.seed, args.force, args.quick)
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        total = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in counts.items())
+        print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s: {total} parameters")
+    if args.export_to:
+        measured = measure_export(args.out, args.export_to, args.size)
+        gib = 2**30
+        print(
+            f"export: {measured['export_s']:.0f} s, peak RSS {measured['peak_rss_bytes'] / gib:.2f} GiB, "
+            f"bundle {measured['bundle_bytes'] / gib:.2f} GiB"
+        )
+        for name, size in measured["files"].items():
+            print(f"  {name:<32} {size / gib:6.2f} GiB")
+        if args.export_results:
+            args.export_results.parent.mkdir(parents=True, exist_ok=True)
+            args.export_results.write_text(json.dumps(measured, indent=2) + "\n")
     return 0
 
 

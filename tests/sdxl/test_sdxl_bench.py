@@ -23,11 +23,19 @@ def test_sdxl_configs_have_sdxl_base_sizes():
 
 
 def test_sdxl_quick_writes_a_folder_the_exporter_reads(tmp_path):
-    out, results = tmp_path / "sdxl-quick", tmp_path / "estimate.json"
+    out, results, exported = tmp_path / "sdxl-quick", tmp_path / "estimate.json", tmp_path / "export.json"
+    bundle = tmp_path / "bundle"
     cmd = [sys.executable, "-m", "benchmarks.sdxl", "--quick", "--out", str(out), "--results", str(results)]
+    cmd += ["--export-to", str(bundle), "--export-results", str(exported)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and json.loads(results.read_text())["parameters"]["unet"] > 0
+    # the export the benchmark measures: fp16 by --low-memory, txt2img only, its peak memory from the kernel
+    figures = json.loads(exported.read_text())
+    assert "--low-memory" in figures["command"] and figures["peak_rss_bytes"] > 2**20 and figures["export_s"] > 0
+    assert figures["bundle_bytes"] == sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    assert "traced in fp16" in json.loads((bundle / "manifest.json").read_text())["components"]["unet"]["build"]["note"]
+    assert not (bundle / "vae_encoder").exists()
     from export.model import load_model
 
     model = load_model(out)
