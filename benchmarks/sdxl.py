@@ -200,6 +200,40 @@ def measure_export(model: Path, bundle: Path, size: int | None = None) -> dict[s
     }
 
 
+def stage_times(bundle: Path) -> dict[str, Any]:
+    """Each component of a bundle, one ONNX Runtime session at a time, timed on one call with the gate's fixed inputs.
+
+    Why not benchmarks.runtime_bench: on a CPU, ONNX Runtime computes fp16 in fp32 and its graph optimisations fold
+    fp32 copies of every fp16 weight; the four full-size SDXL sessions together passed this 24 GiB machine (the
+    run was stopped). Here each session is created without graph optimisations (the casts stay in the graph, run per
+    call), timed, and closed before the next: the per-stage figures of a 1024x1024 run, not the pipeline's.
+    """
+    import resource
+
+    import onnxruntime as ort
+
+    from export.inputs import fixed_inputs
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(bundle)
+    figures: dict[str, Any] = {"bundle": str(bundle), "graph_optimization_level": "ORT_DISABLE_ALL", "stages": {}}
+    for name, component in manifest.components.items():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        t0 = time.perf_counter()
+        session = ort.InferenceSession(str(bundle / component.file), options, providers=["CPUExecutionProvider"])
+        load = time.perf_counter() - t0
+        feed = fixed_inputs(component.inputs, name, manifest.vae.scaling_factor)
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        call = time.perf_counter() - t0
+        del session
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        figures["stages"][name] = {"load_s": load, "call_s": call, "peak_rss_bytes_so_far": rss}
+        print(f"  {name:<15} load {load:6.1f} s  one call {call:7.1f} s  peak RSS so far {rss / 2**30:.2f} GiB", flush=True)
+    return figures
+
+
 def report(figures: dict[str, Any]) -> str:
     gib = 2**30
     lines = [f"{'component':<15} {'parameters':>14} {'fp32':>10}"]
@@ -224,8 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the tiny stand-in instead of the full size (smoke test)")
     p.add_argument("--export-to", type=Path, metavar="BUNDLE", help="then export the model folder to BUNDLE (fp16, --low-memory)")
     p.add_argument("--export-results", type=Path, help="JSON file for the export's figures")
+    p.add_argument("--stage-times", type=Path, metavar="BUNDLE", help="only time each component of BUNDLE, one session at a time")
     p.add_argument("--size", type=int, help="the bundle's image size (default: the model's native size, 1024 at full size)")
     args = p.parse_args(argv)
+    if args.stage_times:
+        timed = stage_times(args.stage_times)
+        if args.export_results:
+            args.export_results.parent.mkdir(parents=True, exist_ok=True)
+            args.export_results.write_text(json.dumps(timed, indent=2) + "\n")
+        return 0
     figures = estimate(parameter_counts(build_pipeline(args.seed, args.quick, meta=True)), ram())
     print(report(figures))
     if args.results:

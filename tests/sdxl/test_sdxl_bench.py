@@ -36,6 +36,13 @@ def test_sdxl_quick_writes_a_folder_the_exporter_reads(tmp_path):
     assert figures["bundle_bytes"] == sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     assert "traced in fp16" in json.loads((bundle / "manifest.json").read_text())["components"]["unet"]["build"]["note"]
     assert not (bundle / "vae_encoder").exists()
+    # per-stage times, one ONNX Runtime session at a time
+    stages = tmp_path / "stages.json"
+    cmd = [sys.executable, "-m", "benchmarks.sdxl", "--stage-times", str(bundle), "--export-results", str(stages)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    timed = json.loads(stages.read_text())["stages"]
+    assert set(timed) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} and all(t["call_s"] > 0 for t in timed.values())
     from export.model import load_model
 
     model = load_model(out)
