@@ -66,6 +66,13 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         "the x4 upscaler; default: all the model can do",
     )
     p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="for models near the machine's memory (SDXL on 24 GiB): an fp16 component is traced from its torch module cast "
+        "to half precision instead of converted from an fp32 ONNX, and each component's torch weights are freed once its "
+        "ONNX is written (the VAE's decoder and encoder share theirs, and take the ordinary road)",
+    )
+    p.add_argument(
         "--allow-pickle", action="store_true", help="also load .bin/.ckpt pickle weights (they can run code: trusted files only)"
     )
     p.add_argument(

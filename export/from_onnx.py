@@ -125,8 +125,8 @@ def build_from_onnx(
     source = Path(source)
     manifest = load_manifest(source, verify_files=False)
     sources = {name: onnx_component(c) for name, c in manifest.components.items()}
-    tokenizer_dir = manifest.tokenizer.dir
-    check_source_files(source, manifest, [*(f for c in sources.values() for f in _onnx_rel_files(source, c)), tokenizer_dir])
+    tokenizer_dirs = manifest.tokenizer_dirs
+    check_source_files(source, manifest, [*(f for c in sources.values() for f in _onnx_rel_files(source, c)), *tokenizer_dirs])
     asked = precision or manifest.source_precision
     plan_precisions(manifest, sources, source, asked, None)  # int8 without Q/DQ is refused before TensorRT is needed
     if device is None:
@@ -148,7 +148,8 @@ def build_from_onnx(
             source, manifest, work, settings, device, timing_cache_path(device, timing_cache_root),
             args=from_onnx_args(asked, settings), build=build, open_engine=open_engine or _open_trt, force=force, log=log,
         )  # fmt: skip
-        shutil.copytree(source / tokenizer_dir, work / tokenizer_dir)
+        for tokenizer_dir in tokenizer_dirs:
+            shutil.copytree(source / tokenizer_dir, work / tokenizer_dir)
         components = {name: _build_component(job, src, precisions[name]) for name, src in sources.items()}
         write_manifest(work, _manifest(job, components, asked))
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")

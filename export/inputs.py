@@ -37,6 +37,9 @@ def _value(t: TensorSpec, component_name: str, vae_scaling_factor: float, rng: n
         return guidance_embedding(np.full(t.shape[0], 7.0), t.shape[1])
     if t.name == "timestep":  # mid-way through a 1000-step schedule
         return np.full(t.shape, 499.0)
+    if t.name == "time_ids":  # SDXL's micro-conditioning at 1024x1024, uncropped (the refiner's last number: aesthetic score 6)
+        row = [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0] if t.shape[1] == 6 else [1024.0, 1024.0, 0.0, 0.0, 6.0][: t.shape[1]]
+        return np.tile(np.asarray(row), (t.shape[0], 1))
     if t.name == "class_labels":  # the x4 upscaler's noise level, at diffusers' default
         return np.full(t.shape, 20)
     if t.name == "latent_sample":  # what the VAE decoder meets: unit-normal latents, unscaled

@@ -15,6 +15,7 @@ from runtime.manifest import (
 )
 
 from .bundle import now
+from .families import StableDiffusionXL
 from .model import SourceModel
 
 
@@ -59,10 +60,11 @@ def manifest_for(
             2 * batch if guidance == "cfg" else batch,
             int(model.unet.config.time_cond_proj_dim) if guidance == "embedded" else None,
         ),
-        tokenizer=TokenizerInfo("tokenizer", int(model.text_encoder.config.max_position_embeddings)),
+        tokenizer=TokenizerInfo(next(iter(model.family.tokenizers(model))), model.family.max_length(model)),
         backend=backend,
         precision=precision,
         components=components,
         upscale=upscale,
         lora=lora,
+        sdxl=model.family.info(model) if isinstance(model.family, StableDiffusionXL) else None,
     )

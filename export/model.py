@@ -20,13 +20,15 @@ __all__ = ["REFERENCE_MODEL", "ModelError", "SourceModel", "load_model", "open_m
 
 # The small model shipped in the repository: the default --model, and what the tests export.
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-ldm"
-REQUIRED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+REQUIRED = ("unet", "vae", "scheduler")  # besides the family's text encoders and tokenizers
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-WEIGHTED = ("text_encoder", "unet", "vae")
+WEIGHTED = ("unet", "vae")  # besides the text encoders
+# the transformers class each text encoder folder loads as
+TEXT_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
 # What a model can do follows from its UNet's input channels (diffusers' pipelines check the same).
 PIPELINES = {"text2image": ("txt2img", "img2img", "inpaint"), "inpainting": ("inpaint",), "upscaler": ("upscale",)}
 # The model_index.json entries a bundle is built from; any other component a folder lists is left out, and said so
-EXPORTED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler", "low_res_scheduler")
+EXPORTED = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler", "low_res_scheduler")
 # diffusers/transformers weight names: model.safetensors, diffusion_pytorch_model.fp16.safetensors (save_pretrained's
 # variant=), model-00001-of-00002.safetensors or model.fp16-00001-of-00002.safetensors (sharded)
 WEIGHT_FILE = re.compile(r"^(?P<stem>[A-Za-z_]+)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.(?P<ext>safetensors|bin|pt|pth|ckpt)$")
@@ -51,7 +53,7 @@ class Weights:
 @dataclass
 class SourceModel:
     path: Path
-    text_encoder: Any
+    text_encoder: Any  # None for the SDXL refiner, which has text_encoder_2 only
     unet: Any
     vae: Any
     scheduler_class: str
@@ -66,6 +68,7 @@ class SourceModel:
     omitted: tuple[str, ...] = ()  # model_index.json components the bundle leaves out (e.g. safety_checker)
     origin: Path | None = None  # the single-file checkpoint `path` was converted from, if any
     origin_note: str = ""  # how that checkpoint was recognised (the config it was converted with)
+    text_encoder_2: Any = None  # SDXL's second encoder (CLIPTextModelWithProjection)
 
     @property
     def name(self) -> str:
@@ -114,7 +117,7 @@ class SourceModel:
 
     @property
     def pipelines(self) -> tuple[str, ...]:
-        return PIPELINES[self.kind]
+        return self.family.pipelines(self, PIPELINES[self.kind])
 
     def upscale_settings(self) -> dict[str, Any]:
         """The upscaler's manifest section: the noise-level limit and the schedule that noises the low-resolution image."""
@@ -142,11 +145,15 @@ def check_layout(path: Path, allow_pickle: bool, variant: str | None = None) -> 
         )
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{path} has no model_index.json: not a diffusers pipeline folder (save one with pipe.save_pretrained)")
-    detect(path)  # a folder of another family is refused by name before its parts are checked
-    missing = [c for c in REQUIRED if not (path / c).is_dir()]
+    index = read_json_object(path / "model_index.json")
+    family = detect(path, index)  # a folder of another family is refused by name before its parts are checked
+    text = family.text_components(index)
+    required = (*text, *REQUIRED)
+    missing = [c for c in required if not (path / c).is_dir()]
     if missing:
-        raise ModelError(f"{path} is incomplete: missing {', '.join(missing)}/ (a Stable Diffusion folder has {', '.join(REQUIRED)})")
-    return {c: component_weights(path, c, allow_pickle, variant) for c in WEIGHTED}
+        what = f"an SDXL {index.get('_class_name')}" if family.name == "sdxl" else "a Stable Diffusion"
+        raise ModelError(f"{path} is incomplete: missing {', '.join(missing)}/ ({what} folder has {', '.join(required)})")
+    return {c: component_weights(path, c, allow_pickle, variant) for c in (*(t for t in text if t in TEXT_CLASSES), *WEIGHTED)}
 
 
 def component_weights(path: Path, component: str, allow_pickle: bool, variant: str | None) -> Weights:
@@ -284,7 +291,6 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, variant: str | N
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     # their per-weight progress bars and dtype notes would drown the build's own report
     diffusers.utils.logging.set_verbosity_error()
@@ -303,26 +309,29 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, variant: str | N
         check_loading_info(path, sub, w, m, info)
         return m.to(torch.float32).eval()
 
-    text_encoder = load(CLIPTextModel, "text_encoder", dtype=torch.float32)
+    texts = {sub: load(getattr(transformers, TEXT_CLASSES[sub]), sub, dtype=torch.float32) for sub in TEXT_CLASSES if sub in weights}
     unet = load(UNet2DConditionModel, "unet", torch_dtype=torch.float32)
     vae = load(AutoencoderKL, "vae", torch_dtype=torch.float32)
     sched = read_scheduler(path / "scheduler")
-    tok = path / "tokenizer"
-    has_bpe_files = all((tok / f).is_file() for f in ("vocab.json", "merges.txt"))
-    if not has_bpe_files and not (tok / "tokenizer.json").is_file():
-        raise ModelError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json: the CLIP tokenizer is missing")
-    low_res = path / "low_res_scheduler"
     index = read_json_object(path / "model_index.json")
+    family = detect(path, index)
+    for sub in family.text_components(index):
+        tok = path / sub
+        has_bpe_files = all((tok / f).is_file() for f in ("vocab.json", "merges.txt"))
+        if sub.startswith("tokenizer") and not has_bpe_files and not (tok / "tokenizer.json").is_file():
+            raise ModelError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json: the CLIP tokenizer is missing")
+    low_res = path / "low_res_scheduler"
     omitted = omitted_components(index)
     model = SourceModel(
-        family=detect(path, index),
+        family=family,
         path=path,
-        text_encoder=text_encoder,
+        text_encoder=texts.get("text_encoder"),
+        text_encoder_2=texts.get("text_encoder_2"),
         unet=unet,
         vae=vae,
         scheduler_class=sched["class_name"],
         scheduler_config=sched["config"],
-        tokenizer_dir=tok,
+        tokenizer_dir=path / "tokenizer",
         hashes=source_hashes(path, weights, omitted) if hash_files else {},
         index=index,
         low_res_scheduler=read_scheduler(low_res) if low_res.is_dir() else None,
@@ -330,6 +339,7 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, variant: str | N
         stored_dtypes={c: stored_dtype(path, w) for c, w in weights.items()},
         omitted=omitted,
     )
+    model.pipelines  # noqa: B018 - a family's configs that disagree (SDXL's time ids) are refused here, before the export
     if model.unet.config.num_class_embeds and model.kind == "upscaler":
         model.upscale_settings()  # a broken upscaler is refused before the export, not after it
     return model

@@ -7,8 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from runtime.manifest import Component, Manifest
 
 from . import calibration, int8, lora, onnx_export
@@ -18,7 +16,7 @@ from .manifest_writer import manifest_for
 from .model import REFERENCE_MODEL, ModelError, SourceModel, open_model, write_tokenizer
 from .options import BuildOptions
 from .resolve import image_size, needed_components, resolve_guidance, resolve_pipelines
-from .verify import FP16_MAX, VerificationError, activation_peak, compare, torch_reference
+from .verify import FP16_MAX, VerificationError, compare, reference_and_peak, torch_reference
 
 BACKEND = "onnxruntime"
 
@@ -57,8 +55,15 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
         specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
         exported = "fp32" if precision == "int8" else precision  # int8: the UNet is quantized from its fp32 export
-        components = {s.name: export_component(s, model, work, exported, log) for s in specs if s.name in needed_components(pipelines)}
-        write_tokenizer(model.tokenizer_dir, work / "tokenizer")
+        needed = needed_components(pipelines, tuple(s.name for s in specs if s.name.startswith("text_encoder")))
+        needed_specs = [s for s in specs if s.name in needed]
+        shared = shared_weights(needed_specs)
+        components = {}
+        for s in needed_specs:
+            low_memory = options.low_memory and s.name not in shared
+            components[s.name] = export_component(s, model, work, exported, log, low_memory=low_memory)
+        for dest, src in model.family.tokenizers(model).items():
+            write_tokenizer(src, work / dest)
 
         def manifest(precision: str) -> Manifest:
             return manifest_for(
@@ -87,14 +92,31 @@ def int8_choices(model: SourceModel, options: BuildOptions) -> int8.Int8Choices:
     return int8.Int8Choices(prompts, options.calibration_size, options.int8_float_convs, target, options.force)
 
 
-def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log) -> Component:
-    """Export one component, choose its precision, verify it against the fp32 module."""
+def export_component(
+    spec: onnx_export.ComponentSpec, model: SourceModel, work: Path, precision: str, log: Log, *, low_memory: bool = False
+) -> Component:
+    """Export one component, choose its precision, verify it against the fp32 module.
+
+    low_memory: an fp16 component is traced from the module cast to half precision (no fp32 ONNX in between), and
+    the module's torch weights are freed once the ONNX is written; the gate is the same (fp32 torch reference,
+    computed before the cast). Only for a module no other component shares.
+    """
     feed = fixed_inputs(spec.inputs, spec.name, float(model.vae.config.scaling_factor))
-    reference = torch_reference(spec, feed)
-    chosen, note = component_precision(spec, feed, precision)
+    family_note = model.family.precision_note(model, spec.name)
+    if precision == "fp16" and not family_note:  # the overflow check rides on the reference's forward pass
+        reference, peak = reference_and_peak(spec, feed)
+    else:
+        reference, peak = torch_reference(spec, feed), 0.0
+    chosen, note = component_precision(precision, family_note, peak)
     target = work / spec.name / "model.onnx"
     t0 = time.perf_counter()
-    onnx_export.export_onnx_as(spec, feed, target, chosen)
+    if low_memory and chosen == "fp16":
+        onnx_export.export_onnx_half(spec, feed, target)
+        note = note or "traced in fp16 (--low-memory)"
+    else:
+        onnx_export.export_onnx_as(spec, feed, target, chosen)
+    if low_memory:
+        free_weights(spec.module)
     component = Component(
         name=spec.name,
         file=str(target.relative_to(work)),
@@ -107,7 +129,7 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
     figures = compare(component, work, reference, feed)
     size = sum(f.stat().st_size for f in onnx_export.onnx_files(target)) / 2**20
     log(
-        f"  {spec.name:<13} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
+        f"  {spec.name:<14} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
         + (f"  [{note}]" if note else "")
     )
     if not figures["passed"]:
@@ -119,13 +141,31 @@ def export_component(spec: onnx_export.ComponentSpec, model: SourceModel, work: 
     return replace(component, verification=figures)
 
 
-def component_precision(spec: onnx_export.ComponentSpec, feed: dict[str, np.ndarray], asked: str) -> tuple[str, str]:
-    """The precision to export in, and why it is not the one asked for ("" when it is)."""
-    if asked == "fp16":
-        peak = activation_peak(spec, feed)
-        if peak > FP16_MAX / 2:  # half the range: headroom for inputs larger than the fixed ones
-            return "fp32", f"kept fp32: activations reach {peak:.3g}, past half of fp16's range"
+def component_precision(asked: str, family_note: str, peak: float) -> tuple[str, str]:
+    """The precision to export in, and why it is not the one asked for ("" when it is).
+
+    family_note: the model family's reason to keep this component fp32 (SDXL's VAE with force_upcast), if any;
+    peak: the largest |activation| of the fp32 module on the fixed inputs.
+    """
+    if asked == "fp16" and family_note:
+        return "fp32", family_note
+    if asked == "fp16" and peak > FP16_MAX / 2:  # half the range: headroom for inputs larger than the fixed ones
+        return "fp32", f"kept fp32: activations reach {peak:.3g}, past half of fp16's range"
     return asked, ""
+
+
+def shared_weights(specs: list[onnx_export.ComponentSpec]) -> set[str]:
+    """The components whose torch weights another component also uses (the VAE's decoder and encoder)."""
+    owners: dict[int, set[str]] = {}
+    for spec in specs:
+        for param in spec.module.parameters():
+            owners.setdefault(id(param), set()).add(spec.name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def free_weights(module: Any) -> None:
+    """Release a module's weight storage (moved to torch's meta device): an exported component needs them no more."""
+    module.to("meta")
 
 
 def build_record(seconds: float, note: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 from runtime.manifest import TensorSpec
 
 OPSET = 17
+# UNet inputs diffusers' UNet2DConditionModel takes inside `added_cond_kwargs` (SDXL's pooled text and micro-conditioning)
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
 PROTOBUF_LIMIT = 2**31 - 1
 
 
@@ -65,7 +67,9 @@ def component_specs(model: Any, *, height: int, width: int, batch: int, guidance
     keywords = [t.name for t in (*text, *conditioning)]
 
     def unet_fn(m: Any, x: Any, t: Any, *more: Any) -> Any:
-        return m(x, t, **dict(zip(keywords, more)), return_dict=False)[0]
+        given = dict(zip(keywords, more))
+        added = {k: given.pop(k) for k in ADDED_CONDITIONS if k in given}  # SDXL's, which diffusers takes as one dict
+        return m(x, t, **given, **({"added_cond_kwargs": added} if added else {}), return_dict=False)[0]
 
     denoiser = ComponentSpec(
         "unet", wrap(unet, unet_fn), unet_inputs, (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),)
@@ -130,6 +134,53 @@ def export_onnx_as(spec: ComponentSpec, sample: dict[str, Any], out: Path, preci
         export_onnx(spec, sample, fp32)
         convert_fp16(fp32, out)
     check_onnx(out, spec.name)
+
+
+def export_onnx_half(spec: ComponentSpec, sample: dict[str, Any], out: Path) -> None:
+    """torch -> fp16 ONNX at `out`, traced from the module cast to half precision in place (--low-memory).
+
+    No fp32 ONNX is ever written or held: the torch weights halve before tracing, so an SDXL UNet's export holds
+    5 GB of weights where the fp32 road holds 10 GB plus a 10 GB ONNX copy. The bundle's I/O stays float32 (the
+    contract): the graph casts float inputs to fp16 on entry and its outputs back to float32. The module is left
+    in half precision; the caller owns it (export.onnx_bundle frees it).
+    """
+    import torch
+
+    inner = spec.module.half()
+
+    class HalfIO(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            out = self.inner(*(a.half() if a.is_floating_point() else a for a in args))
+            return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+    handles = _fp32_layer_norms(inner)
+    try:
+        export_onnx(ComponentSpec(spec.name, HalfIO().eval(), spec.inputs, spec.outputs), sample, out)
+    finally:
+        for h in handles:
+            h.remove()
+    check_onnx(out, spec.name)
+
+
+def _fp32_layer_norms(module: Any) -> list[Any]:
+    """Keep LayerNorms fp32 inside a half module, casting around them; returns the hooks' handles.
+
+    The TorchScript exporter's LayerNormalization upcasts a half input to float32 but not the half scale and bias,
+    a graph onnx.checker rejects; fp32 normalisation is also what mixed precision does anyway.
+    """
+    import torch
+
+    handles = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+            handles.append(m.register_forward_pre_hook(lambda _m, args: tuple(a.float() for a in args)))
+            handles.append(m.register_forward_hook(lambda _m, _args, out: out.half()))
+    return handles
 
 
 def save_onnx(proto: Any, out: Path) -> list[Path]:

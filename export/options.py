@@ -28,6 +28,7 @@ class BuildOptions:
     variant: str | None = None  # a folder's weight variant (save_pretrained's variant=, e.g. fp16); None: detected
     checkpoint_config: str | None = None  # a single file's config: a shipped name (sd1, sd2, ...) or a diffusers folder; None: detected
     force: bool = False  # replace an existing bundle; with TensorRT also keep an engine over its gate
+    low_memory: bool = False  # fp16 ONNX traced from half-precision torch (no fp32 ONNX), torch weights freed once exported
     # TensorRT's builder (None: the preset's, else TensorRT's own); checked whatever the backend
     builder_optimization_level: int | None = None
     workspace: int | None = None  # MiB

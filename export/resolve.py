@@ -45,7 +45,7 @@ def resolve_pipelines(model: SourceModel, asked: str | None) -> tuple[str, ...]:
     return wanted
 
 
-def needed_components(pipelines: tuple[str, ...]) -> set[str]:
-    """The VAE encoder only serves pipelines that start from an image's latents."""
-    names = {"text_encoder", "unet", "vae_decoder"}
+def needed_components(pipelines: tuple[str, ...], text: tuple[str, ...] = ("text_encoder",)) -> set[str]:
+    """The text encoders (`text`), UNet and VAE decoder; the VAE encoder only serves pipelines that start from an image's latents."""
+    names = {*text, "unet", "vae_decoder"}
     return names | ({"vae_encoder"} if {"img2img", "inpaint"} & set(pipelines) else set())

@@ -244,7 +244,11 @@ def refuse_other_families(ckpt: Checkpoint) -> None:
     """SDXL, SD3, FLUX and other diffusers-known single files are refused by name, as families.detect refuses their folders."""
     s = ckpt.shapes
     if any(k.startswith("conditioner.embedders.") for k in s):
-        _refuse(ckpt.path, "an SDXL", OTHER_FAMILIES["StableDiffusionXL"] + "; its checkpoint has conditioner.embedders.* keys")
+        raise ModelError(
+            f"{ckpt.path} is an SDXL single-file checkpoint: SDXL (two text encoders; its checkpoint has conditioner.embedders.* "
+            "keys). This SDK exports SDXL from diffusers folders only: save it as one first, with diffusers: "
+            "StableDiffusionXLPipeline.from_single_file(path).save_pretrained(folder), then export the folder; nothing was written"
+        )
     if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in s):
         _refuse(ckpt.path, "an SD3", OTHER_FAMILIES["StableDiffusion3"])
     if any(".double_blocks." in k or k.startswith("double_blocks.") for k in s):
@@ -264,7 +268,7 @@ def refuse_other_families(ckpt: Checkpoint) -> None:
 def _refuse(path: Path, what: str, family: str) -> None:
     raise ModelError(
         f"{path} is {what} single-file checkpoint: {family}. This SDK version exports the Stable Diffusion 1.x/2.x family "
-        "(with its inpainting, upscaler, LCM and Turbo variants) only; nothing was written"
+        "(with its inpainting, upscaler, LCM and Turbo variants) and SDXL folders only; nothing was written"
     )
 
 

@@ -31,6 +31,11 @@ def torch_reference(spec: ComponentSpec, feed: dict[str, np.ndarray]) -> dict[st
 
 def activation_peak(spec: ComponentSpec, feed: dict[str, np.ndarray]) -> float:
     """Largest |activation| anywhere in the fp32 module: above fp16's range means fp16 overflows."""
+    return reference_and_peak(spec, feed)[1]
+
+
+def reference_and_peak(spec: ComponentSpec, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    """torch_reference and activation_peak from one forward pass (a full-size SDXL UNet's takes minutes on a CPU)."""
     import torch
 
     peak = [0.0]
@@ -41,11 +46,11 @@ def activation_peak(spec: ComponentSpec, feed: dict[str, np.ndarray]) -> float:
 
     handles = [m.register_forward_hook(hook) for m in spec.module.modules()]
     try:
-        torch_reference(spec, feed)
+        reference = torch_reference(spec, feed)
     finally:
         for h in handles:
             h.remove()
-    return peak[0]
+    return reference, peak[0]
 
 
 def compare(component: Component, bundle: Path, reference: dict[str, np.ndarray], feed: dict[str, np.ndarray]) -> dict[str, Any]:

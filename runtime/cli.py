@@ -108,7 +108,25 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
         "--lora-slots); repeat for several",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if not upscale:
+        sdxl = p.add_argument_group("SDXL conditioning (SDXL bundles only; defaults as diffusers')")
+        for name, (metavar, what) in SDXL_FLAGS.items():
+            kind = {"nargs": 2, "type": int} if isinstance(metavar, tuple) else {"type": float}
+            sdxl.add_argument("--" + name.replace("_", "-"), metavar=metavar, help=what, **kind)
     return p
+
+
+# SDXL's conditioning keywords as flags: (metavar, help)
+SDXL_FLAGS: dict[str, tuple[tuple[str, str] | str, str]] = {
+    "original_size": (("H", "W"), "the size the image is said to have had before resizing (default: the bundle's)"),
+    "crops_coords_top_left": (("TOP", "LEFT"), "the crop it is said to come from (default 0 0)"),
+    "target_size": (("H", "W"), "the size asked for (default: the bundle's; not for the refiner)"),
+    "negative_original_size": (("H", "W"), "original_size for the negative half"),
+    "negative_crops_coords_top_left": (("TOP", "LEFT"), "crops_coords_top_left for the negative half"),
+    "negative_target_size": (("H", "W"), "target_size for the negative half"),
+    "aesthetic_score": ("SCORE", "the refiner's aesthetic conditioning (default 6.0)"),
+    "negative_aesthetic_score": ("SCORE", "the refiner's negative aesthetic conditioning (default 2.5)"),
+}
 
 
 def progress_bar(width: int = 30, stream: Any = None) -> Callable[[int, int, float], None]:
@@ -186,6 +204,9 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
         "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "seed": seed,
         "scheduler": args.scheduler, "eta": args.eta, "callback": None if args.quiet else progress_bar(),
     }  # fmt: skip
+    # the SDXL flags given, as the tasks' keywords (an SD bundle refuses them by name)
+    given = {name: tuple(v) if isinstance(v, list) else v for name in SDXL_FLAGS if (v := getattr(args, name, None)) is not None}
+    options = {**options, **given}  # type: ignore[typeddict-item]
     if command == "txt2img":
         return list(pipe.txt2img(args.prompt, args.negative_prompt, **options))
     if command == "img2img":

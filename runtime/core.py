@@ -58,16 +58,38 @@ class Sampling(TypedDict, total=False):
     callback: Progress
 
 
+class SdxlConditioning(TypedDict, total=False):
+    """The SDXL family's conditioning keywords (runtime.families.sdxl.KEYWORDS), typed for the tasks' signatures;
+    an SD bundle refuses them by name."""
+
+    original_size: tuple[int, int]
+    crops_coords_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    negative_original_size: tuple[int, int]
+    negative_crops_coords_top_left: tuple[int, int]
+    negative_target_size: tuple[int, int]
+    aesthetic_score: float
+    negative_aesthetic_score: float
+
+
+class TaskOptions(Sampling, SdxlConditioning, total=False):
+    """Every keyword a task takes beyond its own arguments: the sampling options and a family's conditioning."""
+
+
 DEFAULTS: Sampling = {
     "steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": None, "scheduler": None, "eta": None, "callback": None,
 }  # fmt: skip
 
 
-def sampling_options(task: str, given: Mapping[str, Any], **task_defaults: Any) -> Sampling:
-    """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's."""
+def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence[str] = (), **task_defaults: Any) -> Sampling:
+    """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's.
+
+    conditioning: the bundle family's own keywords (taken out of `given` by Core.options), named in that error.
+    """
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
-        raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)})")
+        more = f"; this bundle's conditioning options: {', '.join(conditioning)}" if conditioning else ""
+        raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)}{more})")
     options: Sampling = {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
     seed = options["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -110,6 +132,25 @@ def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
     The same seed gives the same latents, hence the same image, on every backend and machine.
     """
     return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
+class _Stopped(Exception):
+    """A run stopped at its denoising_end: the latents it had reached."""
+
+    def __init__(self, latents: np.ndarray):
+        super().__init__("stopped at denoising_end")
+        self.latents = latents
+
+
+def handoff_cutoff(fraction: Any, what: str, config: Mapping[str, Any]) -> int:
+    """The timestep where a hand-off happens, as diffusers computes it for denoising_end / denoising_start."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) or not 0 < fraction < 1:
+        raise ValueError(
+            f"{what} must be a fraction strictly between 0 and 1 of the noise schedule (e.g. 0.8: the base runs the first "
+            f"80% of it, the refiner the rest), got {fraction!r}"
+        )
+    train = int(config.get("num_train_timesteps", 1000))
+    return int(round(train - float(fraction) * train))
 
 
 def start_step(steps: int, strength: float) -> int:
@@ -168,7 +209,7 @@ class Core:
     @classmethod
     def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool) -> Self:
         options: dict[str, Any] = {"device": device} if device else {}
-        missing = [c for c in ("text_encoder", *NEEDED) if c not in manifest.components]
+        missing = [c for c in NEEDED if c not in manifest.components]  # the text encoders are the family's to open
         if missing:
             raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `{rebuild_hint(bundle, manifest)}`")
         if cuda_graph and manifest.components["unet"].format != "plan":
@@ -246,10 +287,28 @@ class Core:
         """What this bundle can do: txt2img, img2img, inpaint (text-to-image models), or inpaint / upscale alone."""
         return self.manifest.pipelines
 
+    def options(self, task: str, given: Mapping[str, Any], **task_defaults: Any) -> tuple[Sampling, Mapping[str, Any]]:
+        """The sampling options (sampling_options) and the family's conditioning keywords (SDXL's original_size, ...),
+        both checked before any work; a keyword that is neither is a TypeError naming both lists."""
+        keywords = self.family.keywords
+        conditioning = {k: v for k, v in given.items() if k in keywords}
+        rest = {k: v for k, v in given.items() if k not in keywords}
+        options = sampling_options(task, rest, tuple(keywords), **task_defaults)
+        self.family.conditioning(conditioning)
+        return options, conditioning
+
     def require(self, pipeline: str) -> None:
         """Refuse a pipeline the bundle was not built for, saying why and what builds it."""
         if pipeline in self.pipelines:
             return
+        sdxl = self.manifest.sdxl
+        if pipeline == "txt2img" and sdxl is not None and sdxl.requires_aesthetics_score:
+            raise BundleError(
+                f"txt2img is not available: bundle {self.bundle} holds an SDXL refiner (conditioned on an aesthetic score, "
+                f"made to finish the last denoising steps), which runs {', '.join(self.pipelines)} only; generate with an SDXL base "
+                "bundle and hand its latents over: base.txt2img(prompt, denoising_end=0.8, output_type='latent'), then "
+                "refiner.img2img(prompt, latents, denoising_start=0.8)"
+            )
         kind = self.manifest.model.kind
         if kind != "text2image" or pipeline == "upscale":
             why = {
@@ -296,16 +355,20 @@ class Core:
             )
         return prompts
 
-    def guided_model(self, prompt: Prompt, negative_prompt: Prompt, options: Sampling, image: Extra | None = None) -> Model:
+    def guided_model(
+        self, prompt: Prompt, negative_prompt: Prompt, options: Sampling, image: Extra | None = None,
+        conditioning: Mapping[str, Any] | None = None,
+    ) -> Model:  # fmt: skip
         """The UNet wrapped for the bundle's guidance mode, conditioned on the prompts by the model's family.
 
         image: per-image UNet conditioning beyond latents and text (see guidance.unet_call), batch B.
+        conditioning: the family's keywords, as Core.options split them off.
         """
         prompts = self.prompts(prompt, "prompt")  # checked before the negatives: an empty prompt is the likelier mistake
         negatives = self.prompts(negative_prompt, "negative_prompt")
         return guided(
             self.engines["unet"], self.family, self.manifest.guidance_info, prompts, negatives,
-            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild,
+            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, conditioning,
         )  # fmt: skip
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -356,8 +419,13 @@ class Core:
         init: np.ndarray | None = None,
         start: int = 0,
         known: Known | None = None,
+        end: int | None = None,
+        resume: bool = False,
     ) -> np.ndarray:
-        """The one sampling loop every task shares; see runtime.sampling for init, start and known."""
+        """The one sampling loop every task shares; see runtime.sampling for init, start, known and resume.
+
+        end: stop after that many of the schedule's steps and return the latents reached (denoising_end).
+        """
         name = options["scheduler"] or self._default_sampler()
         sampler = get_sampler(name)
         eta = {} if options["eta"] is None else {"eta": options["eta"]}
@@ -366,12 +434,14 @@ class Core:
         if init is not None:
             self.check_latents(init, "the encoded image latents")
         done = [start]  # schedule steps finished, advanced by the callback the sampler calls after each step
-        user_callback = _step_callback(options["callback"], start, steps)
+        user_callback = _step_callback(options["callback"], start, end or steps)
 
         def on_step(i: int, t: float, x: np.ndarray) -> None:
             done[0] = i + 1
             if user_callback is not None:
                 user_callback(i, t, x)
+            if end is not None and i + 1 >= end:
+                raise _Stopped(x)
 
         def checked(x: np.ndarray, t: float) -> np.ndarray:
             """The guided model, its NaN/inf named by step; the UNet and the mix check their own outputs, so the
@@ -388,12 +458,51 @@ class Core:
                     ) from None
                 raise self._with_hint(e, where) from None
 
-        latents: np.ndarray = sampler(
-            checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,
-        )  # fmt: skip
+        try:
+            latents: np.ndarray = sampler(
+                checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,
+                **({"resume": True} if resume else {}),
+            )  # fmt: skip
+        except _Stopped as stop:
+            latents = stop.latents
         if not np.isfinite(latents).all():
             raise NonFiniteError(f"the {name} sampler's last update (eta={options['eta']}) produced NaN/inf from finite model outputs")
         return latents
+
+    def timesteps(self, options: Sampling) -> list[float]:
+        """The timestep of each step the sampler will run: a dry run of it with a zero model on a 1x1 latent."""
+        seen: list[float] = []
+        get_sampler(options["scheduler"] or self._default_sampler())(
+            lambda x, t: np.zeros_like(x), np.zeros((1, 1, 1, 1), np.float32), self.schedule, options["steps"],
+            rng=np.random.default_rng(0), callback=lambda i, t, x: seen.append(t),
+        )  # fmt: skip
+        return seen
+
+    def end_step(self, options: Sampling, denoising_end: float | None) -> int | None:
+        """How many steps run before a denoising_end hand-off: those whose timestep is at or above the cutoff (diffusers)."""
+        if denoising_end is None:
+            return None
+        cutoff = handoff_cutoff(denoising_end, "denoising_end", self.manifest.scheduler.config)
+        ts = self.timesteps(options)
+        kept = sum(t >= cutoff for t in ts)
+        if kept == 0:
+            raise ValueError(
+                f"denoising_end {denoising_end} stops before the first of {len(ts)} steps (its timestep {ts[0]:g} is below the "
+                f"cutoff {cutoff}); raise denoising_end"
+            )
+        return kept
+
+    def start_at(self, options: Sampling, denoising_start: float) -> int:
+        """The step a denoising_start hand-off resumes at: the run keeps the steps below the cutoff (diffusers)."""
+        cutoff = handoff_cutoff(denoising_start, "denoising_start", self.manifest.scheduler.config)
+        ts = self.timesteps(options)
+        kept = sum(t < cutoff for t in ts)
+        if kept == 0:
+            raise ValueError(
+                f"denoising_start {denoising_start} leaves none of the {len(ts)} steps to run (the last timestep {ts[-1]:g} is "
+                f"not below the cutoff {cutoff}); lower denoising_start or use more steps"
+            )
+        return len(ts) - kept
 
     def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
         """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -97,16 +98,18 @@ def guided(
     rescale: float = 0.0,
     image: Extra | None = None,
     rebuild: Callable[..., str] | None = None,
+    conditioning: Mapping[str, Any] | None = None,
 ) -> Model:
     """The UNet wrapped for the bundle's guidance mode; refuses settings that mode cannot honour.
 
     rebuild(**changed flags): the export.build line that rebuilds the bundle with them, for the refusals.
+    conditioning: the family's keywords (SDXL's sizes and scores), passed to its encode.
     """
     mode = guidance.mode
     if rescale and mode != "cfg":
         raise ValueError(f"guidance_rescale needs classifier-free guidance, and this bundle was built with guidance {mode!r}")
     if mode == "cfg":
-        return classifier_free(unet, family.encode(prompts, negatives), scale, rescale, image)
+        return classifier_free(unet, family.encode(prompts, negatives, conditioning), scale, rescale, image)
     has_negative = any(n.strip() for n in negatives)
     if mode == "none":
         if scale > 1:
@@ -116,14 +119,14 @@ def guided(
             )
         if has_negative:
             warnings.warn("negative_prompt has no effect without classifier-free guidance", stacklevel=4)
-        return unguided(unet, family.encode(prompts), image)
+        return unguided(unet, family.encode(prompts, None, conditioning), image)
     if mode == "embedded":
         if has_negative:
             warnings.warn("negative_prompt has no effect on a guidance-embedding (LCM) model", stacklevel=4)
         if guidance.embedding_dim is None:
             raise BundleError("the bundle's guidance mode is 'embedded' but its manifest gives no embedding_dim; rebuild the bundle")
         w = guidance_embedding(np.full(len(prompts), scale - 1.0), guidance.embedding_dim)
-        return unguided(unet, family.encode(prompts), {**(image or {}), "timestep_cond": w})
+        return unguided(unet, family.encode(prompts, None, conditioning), {**(image or {}), "timestep_cond": w})
     raise BundleError(f"bundle guidance mode {mode!r} is unknown to this runtime (known: {', '.join(MODES)}); rebuild the bundle")
 
 

@@ -188,6 +188,52 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
+class TextEncoderInfo:
+    """One of SDXL's text encoders: its component, the bundle folder of its tokenizer, its context, its pad token."""
+
+    component: str  # text_encoder | text_encoder_2
+    tokenizer: str
+    max_length: int
+    pad_token: str  # recorded for the reader: tokenizer_2 pads with "!", the first tokenizer with <|endoftext|>
+
+
+@dataclass(frozen=True)
+class SdxlInfo:
+    """SDXL's text side (family "sdxl"): the encoders whose penultimate hidden states are concatenated into the
+    UNet's context, the pooled projection (`text_embeds`) and the micro-conditioning (`time_ids`) it takes.
+
+    time_ids: 6 numbers (original_size, crops_coords_top_left, target_size), or 5 where the model was trained
+    on an aesthetic score instead of target_size (requires_aesthetics_score, the refiner).
+    force_zeros_for_empty_prompt: an empty negative prompt is all-zero conditioning, not the empty string's.
+    """
+
+    encoders: tuple[TextEncoderInfo, ...]
+    pooled_dim: int
+    time_ids: int
+    addition_time_embed_dim: int
+    requires_aesthetics_score: bool
+    force_zeros_for_empty_prompt: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_fields(self), "encoders": [_fields(e) for e in self.encoders]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SdxlInfo:
+        encoders = tuple(
+            TextEncoderInfo(str(e["component"]), str(e["tokenizer"]), int(e["max_length"]), str(e["pad_token"])) for e in d["encoders"]
+        )
+        if not encoders:
+            raise ValueError("sdxl.encoders is empty: an SDXL bundle has at least text_encoder_2")
+        for flag in ("requires_aesthetics_score", "force_zeros_for_empty_prompt"):
+            if not isinstance(d[flag], bool):
+                raise TypeError(f"sdxl.{flag} must be true or false, not {d[flag]!r}")
+        return cls(
+            encoders, int(d["pooled_dim"]), int(d["time_ids"]), int(d["addition_time_embed_dim"]),
+            d["requires_aesthetics_score"], d["force_zeros_for_empty_prompt"],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class UpscaleInfo:
     """The x4 upscaler's extra settings: the noise-level limit and the DDPM schedule that noises its input."""
 
@@ -300,10 +346,17 @@ class Manifest:
     upscale: UpscaleInfo | None = None
     tensorrt: TensorRTInfo | None = None
     lora: LoraInfo | None = None  # adapters fused at export and/or LoRA slots; None: the base model, no slots
+    sdxl: SdxlInfo | None = None  # family "sdxl" only
 
     @property
     def guidance(self) -> str:
         return self.guidance_info.mode
+
+    @property
+    def tokenizer_dirs(self) -> tuple[str, ...]:
+        """Every folder of tokenizer files the bundle carries (SDXL: one per text encoder)."""
+        extra = tuple(e.tokenizer for e in self.sdxl.encoders) if self.sdxl else ()
+        return tuple(dict.fromkeys((self.tokenizer.dir, *extra)))
 
     @property
     def source_precision(self) -> str:
@@ -342,6 +395,8 @@ class Manifest:
             out["upscale"] = self.upscale.to_json()
         if self.lora is not None:
             out["lora"] = self.lora.to_json()
+        if self.sdxl is not None:
+            out["sdxl"] = self.sdxl.to_json()
         out["files"] = dict(self.files)
         return out
 
@@ -385,6 +440,7 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
         raise TypeError(f"model.omitted must be a list of component names, not {type(omitted).__name__}")
     upscale = raw.get("upscale")
     trt = raw.get("tensorrt")
+    sdxl = raw.get("sdxl")
     guidance = raw["guidance"]
     return Manifest(
         model=ModelInfo(
@@ -421,6 +477,7 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
             tuple(str(a) for a in trt.get("from_onnx_args", ())),
         ) if trt else None,
         lora=LoraInfo.from_json(raw["lora"]) if raw.get("lora") else None,
+        sdxl=SdxlInfo.from_json(sdxl) if sdxl is not None else None,
     )  # fmt: skip
 
 
@@ -455,6 +512,12 @@ def _check_values(m: Manifest) -> None:
     if m.guidance_info.embedding_dim is not None:
         bounded("guidance.embedding_dim", m.guidance_info.embedding_dim, 1, MAX_DIM)
     bounded("tokenizer.max_length", m.tokenizer.max_length, 2, MAX_CONTEXT)
+    if m.sdxl is not None:
+        for e in m.sdxl.encoders:
+            bounded(f"sdxl encoder {e.component} max_length", e.max_length, 2, MAX_CONTEXT)
+        bounded("sdxl.pooled_dim", m.sdxl.pooled_dim, 1, MAX_DIM)
+        bounded("sdxl.time_ids", m.sdxl.time_ids, 1, 64)
+        bounded("sdxl.addition_time_embed_dim", m.sdxl.addition_time_embed_dim, 1, MAX_DIM)
     for name, c in m.components.items():
         for comp in (c, c.source_onnx) if c.source_onnx is not None else (c,):
             if comp.format not in FORMATS:
@@ -610,7 +673,7 @@ def _entries(manifest: Manifest) -> list[tuple[str, str]]:
     """Every path the manifest names, with what names it."""
     out = [(f"component {name}'s file", c.file) for name, c in manifest.components.items()]
     out += [(f"component {name}'s ONNX source", c.source_onnx.file) for name, c in manifest.components.items() if c.source_onnx]
-    out.append(("the tokenizer dir", manifest.tokenizer.dir))
+    out += [("the tokenizer dir", tok) for tok in manifest.tokenizer_dirs]
     out += [("files entry", rel) for rel in manifest.files]
     return out
 
@@ -654,9 +717,9 @@ def _uncovered(bundle: Path, manifest: Manifest) -> tuple[str, str] | None:
             parent = PurePosixPath(comp.file).parent.as_posix()
             if parent != ".":
                 folders.append((f"component {name}'s folder", parent))
-    tok = PurePosixPath(manifest.tokenizer.dir).as_posix()
-    needed += [("the tokenizer", f"{tok}/{name}" if tok != "." else name) for name in ("vocab.json", "merges.txt")]
-    folders.append(("the tokenizer folder", tok))
+    for tok in (PurePosixPath(d).as_posix() for d in manifest.tokenizer_dirs):
+        needed += [("the tokenizer", f"{tok}/{name}" if tok != "." else name) for name in ("vocab.json", "merges.txt")]
+        folders.append(("the tokenizer folder", tok))
     for who, rel in needed:
         if PurePosixPath(rel).as_posix() not in listed:
             return who, rel
@@ -672,9 +735,9 @@ def _uncovered(bundle: Path, manifest: Manifest) -> tuple[str, str] | None:
 
 
 def _size_limit(manifest: Manifest, rel: str) -> tuple[int, str]:
-    tok = PurePosixPath(manifest.tokenizer.dir).as_posix()
-    if tok == "." or PurePosixPath(rel).is_relative_to(tok):
-        return MAX_TOKENIZER_FILE, "a tokenizer file"
+    for tok in (PurePosixPath(d).as_posix() for d in manifest.tokenizer_dirs):
+        if tok == "." or PurePosixPath(rel).is_relative_to(tok):
+            return MAX_TOKENIZER_FILE, "a tokenizer file"
     if any(c.format == "onnx" and c.file == rel for c in manifest.components.values()):
         return MAX_ONNX_GRAPH, "an ONNX graph (protobuf's limit; larger models keep weights in external data)"
     return MAX_WEIGHTS_FILE, "a bundle file"

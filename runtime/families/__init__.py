@@ -15,7 +15,7 @@ from .base import Conditioning, Family, OpenEngine
 __all__ = ["Conditioning", "Family", "FAMILIES", "open_family"]
 
 # family name -> (module, class); imported on first use, so a bundle pays only for its own family
-FAMILIES = {"sd": (".sd", "StableDiffusion")}
+FAMILIES = {"sd": (".sd", "StableDiffusion"), "sdxl": (".sdxl", "StableDiffusionXL")}
 
 
 def open_family(bundle: Path, manifest: Manifest, engine: OpenEngine) -> Family:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,12 +35,25 @@ class Conditioning:
 
 
 class Family(Protocol):
-    """One model family's text side, opened over a bundle."""
+    """One model family's text side, opened over a bundle.
 
-    def encode(self, prompts: Sequence[str], negatives: Sequence[str] | None = None) -> Conditioning:
+    keywords: the conditioning keywords its tasks take besides the sampling options (SDXL's original_size, ...),
+    each with what it means and its default; {} for a family that takes none.
+    """
+
+    keywords: Mapping[str, str]
+
+    def conditioning(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The keywords checked and completed with their defaults; a value the bundle cannot honour is a ValueError."""
+        ...
+
+    def encode(
+        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, options: Mapping[str, Any] | None = None
+    ) -> Conditioning:
         """Conditioning for `prompts`; with `negatives`, the 2N rows [negatives; prompts] classifier-free guidance uses.
 
-        The family decides how an empty negative prompt is encoded (SD: the empty string's embedding).
+        The family decides how an empty negative prompt is encoded (SD: the empty string's embedding; SDXL with
+        force_zeros_for_empty_prompt: zeros). options: the caller's conditioning keywords (see `keywords`).
         """
         ...
 

@@ -6,8 +6,9 @@ negative prompt is encoded like any other prompt (the empty string's embedding),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from .base import Conditioning, OpenEngine
 
 
 class StableDiffusion:
+    keywords: Mapping[str, str] = {}  # SD's conditioning is the prompt alone
+
     def __init__(self, tokenizer: ClipTokenizer, engine: OpenEngine):
         # engines are looked up per call, not kept: the pipeline owns them (and a profiler may wrap them)
         self.tokenizer, self.engine = tokenizer, engine
@@ -27,7 +30,15 @@ class StableDiffusion:
     def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine) -> StableDiffusion:
         return cls(ClipTokenizer.from_dir(bundle / manifest.tokenizer.dir), engine)
 
-    def encode(self, prompts: Sequence[str], negatives: Sequence[str] | None = None) -> Conditioning:
+    def conditioning(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        if given:
+            raise TypeError(f"{', '.join(given)}: this bundle's model family (Stable Diffusion 1.x/2.x) takes no conditioning keywords")
+        return {}
+
+    def encode(
+        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, options: Mapping[str, Any] | None = None
+    ) -> Conditioning:
+        self.conditioning(options or {})
         texts = [*(negatives or ()), *prompts]  # one text-encoder call for both halves: its batch is static
         enc = self.engine("text_encoder")
         hidden = enc(cast_feed(enc.component, {"input_ids": self.tokenizer(texts)}))["last_hidden_state"]

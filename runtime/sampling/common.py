@@ -100,6 +100,8 @@ class Common(TypedDict, total=False):
     known: inpainting with an ordinary UNet, the region to keep (a Known; default: none).
     rng: the generator every noise draw comes from, needed only by samplers that draw noise (default: none).
     callback: callback(i, t, x) after every step, one per requested step however many model calls it took.
+    resume: init is already at step `start`'s noise level (another run's latents, handed over mid-schedule as
+    diffusers' denoising_end / denoising_start do): it is taken as is, not noised (default False).
     """
 
     init: np.ndarray | None
@@ -107,6 +109,7 @@ class Common(TypedDict, total=False):
     known: Known | None
     rng: Rng
     callback: Callback
+    resume: bool
 
 
 def step_done(x: np.ndarray, i: int, t: float, callback: Callback) -> np.ndarray:
@@ -165,6 +168,7 @@ def begin(
     x: np.ndarray, sampler: str, steps: int, *, abar: Callable[[int], float] | None = None,
     sigma: Callable[[int], float] | None = None, scale: float | None = None, n: int | None = None,
     init: np.ndarray | None = None, start: int = 0, known: Known | None = None, rng: Rng = None, callback: Callback = None,
+    resume: bool = False,
 ) -> tuple[np.ndarray, Run]:  # fmt: skip
     """A sampler's start: its Common keywords checked, then the latents step `start` begins from and the Run.
 
@@ -182,7 +186,7 @@ def begin(
     check_start(start, steps, init, sampler)
     run = Run(x, level, sigma is None, steps if n is None else n, sampler, init, start, known, rng, callback)
     if init is not None:
-        return run.noised(init, start), run
+        return (np.asarray(init, dtype=np.float64) if resume else run.noised(init, start)), run
     return (x if scale is None else x * scale), run
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling, sampling_options, start_step
+from ..core import Core, Images, Prompt, TaskOptions, start_step
 from ..sampling import Known
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def inpaint(
     composite: bool | None = None,
     resize: bool = False,
     output_type: str = "pil",
-    **sampling: Unpack[Sampling],
+    **sampling: Unpack[TaskOptions],
 ) -> Images:
     """Repaint where mask_image is white.
 
@@ -42,8 +42,10 @@ def inpaint(
     strength < 1 starts from the image noised to that level instead of pure noise.
     The seed's generator draws `latents` (the initial noise) first, then `encoder_noise`.
     sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
+    refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """
-    options = sampling_options("inpaint", sampling)
+    options, conditioning = pipe.options("inpaint", sampling)
     pipe.require("inpaint")
     img.check_output_type(output_type)
     start = start_step(options["steps"], strength)
@@ -64,7 +66,7 @@ def inpaint(
         extra = {"channels": np.concatenate([latent_mask, masked], axis=1)}
     else:
         known = Known(image_latents, latent_mask)  # type: ignore[arg-type]
-    model = pipe.guided_model(prompt, negative_prompt, options, extra)
+    model = pipe.guided_model(prompt, negative_prompt, options, extra, conditioning=conditioning)
     init = image_latents if strength < 1 else None
     x = pipe.denoise(model, noise, options, rng, init=init, start=start, known=known)
     paste = (not dedicated) if composite is None else composite

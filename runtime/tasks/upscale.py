@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, Sampling, sampling_options
+from ..core import Core, Images, Prompt, TaskOptions
 from ..errors import BundleError
 from ..manifest import UpscaleInfo, rebuild_hint
 from ..sampling import noise_schedule
@@ -49,7 +49,7 @@ def upscale(
     image_noise: np.ndarray | None = None,
     resize: bool = False,
     output_type: str = "pil",
-    **sampling: Unpack[Sampling],
+    **sampling: Unpack[TaskOptions],
 ) -> Images:
     """Upscale `image` 4x guided by `prompt`. Returns PIL images, or float32 (B, H, W, 3) in [0, 1] for 'np'.
 
@@ -61,7 +61,7 @@ def upscale(
     sampling: steps=75, guidance_scale=9.0 (diffusers' defaults, as noise_level 20), guidance_rescale=0,
     seed, scheduler, eta, callback (see core.Sampling).
     """
-    options = sampling_options("upscale", sampling, steps=75, guidance_scale=9.0)
+    options, conditioning = pipe.options("upscale", sampling, steps=75, guidance_scale=9.0)
     pipe.require("upscale")
     img.check_output_type(output_type)
     settings = pipe.manifest.upscale
@@ -81,5 +81,5 @@ def upscale(
         "channels": noised_vp(pixels, noise_for_image, float(low_res_alphas_cumprod(settings)[level])).astype(np.float32),
         "class_labels": np.full(batch, level, dtype=np.int64),
     }
-    model = pipe.guided_model(prompt, negative_prompt, options, extra)
+    model = pipe.guided_model(prompt, negative_prompt, options, extra, conditioning=conditioning)
     return pipe.finish(pipe.denoise(model, noise, options, rng), output_type)

@@ -36,18 +36,33 @@ def test_incomplete_model_folder(tiny_model, tmp_path, capsys):
     assert code == 2 and "model_index.json" in err
 
 
-@pytest.mark.parametrize("pipeline", ["StableDiffusionXLPipeline", "StableDiffusionPipeline"])
-def test_a_folder_of_another_family_is_refused_by_name(tiny_model, tmp_path, capsys, pipeline):
-    """SDXL used to export text_encoder, ignore text_encoder_2 and end in a diffusers traceback."""
-    sdxl = tmp_path / "sdxl"
-    shutil.copytree(tiny_model, sdxl)
-    shutil.copytree(sdxl / "text_encoder", sdxl / "text_encoder_2")
-    index = json.loads((sdxl / "model_index.json").read_text())
-    (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
-    code, err = run_cli(capsys, "--model", str(sdxl), "--out", str(tmp_path / "b"))
+@pytest.mark.parametrize(
+    ("pipeline", "what"),
+    [
+        ("StableDiffusion3Pipeline", "SD3 (an MMDiT transformer"),
+        ("StableDiffusionXLControlNetPipeline", "an SDXL variant this SDK does not export"),
+    ],
+)
+def test_a_folder_of_another_family_is_refused_by_name(tiny_model, tmp_path, capsys, pipeline, what):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    code, err = run_cli(capsys, "--model", str(other), "--out", str(tmp_path / "b"))
     assert code == 2 and err.count("\n") == 1
-    assert f"is a {pipeline} folder: SDXL (two text encoders" in err and "exports the Stable Diffusion 1.x/2.x family" in err
+    assert f"is a {pipeline} folder: {what}" in err and "exports the Stable Diffusion 1.x/2.x family" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_second_text_encoder_under_an_sd_pipeline_is_refused(tiny_model, tmp_path, capsys):
+    """SDXL used to export text_encoder, ignore text_encoder_2 and end in a diffusers traceback: text_encoder_2/ under
+    a pipeline class that has none is a folder whose index is wrong, said so."""
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model, odd)
+    shutil.copytree(odd / "text_encoder", odd / "text_encoder_2")
+    code, err = run_cli(capsys, "--model", str(odd), "--out", str(tmp_path / "b"))
+    assert code == 2 and err.count("\n") == 1
+    assert "has text_encoder_2/ but model_index.json names StableDiffusionPipeline" in err and "_class_name" in err
 
 
 def test_pickle_weights_need_allow_pickle(tiny_model, tmp_path):

@@ -76,7 +76,7 @@ def test_version_1_manifest_still_loads(bundle_copy):
         (lambda m: m["image"].pop("height"), r"malformed manifest \(KeyError: 'height'\).*export.build --force"),
         (lambda m: m["vae"].update(scaling_factor="big"), r"malformed manifest \(ValueError"),
         (lambda m: m.update(components=[]), r"malformed manifest \(AttributeError: 'list' object"),
-        (lambda m: m["model"].update(family="dit"), r"model family 'dit', which this runtime does not know \(known: sd\)"),
+        (lambda m: m["model"].update(family="dit"), r"model family 'dit', which this runtime does not know \(known: sd, sdxl\)"),
     ],
 )
 def test_malformed_manifest_is_named(bundle_copy, edit, message):

@@ -45,8 +45,8 @@ def test_an_unknown_sampling_keyword_is_a_type_error_listing_the_options(pipe, t
 def test_tasks_are_peers_with_explicit_signatures():
     """Each task names its own arguments and takes the shared sampling options as typed keywords."""
     own = {
-        "txt2img": ["prompt", "negative_prompt", "latents", "output_type"],
-        "img2img": ["prompt", "image", "negative_prompt", "strength", "noise", "encoder_noise", "resize", "output_type"],
+        "txt2img": ["prompt", "negative_prompt", "latents", "denoising_end", "output_type"],
+        "img2img": ["prompt", "image", "negative_prompt", "strength", "noise", "encoder_noise", "resize", "denoising_start", "output_type"],
         "inpaint": ["prompt", "image", "mask_image", "negative_prompt", "strength", "latents", "encoder_noise", "composite", "resize",
                     "output_type"],
         "upscale": ["prompt", "image", "negative_prompt", "noise_level", "latents", "image_noise", "resize", "output_type"],
