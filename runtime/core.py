@@ -55,6 +55,9 @@ class Sampling(TypedDict, total=False):
     callback: Progress
 
 
+FEW_STEP_SAMPLERS = ("lcm", "tcd")
+FEW_STEPS = 4
+
 DEFAULTS: Sampling = {
     "steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": None, "scheduler": None, "eta": None, "callback": None,
 }  # fmt: skip
@@ -371,6 +374,11 @@ class Core:
         if not np.isfinite(out).all():
             raise NonFiniteError(f"{what} given by the caller hold NaN/inf (or values too large for float32)")
         return out
+
+    def step_defaults(self, scheduler: str | None) -> dict[str, int]:
+        """Few-step samplers (LCM, TCD: a distilled UNet) default to 4 steps, the rest to DEFAULTS' 50."""
+        name = scheduler or default_sampler(self.manifest.scheduler.class_name, self.manifest.scheduler.config)
+        return {"steps": FEW_STEPS} if name in FEW_STEP_SAMPLERS else {}
 
     def _default_sampler(self) -> str:
         class_name = self.manifest.scheduler.class_name

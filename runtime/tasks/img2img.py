@@ -32,9 +32,9 @@ def img2img(
     The seed's generator draws, in order: `noise` (added at that level), `encoder_noise` (the VAE
     posterior sample; zeros give its mean), then any sampler noise. Pass either to reproduce another tool's run.
     image: PIL or array, the bundle's size (resize=True resizes it, Lanczos).
-    sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     """
-    options = sampling_options("img2img", sampling)
+    options = sampling_options("img2img", sampling, **pipe.step_defaults(sampling.get("scheduler")))
     pipe.require("img2img")
     img.check_output_type(output_type)
     start = start_step(options["steps"], strength)

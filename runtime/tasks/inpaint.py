@@ -41,9 +41,9 @@ def inpaint(
     inpainting UNet, as diffusers).
     strength < 1 starts from the image noised to that level instead of pure noise.
     The seed's generator draws `latents` (the initial noise) first, then `encoder_noise`.
-    sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     """
-    options = sampling_options("inpaint", sampling)
+    options = sampling_options("inpaint", sampling, **pipe.step_defaults(sampling.get("scheduler")))
     pipe.require("inpaint")
     img.check_output_type(output_type)
     start = start_step(options["steps"], strength)

@@ -27,9 +27,9 @@ def txt2img(
     seed: one `np.random.default_rng(seed)` makes the initial latents (its first draw,
     `standard_normal(shape, float32)`) and then any noise the sampler adds, in order.
     latents: pass your own (B, C, H/f, W/f) instead; the sampler's noise still comes from the seed.
-    sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     """
-    options = sampling_options("txt2img", sampling)
+    options = sampling_options("txt2img", sampling, **pipe.step_defaults(sampling.get("scheduler")))
     pipe.require("txt2img")
     img.check_output_type(output_type)
     rng = np.random.default_rng(options["seed"])
