@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     from reference.train import resolve_device
 
-    run(recipe, args.teacher, args.out, resolve_device(args.device), started, resume=args.resume, link=args.link_teacher)
+    command = "python -m reference.distill " + shlex.join(sys.argv[1:] if argv is None else argv)
+    run(recipe, args.teacher, args.out, resolve_device(args.device), started, resume=args.resume, link=args.link_teacher, command=command)
 
 
 def _recipe(args: argparse.Namespace) -> DistillRecipe:
@@ -142,7 +145,9 @@ def _check_folders(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} exists and is not empty; pick a new folder, or --resume a run written there")
 
 
-def run(recipe: DistillRecipe, teacher_dir: Path, out: Path, device, started: float, resume: bool = False, link: bool = False) -> dict:
+def run(
+    recipe: DistillRecipe, teacher_dir: Path, out: Path, device, started: float, resume: bool = False, link: bool = False, command: str = ""
+) -> dict:
     """Distill ``teacher_dir`` into ``out``; returns the log, also written as ``out/distill_log.json``."""
     import diffusers
     import torch
@@ -171,6 +176,7 @@ def run(recipe: DistillRecipe, teacher_dir: Path, out: Path, device, started: fl
     if resume:
         step, log = _load_checkpoint(out / CHECKPOINT, student, target, optimizer, device)
         say(f"[resume] from step {step}")
+    log.setdefault("commands", []).append({"command": command, "from_step": step})  # every run that made this student
 
     t0 = time.perf_counter()
     images, attributes = make_dataset(recipe.n_images, recipe.seed, workers=recipe.workers or os.cpu_count() or 1)

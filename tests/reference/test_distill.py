@@ -145,3 +145,30 @@ def test_bad_command_lines_are_named(args, message, tmp_path, capsys):
         main(argv)
     assert message in capsys.readouterr().err
     assert (tmp_path / "full" / "mine.txt").read_text() == "a user's file"
+
+
+STUDENT = REPO / "models" / "shapes-ldm-lcm"
+
+
+def test_shipped_student_shares_the_teachers_files_and_draws_what_the_prompt_says(tmp_path):
+    """The shipped student through export + runtime at its default 4 LCM steps, read back by the checker."""
+    from reference import checker
+    from reference.dataset import Attributes, canonical_caption
+
+    for name in SHARED:  # the teacher's, not copies that could drift
+        assert (STUDENT / name).resolve() == (TEACHER / name).resolve()
+    bundle = build(STUDENT, tmp_path / "bundle", precision="fp32", log=lambda _: None)
+    pipe = runtime.Pipeline.load(bundle)
+    wanted = [
+        Attributes("black", "red", "circle", "large", "center"),
+        Attributes("white", "blue", "square", "large", "top left"),
+        Attributes("gray", "yellow", "triangle", "large", "bottom right"),
+        Attributes("white", "green", "circle", "small", "top right"),
+        Attributes("black", "purple", "square", "small", "bottom left"),
+    ]
+    hits = {"background": 0, "color": 0, "shape": 0, "size": 0, "position": 0}
+    for i, a in enumerate(wanted):
+        got = checker.check(pipe.txt2img(canonical_caption(a), guidance_scale=5.0, seed=i, output_type="np")[0])
+        for k in hits:
+            hits[k] += getattr(got, k) == getattr(a, k)
+    assert min(hits.values()) >= len(wanted) - 1, hits
