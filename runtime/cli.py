@@ -73,7 +73,11 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
         help="engine bundle folder" + ("" if upscale else " (default: %(default)s, the reference model)"),
     )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
-    p.add_argument("--steps", type=int, default=75 if upscale else 50, help="denoising steps (default %(default)s)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="denoising steps (default: " + ("75)" if upscale else "50, or 4 for a bundle whose sampler is lcm or tcd)"),
+    )
     p.add_argument(
         "--guidance-scale",
         type=float,
@@ -201,12 +205,14 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
 
         pipe.set_lora([parse_spec(spec) for spec in args.lora])
     options: Sampling = {
-        "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "seed": seed,
+        "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "seed": seed,
         "scheduler": args.scheduler, "eta": args.eta, "callback": None if args.quiet else progress_bar(),
     }  # fmt: skip
     # the SDXL flags given, as the tasks' keywords (an SD bundle refuses them by name)
     given = {name: tuple(v) if isinstance(v, list) else v for name in SDXL_FLAGS if (v := getattr(args, name, None)) is not None}
     options = {**options, **given}  # type: ignore[typeddict-item]
+    if args.steps is not None:
+        options["steps"] = args.steps
     if command == "txt2img":
         return list(pipe.txt2img(args.prompt, args.negative_prompt, **options))
     if command == "img2img":

@@ -58,6 +58,10 @@ class Sampling(TypedDict, total=False):
     callback: Progress
 
 
+FEW_STEP_SAMPLERS = ("lcm", "tcd")
+FEW_STEPS = 4
+
+
 class SdxlConditioning(TypedDict, total=False):
     """The SDXL family's conditioning keywords (runtime.families.sdxl.KEYWORDS), typed for the tasks' signatures;
     an SD bundle refuses them by name."""
@@ -293,7 +297,7 @@ class Core:
         keywords = self.family.keywords
         conditioning = {k: v for k, v in given.items() if k in keywords}
         rest = {k: v for k, v in given.items() if k not in keywords}
-        options = sampling_options(task, rest, tuple(keywords), **task_defaults)
+        options = sampling_options(task, rest, tuple(keywords), **{**self.step_defaults(rest.get("scheduler")), **task_defaults})
         self.family.conditioning(conditioning)
         return options, conditioning
 
@@ -526,6 +530,11 @@ class Core:
         if not np.isfinite(out).all():
             raise NonFiniteError(f"{what} given by the caller hold NaN/inf (or values too large for float32)")
         return out
+
+    def step_defaults(self, scheduler: str | None) -> dict[str, int]:
+        """Few-step samplers (LCM, TCD: a distilled UNet) default to 4 steps, the rest to DEFAULTS' 50."""
+        name = scheduler or default_sampler(self.manifest.scheduler.class_name, self.manifest.scheduler.config)
+        return {"steps": FEW_STEPS} if name in FEW_STEP_SAMPLERS else {}
 
     def _default_sampler(self) -> str:
         class_name = self.manifest.scheduler.class_name

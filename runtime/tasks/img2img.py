@@ -36,7 +36,7 @@ def img2img(
     denoising_start: continue another run from that fraction of the noise schedule (diffusers' denoising_start):
     `image` is then the latents a base's txt2img(..., denoising_end=the same fraction, output_type='latent')
     returned, (B, C, H/f, W/f), taken as they are; strength is not used (an image given instead is encoded, not noised).
-    sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
     refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """

@@ -41,7 +41,7 @@ def inpaint(
     inpainting UNet, as diffusers).
     strength < 1 starts from the image noised to that level instead of pure noise.
     The seed's generator draws `latents` (the initial noise) first, then `encoder_noise`.
-    sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
     refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """

@@ -30,7 +30,7 @@ def txt2img(
     latents: pass your own (B, C, H/f, W/f) instead; the sampler's noise still comes from the seed.
     denoising_end: stop that fraction of the way through the noise schedule (diffusers' denoising_end), to hand
     the latents (output_type='latent') to a refiner's img2img(..., denoising_start=the same fraction).
-    sampling: steps=50, guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
     SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
     refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """
