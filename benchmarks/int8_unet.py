@@ -65,6 +65,29 @@ def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
     return [rows[i] for i in sorted(rows)]
 
 
+def record(bundle: Path, generations: int, steps: int) -> list[dict[str, np.ndarray]]:
+    """UNet inputs of real sampling runs, as --precision int8 records them."""
+    from export import calibration
+    from runtime.pipeline import Pipeline
+
+    prompts = calibration.read_prompts(calibration.DEFAULT_PROMPTS).prompts
+    with Pipeline.load(bundle, device="cpu", verify=False) as pipe:
+        rec = calibration.Recording()
+        calibration.generate(pipe, calibration.plan(prompts, generations), steps, rec)
+    return rec.feeds
+
+
+def record_in_child(bundle: Path, generations: int, steps: int, tmp: Path) -> list[dict[str, np.ndarray]]:
+    """Record in a fresh interpreter: a full-size bundle's sessions leave this process GBs it never gives back,
+    which the quantization child then lacked (it died, out of memory, beside a 13.4 GB parent)."""
+    feeds_file = tmp / "recorded.npz"
+    cmd = [sys.executable, "-m", "benchmarks.int8_unet", "--calibration-size", str(generations), "--steps", str(steps)]
+    done = subprocess.run([*cmd, "--record-child", str(bundle), str(feeds_file)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"recording failed with exit status {done.returncode}: {done.stderr[-2000:]}")
+    return load_feeds(feeds_file)
+
+
 def quantize_in_child(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], float_convs: int, tmp: Path) -> dict[str, Any]:
     """A fresh interpreter (not a multiprocessing pool: one spawned from this many-threaded process hung once)."""
     feeds_file = tmp / "feeds.npz"
@@ -92,18 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("out") / "int8", help="folder for the JSON and Markdown results")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the recorded generations (default %(default)s)")
     p.add_argument("--child", nargs=4, metavar=("SOURCE", "TARGET", "FEEDS", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--record-child", nargs=2, metavar=("BUNDLE", "FEEDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         source, target, feeds, n = args.child
         print(json.dumps(quantize_step(source, target, load_feeds(Path(feeds)), int(n))))
         return 0
+    if args.record_child:
+        bundle, feeds = args.record_child
+        save_feeds(Path(feeds), record(Path(bundle), args.calibration_size, args.steps))
+        return 0
     if args.bundle is None:
         p.error("--bundle is required")
 
-    from export import calibration
     from runtime.backends.onnxruntime import OrtEngine
     from runtime.manifest import read_bundle
-    from runtime.pipeline import Pipeline
 
     load = list(os.getloadavg())
     manifest, _ = read_bundle(args.bundle, verify_files=False)
@@ -112,20 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.bundle} has a {unet.precision} UNet; give an fp32 bundle", file=sys.stderr)
         return 2
     source = args.bundle / unet.file
-    prompts = calibration.read_prompts(calibration.DEFAULT_PROMPTS).prompts
-    t0 = time.perf_counter()
-    with Pipeline.load(args.bundle, device="cpu", verify=False) as pipe:
-        rec = calibration.Recording()
-        calibration.generate(pipe, calibration.plan(prompts, args.calibration_size), args.steps, rec)
-    record_s = time.perf_counter() - t0
-    print(f"recorded {len(rec.feeds)} UNet inputs in {record_s:.1f} s")
-
     with tempfile.TemporaryDirectory(prefix="int8-unet-") as tmp:
+        t0 = time.perf_counter()
+        feeds = record_in_child(args.bundle, args.calibration_size, args.steps, Path(tmp))
+        record_s = time.perf_counter() - t0
+        print(f"recorded {len(feeds)} UNet inputs in {record_s:.1f} s")
         target = Path(tmp) / "unet-int8.onnx"
-        q = quantize_in_child(source, target, rec.feeds, args.float_convs, Path(tmp))
+        q = quantize_in_child(source, target, feeds, args.float_convs, Path(tmp))
         print(f"quantized in {q['seconds']:.1f} s, peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB")
         sizes = {"fp32": onnx_bytes(source), "int8": onnx_bytes(target)}
-        feed = rec.feeds[len(rec.feeds) // 2]
+        feed = feeds[len(feeds) // 2]
         engines = {"fp32": OrtEngine(unet, source, device="cpu"), "int8": OrtEngine(unet, target, device="cpu")}
         times: dict[str, list[float]] = {"fp32": [], "int8": []}
         for engine in engines.values():
@@ -142,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": ["python", "-m", "benchmarks.int8_unet", *(argv if argv is not None else sys.argv[1:])],
         "bundle": str(args.bundle),
         "unet_input": {t.name: list(t.shape) for t in unet.inputs},
-        "calibration": {"generations": args.calibration_size, "steps": args.steps, "unet_inputs": len(rec.feeds), "seconds": record_s},
+        "calibration": {"generations": args.calibration_size, "steps": args.steps, "unet_inputs": len(feeds), "seconds": record_s},
         "quantization": q,
         "unet_bytes": sizes,
         "size_ratio": sizes["int8"] / sizes["fp32"],
@@ -166,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| UNet call (median of {args.calls}, interleaved) | {med['fp32']:.3f} s | {med['int8']:.3f} s | {ratio:.2f}x |",
             f"| UNet file | {sizes['fp32'] / 2**20:.1f} MiB | {sizes['int8'] / 2**20:.1f} MiB | {result['size_ratio']:.2f}x |",
             "",
-            f"- calibration: {len(rec.feeds)} UNet inputs from {args.calibration_size} generation(s), recorded in {record_s:.1f} s",
+            f"- calibration: {len(feeds)} UNet inputs from {args.calibration_size} generation(s), recorded in {record_s:.1f} s",
             f"- quantization (calibration pass + QDQ rewrite, {q['float_nodes']} float nodes): {q['seconds']:.1f} s, "
             f"peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB (child process)",
             f"- int8 vs fp32 relative L2 on the timed input: {rel:.4f}",
