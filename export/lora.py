@@ -42,7 +42,9 @@ def layers_of(module: Any) -> dict[str, Layer]:
 
 
 def model_layers(model: Any) -> dict[str, dict[str, Layer]]:
-    return {"unet": layers_of(model.unet), "text_encoder": layers_of(model.text_encoder)}
+    """The layers an adapter may target, per component; an SDXL refiner has no first text encoder, so none there."""
+    roots = {"unet": model.unet, "text_encoder": model.text_encoder}
+    return {name: layers_of(module) if module is not None else {} for name, module in roots.items()}
 
 
 def read_adapters(model: Any, specs: Sequence[str]) -> list[tuple[Adapter, float]]:
