@@ -246,7 +246,7 @@ def check_checksums(path: Path) -> None:
         if sha256_file(f) != digest:
             raise ModelError(
                 f"{f} is corrupt: its sha256 differs from {sums.name}; restore it (e.g. `git checkout -- {path}`) "
-                "or retrain it with `python -m reference.train`"
+                "or remake it with the commands its training log records (reference.train, reference.distill)"
             )
 
 
