@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import sd15
 from reference.architecture import CLIP_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,20 +59,8 @@ TEXT_ENCODER_2 = dict(
     max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
     pad_token_id=1,
 )  # fmt: skip
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    act_fn="silu",
-    sample_size=1024,
-    scaling_factor=0.13025,
-    force_upcast=True,  # SDXL's VAE overflows in fp16: export keeps it fp32
-)
+# SD 1.5's VAE architecture; SDXL trained it anew at 1024 with its own latent scale
+VAE = {**sd15.VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}  # fp16 overflows: export keeps it fp32
 SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
     timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon", use_karras_sigmas=False,

@@ -41,10 +41,28 @@ def _scheduler(kind: str) -> Any:
     return DDIMScheduler(**SD1_SCHEDULE)
 
 
+def tiny_vae(sample_size: int, **config: Any) -> Any:
+    """A random AutoencoderKL with SD's 4-level, factor-8 layout at toy widths; `config` overrides (e.g. SDXL's scale)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        **config,
+    )
+
+
 def make_tiny_sd(out: Path, *, seed: int = 0, kind: str = "sd15", sample_size: int = 64) -> Path:
     """Write a randomly initialised pipeline of the given family's shape to `out` and return it."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
@@ -66,17 +84,7 @@ def make_tiny_sd(out: Path, *, seed: int = 0, kind: str = "sd15", sample_size: i
         norm_num_groups=8,
         time_cond_proj_dim=16 if kind == "lcm" else None,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size,
-    )
+    vae = tiny_vae(sample_size)
     text_encoder, tokenizer = _text_encoder(sd2), _tokenizer(sd2)
     pipe = StableDiffusionPipeline(
         unet=unet,

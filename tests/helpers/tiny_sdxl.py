@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.architecture import CLIP_DIR
+from tests.helpers.tiny_models import tiny_vae
 
 KINDS = ("base", "turbo", "inpaint", "refiner")
 # SDXL's scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0), Turbo's differs in its spacing
@@ -92,21 +93,8 @@ def _unet(sample_size: int, refiner: bool, in_channels: int = 4) -> Any:
 
 def _vae(sample_size: int, gain: float, force_upcast: bool) -> Any:
     import torch
-    from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size,
-        scaling_factor=0.13025,  # SDXL's
-        force_upcast=force_upcast,
-    )
+    vae = tiny_vae(sample_size, scaling_factor=0.13025, force_upcast=force_upcast)  # SDXL's latent scale
     if gain != 1.0:
         with torch.no_grad():
             vae.decoder.conv_in.weight.mul_(gain)

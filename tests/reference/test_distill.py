@@ -14,6 +14,7 @@ from export.build import build
 from reference import lcd
 from reference.distill import SHARED, main, student_from
 from tests.helpers import REPO
+from tests.helpers.attribute_checks import WANTED, attribute_hits
 
 TEACHER = REPO / "models" / "shapes-ldm"
 PROMPT = "a large red circle in the top left on a black background"
@@ -152,23 +153,8 @@ STUDENT = REPO / "models" / "shapes-ldm-lcm"
 
 def test_shipped_student_shares_the_teachers_files_and_draws_what_the_prompt_says(tmp_path):
     """The shipped student through export + runtime at its default 4 LCM steps, read back by the checker."""
-    from reference import checker
-    from reference.dataset import Attributes, canonical_caption
-
     for name in SHARED:  # the teacher's, not copies that could drift
         assert (STUDENT / name).resolve() == (TEACHER / name).resolve()
     bundle = build(STUDENT, tmp_path / "bundle", precision="fp32", log=lambda _: None)
-    pipe = runtime.Pipeline.load(bundle)
-    wanted = [
-        Attributes("black", "red", "circle", "large", "center"),
-        Attributes("white", "blue", "square", "large", "top left"),
-        Attributes("gray", "yellow", "triangle", "large", "bottom right"),
-        Attributes("white", "green", "circle", "small", "top right"),
-        Attributes("black", "purple", "square", "small", "bottom left"),
-    ]
-    hits = {"background": 0, "color": 0, "shape": 0, "size": 0, "position": 0}
-    for i, a in enumerate(wanted):
-        got = checker.check(pipe.txt2img(canonical_caption(a), guidance_scale=5.0, seed=i, output_type="np")[0])
-        for k in hits:
-            hits[k] += getattr(got, k) == getattr(a, k)
-    assert min(hits.values()) >= len(wanted) - 1, hits
+    hits = attribute_hits(runtime.Pipeline.load(bundle), guidance_scale=5.0)  # the bundle's default: 4 LCM steps
+    assert min(hits.values()) >= len(WANTED) - 1, hits

@@ -9,8 +9,7 @@ import pytest
 import runtime
 from export.build import REFERENCE_MODEL, build
 from export.model import ModelError
-from reference import checker
-from reference.dataset import Attributes, canonical_caption
+from tests.helpers.attribute_checks import WANTED, attribute_hits
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +28,8 @@ def test_shipped_weights_are_small_and_export(reference_bundle):
 
 def test_it_draws_what_the_prompt_says(reference_bundle):
     """A few canonical prompts through export + runtime, read back by the attribute checker."""
-    pipe = runtime.Pipeline.load(reference_bundle)
-    wanted = [
-        Attributes("black", "red", "circle", "large", "center"),
-        Attributes("white", "blue", "square", "large", "top left"),
-        Attributes("gray", "yellow", "triangle", "large", "bottom right"),
-        Attributes("white", "green", "circle", "small", "top right"),
-        Attributes("black", "purple", "square", "small", "bottom left"),
-    ]
-    hits = {"background": 0, "color": 0, "shape": 0, "size": 0, "position": 0}
-    for i, a in enumerate(wanted):
-        image = pipe.txt2img(canonical_caption(a), steps=20, guidance_scale=5.0, seed=i, output_type="np")[0]
-        got = checker.check(image)
-        for k in hits:
-            hits[k] += getattr(got, k) == getattr(a, k)
-    assert hits["background"] == len(wanted) and min(hits.values()) >= len(wanted) - 1, hits
+    hits = attribute_hits(runtime.Pipeline.load(reference_bundle), steps=20, guidance_scale=5.0)
+    assert hits["background"] == len(WANTED) and min(hits.values()) >= len(WANTED) - 1, hits
 
 
 def test_corrupt_weights_are_refused_by_hash(tmp_path):
