@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,20 +33,30 @@ def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], 
     import onnx
 
     from export import quantize
+    from export.onnx_export import onnx_files
 
     where = quantize.placement("onnxruntime")
     model = onnx.load(source, load_external_data=False)
     kept = quantize.float_rules(model)
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="int8-bench-") as tmp:
+        # a copy, as --precision int8 quantizes one: the quantizer writes its shape-inferred model beside its input
+        (Path(tmp) / "fp32").mkdir()
+        for f in onnx_files(Path(source)):
+            shutil.copyfile(f, Path(tmp) / "fp32" / f.name)
+        copy = Path(tmp) / "fp32" / Path(source).name
         ranges = Path(tmp) / "ranges.json"
+        t0 = time.perf_counter()
+        quantize.calibrate(copy, feeds, quantize.calibration_tensors(model, exclude=sorted(kept)), ranges)
+        calibrate_s = time.perf_counter() - t0
+        calibrate_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if float_convs > 0:
-            quantize.quantize(Path(source), Path(tmp) / "all.onnx", feeds, where, exclude=sorted(kept), ranges=ranges)
-            errors, _ = quantize.sensitivity(Path(source), feeds, where, quantize.candidates(model, kept), ranges)
+            errors, _ = quantize.sensitivity(copy, feeds, where, quantize.candidates(model, kept), ranges)
             kept |= {n: "sensitive" for n in quantize.most_sensitive(errors, float_convs)}
-        quantize.quantize(Path(source), Path(target), feeds, where, exclude=sorted(kept), ranges=ranges)
+        quantize.quantize(copy, Path(target), feeds, where, exclude=sorted(kept), ranges=ranges)
     return {
         "seconds": time.perf_counter() - t0,
+        "calibration_pass_seconds": calibrate_s,
+        "calibration_pass_peak_rss_bytes": calibrate_rss,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "float_nodes": len(kept),
     }
@@ -128,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bundle is None:
         p.error("--bundle is required")
 
+    from benchmarks.runtime_bench import machine, machine_line
+    from export import quantize
     from runtime.backends.onnxruntime import OrtEngine
     from runtime.manifest import read_bundle
 
@@ -172,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         "median_call_seconds": med,
         "int8_over_fp32_time": med["int8"] / med["fp32"],
         "rel_l2_mid_trajectory": rel,
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "load_average_at_start": load,
+        "machine": {**machine(), "vnni": quantize.has_vnni(), "load_average_at_start": load},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"int8-unet-{args.bundle.name}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     ratio = result["int8_over_fp32_time"]
+    where = quantize.placement("onnxruntime").record()
     table = "\n".join(
         [
             f"# benchmarks.int8_unet: {args.bundle.name}",
@@ -189,9 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             f"| UNet file | {sizes['fp32'] / 2**20:.1f} MiB | {sizes['int8'] / 2**20:.1f} MiB | {result['size_ratio']:.2f}x |",
             "",
             f"- calibration: {len(feeds)} UNet inputs from {args.calibration_size} generation(s), recorded in {record_s:.1f} s",
-            f"- quantization (calibration pass + QDQ rewrite, {q['float_nodes']} float nodes): {q['seconds']:.1f} s, "
-            f"peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB (child process)",
+            f"- quantization ({q['float_nodes']} float nodes): {q['seconds']:.1f} s, peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB "
+            f"(child process); its calibration pass {q['calibration_pass_seconds']:.1f} s, "
+            f"peak RSS {q['calibration_pass_peak_rss_bytes'] / 2**30:.2f} GiB",
             f"- int8 vs fp32 relative L2 on the timed input: {rel:.4f}",
+            f"- Q/DQ for ONNX Runtime: {where['activations']} activations, {where['weights']} weights, "
+            f"reduce_range {where['reduce_range']} (this CPU {'has' if result['machine']['vnni'] else 'lacks'} VNNI)",
+            "",
+            machine_line(result["machine"]),
         ]
     )
     (args.out / f"{stem}.md").write_text(table + "\n")

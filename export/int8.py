@@ -60,19 +60,23 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
             runs = calibration.plan(choices.prompts.prompts, choices.size, scales)
             rec = calibration.record(pipe, runs, log)
             calibration_s = time.perf_counter() - t0
-            calibration_id = json.dumps([runs, calibration.STEPS])
-            floats, sweep_record = float_nodes(source, rec.feeds, where, choices.float_convs, tmp / "ranges.json", log, calibration_id)
-            t1 = time.perf_counter()
-            quantize.quantize(source, target, rec.feeds, where, exclude=sorted(floats), ranges=tmp / "ranges.json")
-            quantize_s = time.perf_counter() - t1
-            figures = measure(pipe, unet, target, choices.prompts, log)
+            held = held_out(pipe, choices.prompts)
+        # the fp32 pipeline is closed first: the calibration session and the quantizer each hold the UNet's
+        # weights, and beside SD 1.5's pipeline they would not fit a 24 GB machine together
+        calibration_id = json.dumps([runs, calibration.STEPS])
+        floats, sweep_record = float_nodes(source, rec.feeds, where, choices.float_convs, tmp / "ranges.json", log, calibration_id)
+        t1 = time.perf_counter()
+        quantize.quantize(source, target, rec.feeds, where, exclude=sorted(floats), ranges=tmp / "ranges.json")
+        quantize_s = time.perf_counter() - t1
+        with Pipeline.load(work, device="cpu", verify=False) as pipe:
+            figures = measure(pipe, unet, target, held, log)
         check_gate(figures, choices.force, log)
         publish_unet(target, staged)
     record = {
         **quantize.tool_record(),
         "format": "QDQ",
         "op_types": list(quantize.OP_TYPES),
-        "calibration_method": "MinMax (CalibStridedMinMax)",
+        "calibration_method": "MinMax, per tensor, over every recorded UNet input (export.quantize.calibrate)",
         "placement": where.record(),
         "calibration": {
             **choices.prompts.record(),
@@ -131,11 +135,18 @@ def float_nodes(
     return kept, record
 
 
-def measure(pipe: Any, unet: Component, int8_file: Path, prompts: PromptSet, log: Callable[[str], None]) -> dict[str, Any]:
-    """The gate's figures: held-out fp32 generations recorded, their UNet inputs replayed on int8, then the
-    same generations made with the int8 UNet."""
-    from runtime.backends.onnxruntime import OrtEngine
+@dataclass(frozen=True)
+class HeldOut:
+    """The gate's fp32 side: generations apart from calibration (other prompts and seeds), their images and UNet calls."""
 
+    runs: list[calibration.Generation]
+    images: Any  # float32 [N, H, W, 3]
+    recording: calibration.Recording
+    guidance_scale: float
+
+
+def held_out(pipe: Any, prompts: PromptSet) -> HeldOut:
+    """GATE_GENERATIONS fp32 generations of `pipe`, every UNet call recorded."""
     held_prompts = (
         calibration.reference_captions(GATE_GENERATIONS, seed=calibration.HELD_OUT_SEED)
         if prompts.source == "reference captions"
@@ -143,16 +154,24 @@ def measure(pipe: Any, unet: Component, int8_file: Path, prompts: PromptSet, log
     )
     scale = GATE_GUIDANCE if pipe.manifest.guidance_info.mode != "none" else 1.0
     runs = [(held_prompts[i % len(held_prompts)], calibration.HELD_OUT_SEED + i, scale) for i in range(GATE_GENERATIONS)]
-    held = calibration.Recording()
-    fp32_images = calibration.generate(pipe, runs, recording=held)
+    recording = calibration.Recording()
+    images = calibration.generate(pipe, runs, recording=recording)
+    return HeldOut(runs, images, recording, scale)
+
+
+def measure(pipe: Any, unet: Component, int8_file: Path, held: HeldOut, log: Callable[[str], None]) -> dict[str, Any]:
+    """The gate's figures: the held-out fp32 UNet inputs replayed on int8, then the same generations made with
+    the int8 UNet in `pipe` (the fp32 bundle)."""
+    from runtime.backends.onnxruntime import OrtEngine
+
     engine = OrtEngine(replace(unet, precision="int8"), int8_file, device="cpu")
-    got = [engine(feed)[unet.outputs[0].name] for feed in held.feeds]
+    got = [engine(feed)[unet.outputs[0].name] for feed in held.recording.feeds]
     train_steps = int(pipe.manifest.scheduler.config.get("num_train_timesteps", 1000))
-    unet_figures = int8_gate.unet_figures(got, held.outputs, held.timesteps, train_steps)
+    unet_figures = int8_gate.unet_figures(got, held.recording.outputs, held.recording.timesteps, train_steps)
     with calibration.unet_swapped(pipe, engine):
-        int8_images = calibration.generate(pipe, runs)
-    figures = int8_gate.gate(unet_figures, int8_images, fp32_images, len(runs))
-    figures["held_out"] = {"seeds_from": calibration.HELD_OUT_SEED, "steps": calibration.STEPS, "guidance_scale": scale}
+        int8_images = calibration.generate(pipe, held.runs)
+    figures = int8_gate.gate(unet_figures, int8_images, held.images, len(held.runs))
+    figures["held_out"] = {"seeds_from": calibration.HELD_OUT_SEED, "steps": calibration.STEPS, "guidance_scale": held.guidance_scale}
     log(f"  int8 gate: {int8_gate.summary(figures)}")
     return figures
 

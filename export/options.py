@@ -85,6 +85,10 @@ class BuildOptions:
         from .calibration import CalibrationError, check_size, read_prompts
 
         check_size(self.calibration_size)
+        if self.precision == "int8":
+            from .quantize import check_quantizer
+
+            check_quantizer()
         if isinstance(self.int8_float_convs, bool) or not isinstance(self.int8_float_convs, int) or self.int8_float_convs < 0:
             raise CalibrationError(f"--int8-float-convs must be a whole number >= 0, got {self.int8_float_convs!r}")
         if self.calibration_prompts is not None:

@@ -10,7 +10,12 @@ chosen two ways, both recorded in the manifest:
   by their UNet relative L2 error on calibration inputs; the sweep is cached by the fp32 UNet's hash
   and the calibration ranges' hash.
 
-Quantization works on the fp32 file at `source` and writes a new file; the source is only read.
+Calibration is our own pass (calibrate): MinMax ranges of the tensors the quantized nodes read and write,
+collected with one session over the source's weights, so a full-size UNet calibrates on a 24 GB machine;
+onnxruntime.quantization's quantize_static then reads them from its calibration cache and places the Q/DQ.
+
+Quantization works on the fp32 file at `source` and writes a new file; the source is only read (the
+quantizer writes a shape-inferred copy of the graph beside it, so callers hand it a copy of the bundle's).
 """
 
 from __future__ import annotations
@@ -120,34 +125,77 @@ def candidates(model: Any, kept: dict[str, str]) -> list[str]:
 # ---- calibration ranges -------------------------------------------------------------------------------------
 
 
-class FeedReader:
-    """onnxruntime.quantization's CalibrationDataReader protocol over recorded feeds, with the strided ranges
-    CalibStridedMinMax asks for (ranges are merged per stride: memory holds one stride's activations)."""
+def calibration_tensors(model: Any, exclude: Sequence[str] = (), only: Sequence[str] = ()) -> list[str]:
+    """The activations whose ranges the QDQ rewrite needs: inputs and outputs of the nodes it quantizes.
 
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
-        self.feeds = list(feeds)
-        self.start, self.end = 0, len(self.feeds)
-        self._it: Iterator[dict[str, np.ndarray]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self.start, self.end = start_index, end_index
-        self._it = None
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._it is None:
-            self._it = iter(self.feeds[self.start : self.end])
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self.set_range(0, len(self.feeds))
+    Nodes kept float are left out. That is what makes a full-size UNet calibrate in bounded memory: the
+    attention scores (SD 1.5 at 512x512: 2 x 8 x 4096 x 4096 floats, 1 GiB each) feed only float nodes.
+    """
+    graph = model.graph
+    weights = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    skip, keep = set(exclude), set(only)
+    names: dict[str, None] = {}
+    for n in graph.node:
+        if n.op_type in OP_TYPES and n.name not in skip and (not keep or n.name in keep):
+            names |= {t: None for t in (*n.input, *n.output) if t and t not in weights}
+    return list(names)
 
 
-def stride_for(count: int, wanted: int = 8) -> int:
-    """The largest stride <= wanted that divides count (ORT refuses a stride that does not)."""
-    return next(s for s in range(min(wanted, count), 0, -1) if count % s == 0)
+def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str], target: Path) -> None:
+    """Per-tensor min/max of `names` over every feed, written as onnxruntime.quantization's calibration cache.
+
+    Our own pass rather than quantize_static's calibrator, which holds two copies of the model beside its
+    session and reduces the float-kept nodes' tensors too: on SD 1.5 it ran a 24 GB machine out of memory.
+    Here the graph is read without its weights and gains a ReduceMin/ReduceMax pair per tensor. One session
+    over the source's own external data runs the feeds, keeping a running min and max. The result is MinMax
+    calibration, as ORT's calibrator computes it (tested equal).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
+
+    if not feeds:
+        raise ValueError("calibration needs at least one recorded UNet input")
+    model = onnx.load(str(source), load_external_data=False)
+    reduced: list[str] = []
+    for i, name in enumerate(names):
+        for op in ("ReduceMin", "ReduceMax"):  # no axes: the whole tensor, every opset
+            out = f"calibration/{i}/{op}"
+            model.graph.node.append(helper.make_node(op, [name], [out], name=out, keepdims=0))
+            model.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+            reduced.append(out)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # the graph goes in as bytes; its weights are read from the source's folder, never copied
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(source.resolve().parent))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del model
+    low = np.full(len(names), np.inf, dtype=np.float32)
+    high = np.full(len(names), -np.inf, dtype=np.float32)
+    for feed in feeds:
+        values = np.asarray(session.run(reduced, feed), dtype=np.float32).reshape(len(names), 2)
+        low, high = np.fmin(low, values[:, 0]), np.fmax(high, values[:, 1])  # fmin/fmax: NaN never wins
+    ranges = {n: (low[i : i + 1].copy(), high[i : i + 1].copy()) for i, n in enumerate(names)}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), target)
+
+
+QUANTIZER_MIN = (1, 27)  # quantize_static's calibration_cache_path, which calibrate() feeds
+
+
+def check_quantizer(version: str | None = None) -> None:
+    """--precision int8 needs onnxruntime 1.27 or newer; said before any model is exported, not after."""
+    from .calibration import CalibrationError
+
+    if version is None:
+        import onnxruntime
+
+        version = onnxruntime.__version__
+    if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < QUANTIZER_MIN:
+        raise CalibrationError(
+            f"--precision int8 needs onnxruntime >= {'.'.join(map(str, QUANTIZER_MIN))} (its quantizer reads our calibration "
+            f"ranges from a cache file), found {version}: pip install -U 'onnxruntime>={'.'.join(map(str, QUANTIZER_MIN))}'"
+        )
 
 
 @contextmanager
@@ -174,30 +222,34 @@ def quantize(
 ) -> None:
     """fp32 ONNX at `source` -> QDQ ONNX at `target`. `ranges`: a calibration cache file, computed from
     `feeds` when absent and reused when present (the sweep's one-node quantizations share it)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    reader = FeedReader(feeds)
-    # past protobuf's 2 GB (a full-size UNet) the quantizer's augmented and output models need external data
+    # past protobuf's 2 GB (a full-size UNet) the quantizer's output model needs external data
     external = source.with_name(source.name + ".data").exists() or source.stat().st_size > LARGE
-    extra = {"CalibStridedMinMax": stride_for(len(reader)), **dict(where.extra)}
-    with quiet_quantizer():
-        quantize_static(
-            str(source),
-            str(target),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(OP_TYPES),
-            per_channel=True,
-            reduce_range=where.reduce_range,
-            activation_type=getattr(QuantType, where.activation),
-            weight_type=getattr(QuantType, where.weight),
-            nodes_to_quantize=list(only),
-            nodes_to_exclude=list(exclude),
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options=extra,
-            calibration_cache_path=str(ranges) if ranges is not None else None,
-            use_external_data_format=external,
-        )
+    with tempfile.TemporaryDirectory(prefix="int8-quantize-") as tmp:
+        cache = ranges if ranges is not None else Path(tmp) / "ranges.json"
+        if not cache.is_file():
+            names = calibration_tensors(onnx.load(str(source), load_external_data=False), exclude, only)
+            calibrate(source, feeds, names, cache)
+        with quiet_quantizer():
+            quantize_static(
+                str(source),
+                str(target),
+                None,  # the ranges come from the cache, always: calibrate() made it
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(OP_TYPES),
+                per_channel=True,
+                reduce_range=where.reduce_range,
+                activation_type=getattr(QuantType, where.activation),
+                weight_type=getattr(QuantType, where.weight),
+                nodes_to_quantize=list(only),
+                nodes_to_exclude=list(exclude),
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options=dict(where.extra),
+                calibration_cache_path=str(cache),
+                use_external_data_format=external,
+            )
 
 
 # ---- measuring ----------------------------------------------------------------------------------------------

@@ -128,6 +128,49 @@ def recorded(bundle_fp32):
         return calibration.record(pipe, calibration.plan(("a red circle",), 1))
 
 
+class Feeds:
+    """onnxruntime.quantization's CalibrationDataReader protocol over recorded feeds."""
+
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def test_calibration_equals_onnxruntimes_own_and_skips_float_nodes(bundle_fp32, recorded, tmp_path):
+    """Our low-memory pass gives the QDQ model quantize_static's own calibrator gives (same scales and zero
+    points), and reduces no tensor that only float nodes read: the attention scores are never calibrated."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    manifest, _ = read_bundle(bundle_fp32)
+    source = bundle_fp32 / manifest.components["unet"].file
+    model = onnx.load(str(source))
+    kept = quantize.float_rules(model)
+    where = quantize.placement("onnxruntime")
+    ranges = tmp_path / "ranges.json"
+    quantize.quantize(source, tmp_path / "ours.onnx", recorded.feeds, where, exclude=sorted(kept), ranges=ranges)
+    with quantize.quiet_quantizer():
+        quantize_static(
+            str(source), str(tmp_path / "theirs.onnx"), Feeds(recorded.feeds), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(quantize.OP_TYPES), per_channel=True, reduce_range=where.reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=sorted(kept),
+            calibrate_method=CalibrationMethod.MinMax,
+        )  # fmt: skip
+    ours, theirs = (onnx.load(str(tmp_path / f"{n}.onnx")).graph for n in ("ours", "theirs"))
+    assert [n.op_type for n in ours.node] == [n.op_type for n in theirs.node]
+    got, want = ({t.name: numpy_helper.to_array(t) for t in g.initializer} for g in (ours, theirs))
+    assert got.keys() == want.keys()
+    for name, value in want.items():  # ranges agree to float32 rounding: a quantized bias may move by one step
+        exact = np.issubdtype(value.dtype, np.integer)
+        np.testing.assert_allclose(got[name], value, rtol=0 if exact else 1e-5, atol=1 if exact else 0, err_msg=name)
+    calibrated = set(json.loads(ranges.read_text())["data"])
+    scores = {n.output[0] for n in model.graph.node if n.name in kept and n.op_type == "MatMul"}
+    assert scores and not scores & calibrated
+    assert calibrated == set(quantize.calibration_tensors(model, exclude=sorted(kept)))
+
+
 def test_the_quantizer_never_modifies_its_source(bundle_fp32, recorded, tmp_path):
     manifest, _ = read_bundle(bundle_fp32)
     source = bundle_fp32 / manifest.components["unet"].file
@@ -161,7 +204,8 @@ def test_the_gate_fails_a_broken_calibration_with_its_figures(bundle_fp32, recor
     target = tmp_path / "broken.onnx"
     quantize.quantize(bundle_fp32 / unet.file, target, broken, quantize.placement("onnxruntime"))
     with Pipeline.load(bundle_fp32) as pipe:
-        figures = int8.measure(pipe, unet, target, calibration.PromptSet("file", ("a red circle",)), lambda _: None)
+        held = int8.held_out(pipe, calibration.PromptSet("file", ("a red circle",)))
+        figures = int8.measure(pipe, unet, target, held, lambda _: None)
     assert figures["passed"] is False
     assert figures["unet"]["worst_bucket_rel_l2"] > int8_gate.MAX_UNET_REL_L2
     with pytest.raises(int8_gate.Int8GateError, match=r"over the quality gate: UNet relative L2 worst bucket \d+\.\d+ .*pixel MAE"):
@@ -219,6 +263,16 @@ def test_calibration_size_zero_is_refused(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_an_onnxruntime_too_old_for_the_quantizer_is_refused_before_any_export(tiny_model, tmp_path, capsys, monkeypatch):
+    import onnxruntime
+
+    quantize.check_quantizer("1.27.0")
+    monkeypatch.setattr(onnxruntime, "__version__", "1.26.2")
+    code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(tmp_path / "b"), "--precision", "int8")
+    assert code == 2 and "--precision int8 needs onnxruntime >= 1.27" in err and "found 1.26.2: pip install -U" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_calibration_prompts_need_int8(tiny_model, prompts_file, tmp_path, capsys):
     code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(tmp_path / "b"), "--calibration-prompts", str(prompts_file))
     assert code == 2 and "--calibration-prompts is for --precision int8, not fp16" in err
@@ -258,3 +312,26 @@ def test_a_unet_past_2gb_is_quantized_and_published_with_external_data(tiny_mode
     assert set(manifest.files) >= {unet.file, unet.file + ".data"}
     with Pipeline.load(out) as pipe:
         assert np.isfinite(pipe.txt2img("a red circle", steps=2, seed=0, output_type="np")).all()
+
+
+def test_the_int8_benchmark_writes_its_figures_and_leaves_the_bundle_alone(bundle_fp32, tmp_path):
+    """benchmarks.int8_unet on the tiny bundle: calibration, quantization (in child processes) and interleaved calls."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    manifest, _ = read_bundle(bundle_fp32)
+    before = sorted(p.name for p in (bundle_fp32 / "unet").iterdir())
+    cmd = ["-m", "benchmarks.int8_unet", "--bundle", str(bundle_fp32), "--steps", "4", "--calls", "2", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("int8-unet-*.json")).read_text())
+    assert result["calibration"]["unet_inputs"] == 4  # one generation, one UNet call per step
+    q = result["quantization"]
+    assert 0 < q["calibration_pass_seconds"] <= q["seconds"] and 0 < q["calibration_pass_peak_rss_bytes"] <= q["peak_rss_bytes"]
+    assert all(len(v) == 2 for v in result["call_seconds"].values())
+    assert 0 < result["size_ratio"] < 0.5 and result["rel_l2_mid_trajectory"] < 0.1
+    assert "| UNet call (median of 2, interleaved) |" in next(tmp_path.glob("int8-unet-*.md")).read_text()
+    assert sorted(p.name for p in (bundle_fp32 / "unet").iterdir()) == before
+    read_bundle(bundle_fp32)  # every hash still matches
