@@ -48,7 +48,7 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     for line in model.report():
         log(line)
     t0 = time.perf_counter()
-    choices = int8_choices(model, options) if precision == "int8" else None
+    choices = int8_choices(model, options, pipelines) if precision == "int8" else None
     with staging(out, options.force, model.source) as work:
         lora.fuse(model, adapters, log)
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
@@ -79,12 +79,22 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     return out
 
 
-def int8_choices(model: SourceModel, options: BuildOptions) -> int8.Int8Choices:
-    """--precision int8's choices, checked before any export work: txt2img drives calibration, so the model must have it."""
+def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str, ...]) -> int8.Int8Choices:
+    """--precision int8's choices, checked before any export work: txt2img drives calibration, so the bundle must have it."""
     if model.kind != "text2image":
         raise ModelError(
             f"--precision int8 calibrates on txt2img sampling runs, and {model.source} is a {model.kind} model, which has none; "
             "build it with --precision fp16 or fp32"
+        )
+    if "txt2img" not in pipelines:
+        why, fix = (
+            (f"{model.source} runs {', '.join(model.pipelines)} only (an SDXL refiner continues from another model's latents)", "")
+            if "txt2img" not in model.pipelines
+            else (f"--pipelines {options.pipelines} leaves it out", "add txt2img to --pipelines, or ")
+        )
+        raise ModelError(
+            f"--precision int8 calibrates on txt2img sampling runs, and this bundle would have none: {why}; "
+            f"{fix}build it with --precision fp16 or fp32"
         )
     is_reference = Path(model.source).resolve() == REFERENCE_MODEL.resolve()
     prompts = calibration.prompt_set(options.calibration_prompts, is_reference, options.calibration_size)

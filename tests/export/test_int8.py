@@ -273,6 +273,12 @@ def test_an_onnxruntime_too_old_for_the_quantizer_is_refused_before_any_export(t
     assert not (tmp_path / "b").exists()
 
 
+def test_int8_without_txt2img_in_the_bundle_is_refused(tiny_model, tmp_path, capsys):
+    code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(tmp_path / "b"), "--precision", "int8", "--pipelines", "img2img")
+    assert code == 2 and "--pipelines img2img leaves it out; add txt2img to --pipelines, or build it with --precision fp16 or fp32" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_calibration_prompts_need_int8(tiny_model, prompts_file, tmp_path, capsys):
     code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(tmp_path / "b"), "--calibration-prompts", str(prompts_file))
     assert code == 2 and "--calibration-prompts is for --precision int8, not fp16" in err
