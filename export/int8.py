@@ -118,7 +118,7 @@ def float_nodes(
     """Node name -> why it stays float: the rules, then the `count` most sensitive convs by the sweep."""
     import onnx
 
-    model = onnx.load(str(source))
+    model = onnx.load(str(source), load_external_data=False)  # the graph: a full-size UNet's weights stay on disk
     kept = quantize.float_rules(model)
     if count <= 0:
         # the ranges are computed by the final quantization itself
@@ -126,8 +126,7 @@ def float_nodes(
     names = quantize.candidates(model, kept)
     t0 = time.perf_counter()
     if not ranges.exists():  # one calibration pass; the one-node quantizations and the final one reuse its ranges
-        with tempfile.TemporaryDirectory(prefix="int8-ranges-") as tmp:
-            quantize.quantize(source, Path(tmp) / "all.onnx", feeds, where, exclude=sorted(kept), ranges=ranges)
+        quantize.calibrate(source, feeds, quantize.calibration_tensors(model, exclude=sorted(kept)), ranges)
     errors, record = quantize.sensitivity(source, feeds, where, names, ranges, log, calibration_id)
     for name in quantize.most_sensitive(errors, count):
         kept[name] = f"sensitive: relative L2 {errors[name]:.4f} when quantized alone"
