@@ -69,5 +69,12 @@ class OrtEngine:
 
     def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.component, feed)
+        if self.session is None:
+            raise BundleError(f"{self.component.name}: this ONNX Runtime engine was closed; load the bundle again")
         values = self.session.run(self._output_names, dict(feed))
         return dict(zip(self._output_names, values))
+
+    def close(self) -> None:
+        """Drop the session: its weights and activation arena are freed now, not whenever the garbage collector
+        breaks a reference cycle (SD 1.5's pipeline held 9 GB past its with-block until gc ran). Safe to call twice."""
+        self.session = None
