@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,17 +32,12 @@ def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], 
     import onnx
 
     from export import quantize
-    from export.onnx_export import onnx_files
 
     where = quantize.placement("onnxruntime")
     model = onnx.load(source, load_external_data=False)
     kept = quantize.float_rules(model)
     with tempfile.TemporaryDirectory(prefix="int8-bench-") as tmp:
-        # a copy, as --precision int8 quantizes one: the quantizer writes its shape-inferred model beside its input
-        (Path(tmp) / "fp32").mkdir()
-        for f in onnx_files(Path(source)):
-            shutil.copyfile(f, Path(tmp) / "fp32" / f.name)
-        copy = Path(tmp) / "fp32" / Path(source).name
+        copy = quantize.working_copy(Path(source), Path(tmp) / "fp32")
         ranges = Path(tmp) / "ranges.json"
         t0 = time.perf_counter()
         quantize.calibrate(copy, feeds, quantize.calibration_tensors(model, exclude=sorted(kept)), ranges)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,11 +49,8 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
     staged = work / unet.file
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp_name:
         tmp = Path(tmp_name)
-        (tmp / "fp32").mkdir()
+        source = quantize.working_copy(staged, tmp / "fp32")
         (tmp / "int8").mkdir()
-        for f in onnx_files(staged):  # the quantizer and the sweep read this copy (external data beside it)
-            shutil.copyfile(f, tmp / "fp32" / f.name)
-        source = tmp / "fp32" / staged.name
         target = tmp / "int8" / staged.name
         with Pipeline.load(work, device="cpu", verify=False) as pipe:
             t0 = time.perf_counter()

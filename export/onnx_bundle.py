@@ -89,11 +89,10 @@ def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str
             "build it with --precision fp16 or fp32"
         )
     if "txt2img" not in pipelines:
-        why, fix = (
-            (f"{model.source} runs {', '.join(model.pipelines)} only (an SDXL refiner continues from another model's latents)", "")
-            if "txt2img" not in model.pipelines
-            else (f"--pipelines {options.pipelines} leaves it out", "add txt2img to --pipelines, or ")
-        )
+        if "txt2img" in model.pipelines:
+            why, fix = f"--pipelines {options.pipelines} leaves it out", "add txt2img to --pipelines, or "
+        else:
+            why, fix = f"{model.source} runs {', '.join(model.pipelines)} only (an SDXL refiner continues from another model's latents)", ""
         raise ModelError(
             f"--precision int8 calibrates on txt2img sampling runs, and this bundle would have none: {why}; "
             f"{fix}build it with --precision fp16 or fp32"

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -186,6 +187,17 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], names: Seque
         low, high = np.fmin(low, values[:, 0]), np.fmax(high, values[:, 1])  # fmin/fmax: NaN never wins
     ranges = {n: (low[i : i + 1].copy(), high[i : i + 1].copy()) for i, n in enumerate(names)}
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), target)
+
+
+def working_copy(source: Path, folder: Path) -> Path:
+    """`source` (and its external data) copied into `folder`, which is made: what quantize() and the sweep read,
+    since quantize_static writes a shape-inferred model beside its input and a bundle is never written into."""
+    from .onnx_export import onnx_files
+
+    folder.mkdir(parents=True)
+    for f in onnx_files(source):
+        shutil.copyfile(f, folder / f.name)
+    return folder / source.name
 
 
 QUANTIZER_MIN = (1, 27)  # quantize_static's calibration_cache_path, which calibrate() feeds
