@@ -89,6 +89,7 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         "default: recognised from the checkpoint's keys and shapes (SD 2.x as the 768 v-prediction model)",
     )
     add_int8_flags(p)
+    add_lever_flags(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -107,6 +108,27 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         metavar="RANK",
         help="give the UNet and text encoder LoRA slots of this rank (their attention and transformer layers take low-rank "
         "matrices as inputs), so Pipeline.set_lora switches adapters at run time without a rebuild; default: none",
+    )
+
+
+def add_lever_flags(p: argparse.ArgumentParser) -> None:
+    """The optional speed levers: a tiny VAE, DeepCache's UNets."""
+    p.add_argument(
+        "--tiny-vae",
+        type=Path,
+        metavar="DIR",
+        help="also export this diffusers AutoencoderTiny folder (TAESD: taesd for SD 1.x/2.x, taesdxl for SDXL; the reference "
+        "model's: models/shapes-ldm-taesd) as vae_decoder_tiny (and vae_encoder_tiny for img2img/inpaint); tasks pick it "
+        "with decoder='tiny'",
+    )
+    p.add_argument(
+        "--deepcache",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="BRANCH",
+        help="also export DeepCache's UNets (the full UNet returning its deep feature, and a shallow UNet reusing it), so "
+        "tasks take cache_interval=N; BRANCH: where the shallow UNet rejoins (default 0, the shallowest)",
     )
 
 
@@ -177,6 +199,8 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--calibration-prompts", args.calibration_prompts),
         ("--calibration-size", args.calibration_size),
         ("--int8-float-convs", args.int8_float_convs),
+        ("--tiny-vae", args.tiny_vae),
+        ("--deepcache", args.deepcache is not None),
     )
     clashes = [flag for flag, v in given if v]
     if clashes or args.batch_size != 1:

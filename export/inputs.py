@@ -44,7 +44,7 @@ def _value(t: TensorSpec, component_name: str, vae_scaling_factor: float, rng: n
         return np.full(t.shape, 20)
     if t.name == "latent_sample":  # what the VAE decoder meets: unit-normal latents, unscaled
         return rng.standard_normal(t.shape) / vae_scaling_factor
-    if t.name == "sample" and component_name == "vae_encoder":  # an image
+    if t.name == "sample" and component_name.startswith("vae_encoder"):  # an image (the full or the tiny encoder's)
         return rng.uniform(-1, 1, t.shape)
     if t.name.startswith("lora_"):  # LoRA slot matrices: small, as trained adapters' updates are next to the weights
         return 0.02 * rng.standard_normal(t.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from runtime.levers import Levers
 from runtime.manifest import (
     Component,
     GuidanceInfo,
@@ -31,6 +32,7 @@ def manifest_for(
     guidance: str,
     pipelines: tuple[str, ...] = ("txt2img",),
     lora: LoraInfo | None = None,
+    levers: Levers | None = None,
 ) -> Manifest:
     """Everything the runtime needs to drive the exported components, from the model folder's own configs."""
     upscale = None
@@ -66,5 +68,6 @@ def manifest_for(
         components=components,
         upscale=upscale,
         lora=lora,
+        levers=levers or Levers(),
         sdxl=model.family.info(model) if isinstance(model.family, StableDiffusionXL) else None,
     )

@@ -7,9 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from runtime.levers import DeepCacheInfo, Levers
 from runtime.manifest import Component, Manifest
 
-from . import calibration, int8, lora, onnx_export
+from . import calibration, deepcache, int8, lora, onnx_export, preview_map, tiny_vae
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
 from .inputs import fixed_inputs
 from .manifest_writer import manifest_for
@@ -54,9 +55,11 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
         specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
+        lever_specs, levers = speed_levers(model, options, specs, pipelines, height=height, width=width, batch=batch)
+        specs += lever_specs
         exported = "fp32" if precision == "int8" else precision  # int8: the UNet is quantized from its fp32 export
         needed = needed_components(pipelines, tuple(s.name for s in specs if s.name.startswith("text_encoder")))
-        needed_specs = [s for s in specs if s.name in needed]
+        needed_specs = [s for s in specs if s.name in needed | {s.name for s in lever_specs}]
         shared = shared_weights(needed_specs)
         components = {}
         for s in needed_specs:
@@ -68,7 +71,7 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         def manifest(precision: str) -> Manifest:
             return manifest_for(
                 model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-                pipelines=pipelines, lora=info,
+                pipelines=pipelines, lora=info, levers=levers,
             )  # fmt: skip
 
         write_manifest(work, manifest(exported))
@@ -79,6 +82,26 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
             write_manifest(work, manifest(precision))
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
     return out
+
+
+def speed_levers(
+    model: SourceModel, options: BuildOptions, specs: list[onnx_export.ComponentSpec], pipelines: tuple[str, ...], *,
+    height: int, width: int, batch: int,
+) -> tuple[list[onnx_export.ComponentSpec], Levers]:  # fmt: skip
+    """The optional components (--tiny-vae, --deepcache) and the manifest's record of them, with the latent preview map
+    every bundle gets."""
+    extra: list[onnx_export.ComponentSpec] = []
+    tiny_info = cache_info = None
+    if options.tiny_vae is not None:
+        tiny = tiny_vae.load_tiny_vae(Path(options.tiny_vae), model)
+        encodes = bool({"img2img", "inpaint"} & set(pipelines))
+        extra += tiny_vae.tiny_vae_specs(tiny, height=height, width=width, batch=batch, factor=model.vae_factor, encoder=encodes)
+        tiny_info = tiny_vae.tiny_vae_info(Path(options.tiny_vae), tiny)
+    if options.deepcache is not None:
+        unet_spec = next(s for s in specs if s.name == "unet")
+        extra += deepcache.deepcache_specs(unet_spec, model.unet, options.deepcache)
+        cache_info = DeepCacheInfo(options.deepcache)
+    return extra, Levers(tiny_info, preview_map.fit_preview(model.vae, model.vae_factor), cache_info)
 
 
 def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str, ...]) -> int8.Int8Choices:
@@ -112,7 +135,7 @@ def export_component(
     the module's torch weights are freed once the ONNX is written; the gate is the same (fp32 torch reference,
     computed before the cast). Only for a module no other component shares.
     """
-    feed = fixed_inputs(spec.inputs, spec.name, float(model.vae.config.scaling_factor))
+    feed = fixed_inputs(spec.inputs, spec.name, spec.latent_scale or float(model.vae.config.scaling_factor))
     family_note = model.family.precision_note(model, spec.name)
     if precision == "fp16" and not family_note:  # the overflow check rides on the reference's forward pass
         reference, peak = reference_and_peak(spec, feed)

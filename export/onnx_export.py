@@ -29,6 +29,7 @@ class ComponentSpec:
     module: Any  # torch.nn.Module
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    latent_scale: float | None = None  # the scaling factor its latent input is divided by, where not the model VAE's
 
 
 def wrap(module: Any, fn: Callable[..., Any]) -> Any:

@@ -40,6 +40,8 @@ class BuildOptions:
     calibration_prompts: Path | None = None
     calibration_size: int = 32
     int8_float_convs: int = 10
+    tiny_vae: Path | None = None  # a diffusers AutoencoderTiny folder exported beside the full VAE (decoder="tiny")
+    deepcache: int | None = None  # DeepCache's shallow UNet cut at this branch, beside the full UNet (cache_interval=N)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -56,6 +58,7 @@ class BuildOptions:
             raise ValueError(f"unknown guidance mode {self.guidance!r}: choose one of auto, {', '.join(GUIDANCE_MODES)}")
         object.__setattr__(self, "lora", tuple(self.lora))  # argparse's append gives a list
         self.check_lora()
+        self.check_levers()
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
 
     def check_lora(self) -> None:
@@ -79,6 +82,21 @@ class BuildOptions:
             raise ValueError(
                 "--lora-slots with --precision int8 is not supported: fuse the adapter with --lora, or build slots in fp16 or fp32"
             )
+
+    def check_levers(self) -> None:
+        """--tiny-vae names a folder; --deepcache is a branch >= 0 and not combined with what its UNets cannot follow."""
+        if self.tiny_vae is not None and not Path(self.tiny_vae).is_dir():
+            raise ValueError(
+                f"--tiny-vae {self.tiny_vae} is not a folder: pass a diffusers AutoencoderTiny folder (config.json + safetensors)"
+            )
+        if self.deepcache is None:
+            return
+        if isinstance(self.deepcache, bool) or not isinstance(self.deepcache, int) or self.deepcache < 0:
+            raise ValueError(f"--deepcache takes a branch number >= 0 (default 0), got {self.deepcache!r}")
+        if self.precision == "int8":
+            raise ValueError("--deepcache with --precision int8 is not supported (calibration covers the full UNet only): use fp16 or fp32")
+        if self.lora_slots:
+            raise ValueError("--deepcache with --lora-slots is not supported (the caching UNets take no slots): fuse adapters with --lora")
 
     def check_int8(self) -> None:
         """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""

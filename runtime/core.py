@@ -12,14 +12,18 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
+from . import decoders
 from . import images as img
+from .deepcache import CachedUNet, StepAware, check_interval
 from .engine import Engine, cast_feed, load_engine
 from .errors import BundleError, Cancelled, NonFiniteError
 from .families import Family, open_family
 from .feed import check_finite
 from .guidance import Extra, guided
+from .levers import DEEP_UNET, SHALLOW_UNET, TINY_DECODER
 from .lora import LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
 from .manifest import BundleState, Component, Manifest, read_bundle, rebuild_hint
+from .preview import PreviewCallback, Recorder, check_every, linear_preview
 from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
 
 if TYPE_CHECKING:
@@ -47,6 +51,13 @@ class Sampling(TypedDict, total=False):
     then any noise the sampler adds. scheduler: a sampler name (default: the one the model's
     scheduler config names). eta: DDIM's and TCD's stochasticity (an error for samplers without it).
     callback(step, total, t) runs after every step, steps numbered 1..total; returning False cancels.
+    decoder: 'full' or 'tiny' (a bundle built with --tiny-vae; default: full where the bundle has it), for the final
+    images and, in img2img/inpaint, the encoder too where the tiny VAE has one.
+    cache_interval: DeepCache (a bundle built with --deepcache): the full UNet every that many steps, the shallow one
+    reusing its deep feature in between (1, the default: every step full).
+    preview(step, total, images) gets the current estimate of the final image every `preview_every` steps (and after
+    the last): float32 (B, h, w, 3) in [0, 1], from the tiny decoder where the bundle has one, else from the bundle's
+    linear latent-to-RGB map (an image at the latents' resolution).
     """
 
     steps: int
@@ -56,6 +67,10 @@ class Sampling(TypedDict, total=False):
     scheduler: str | None
     eta: float | None
     callback: Progress
+    decoder: str | None
+    cache_interval: int
+    preview: PreviewCallback | None
+    preview_every: int
 
 
 FEW_STEP_SAMPLERS = ("lcm", "tcd")
@@ -82,6 +97,7 @@ class TaskOptions(Sampling, SdxlConditioning, total=False):
 
 DEFAULTS: Sampling = {
     "steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": None, "scheduler": None, "eta": None, "callback": None,
+    "decoder": None, "cache_interval": 1, "preview": None, "preview_every": 1,
 }  # fmt: skip
 
 
@@ -106,6 +122,11 @@ def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not np.isfinite(value):
             raise NonFiniteError(f"{name} is {value}: it must be a finite number (NaN/inf would turn every latent into NaN)")
+    decoders.check_decoder(options["decoder"])
+    check_interval(options["cache_interval"])
+    check_every(options["preview_every"])
+    if options["preview"] is not None and not callable(options["preview"]):
+        raise TypeError(f"preview must be a callable preview(step, total, images), got {type(options['preview']).__name__}")
     return options
 
 
@@ -213,7 +234,9 @@ class Core:
     @classmethod
     def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool) -> Self:
         options: dict[str, Any] = {"device": device} if device else {}
-        missing = [c for c in NEEDED if c not in manifest.components]  # the text encoders are the family's to open
+        components = manifest.components
+        # the text encoders are the family's to open; a bundle with only the tiny VAE decoder decodes with it
+        missing = [c for c in NEEDED if c not in components and not (c == "vae_decoder" and TINY_DECODER in components)]
         if missing:
             raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `{rebuild_hint(bundle, manifest)}`")
         if cuda_graph and manifest.components["unet"].format != "plan":
@@ -225,7 +248,7 @@ class Core:
         engines = {
             name: load_engine(c, bundle, **_engine_options(c, options), **(graph if name == "unet" else {}))
             for name, c in manifest.components.items()
-            if name in NEEDED
+            if name in NEEDED or (name == TINY_DECODER and "vae_decoder" not in components)
         }
         return cls(bundle, manifest, engines, options)
 
@@ -370,16 +393,32 @@ class Core:
         """
         prompts = self.prompts(prompt, "prompt")  # checked before the negatives: an empty prompt is the likelier mistake
         negatives = self.prompts(negative_prompt, "negative_prompt")
-        return guided(
-            self.engines["unet"], self.family, self.manifest.guidance_info, prompts, negatives,
+        unet: Engine | CachedUNet = self.engines["unet"]
+        if options["cache_interval"] > 1:
+            unet = self.cached_unet(options["cache_interval"])
+        model = guided(
+            unet, self.family, self.manifest.guidance_info, prompts, negatives,
             options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, conditioning,
         )  # fmt: skip
+        return StepAware(model, unet) if isinstance(unet, CachedUNet) else model
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> float32 images (B, H, W, 3) in [0, 1]; NaN (fp16 overflow) is an error, not a black image."""
+    def cached_unet(self, interval: int) -> CachedUNet:
+        """DeepCache's UNet pair behind the plain UNet's interface; a bundle built without them is refused, with the fix."""
+        if DEEP_UNET not in self.manifest.components or SHALLOW_UNET not in self.manifest.components:
+            raise BundleError(
+                f"cache_interval={interval}: bundle {self.bundle} has no DeepCache UNets (built without --deepcache); "
+                f"rebuild it with them: `{self.rebuild(deepcache=0)}`, or use cache_interval=1"
+            )
+        return CachedUNet(self.engines["unet"].component, self.engine(DEEP_UNET), self.engine(SHALLOW_UNET), interval)
+
+    def decode(self, latents: np.ndarray, decoder: str | None = None) -> np.ndarray:
+        """Latents -> float32 images (B, H, W, 3) in [0, 1]; NaN (fp16 overflow) is an error, not a black image.
+
+        decoder: 'full' or 'tiny' (see decoders.resolve for the default)."""
         self.check_latents(latents, "the latents given to the VAE decoder")
-        vae = self.engines["vae_decoder"]
-        feed = cast_feed(vae.component, {"latent_sample": latents / self.manifest.vae.scaling_factor})
+        name, scaling = decoders.decoder_component(self.bundle, self.manifest, decoder)
+        vae = self.engine(name)
+        feed = cast_feed(vae.component, {"latent_sample": latents / scaling})
         out = np.asarray(vae(feed)["sample"])
         try:
             check_finite(vae.component, feed, out)
@@ -399,10 +438,17 @@ class Core:
             hint = f"; rebuild in fp32 with `{rebuild_hint(self.bundle, self.manifest, precision='fp32')}`"
         return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow)
 
-    def encode_image(self, image: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise."""
-        enc = self.engine("vae_encoder")
+    def encode_image(self, image: np.ndarray, noise: np.ndarray, decoder: str | None = None) -> np.ndarray:
+        """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise; with
+        decoder='tiny' and a tiny encoder in the bundle, its latents (deterministic: `noise` is not used)."""
+        name = decoders.encoder_component(self.manifest, decoder)
+        enc = self.engine(name)
         feed = cast_feed(enc.component, {"sample": image})
+        if name != decoders.FULL_ENCODER:
+            out = np.asarray(enc(feed)["latents"], dtype=np.float64)
+            check_finite(enc.component, feed, out)
+            tiny = self.manifest.levers.tiny_vae
+            return (out * (tiny.scaling_factor if tiny else 1.0)).astype(np.float32)
         params = np.asarray(enc(feed)["latent_parameters"], dtype=np.float64)
         try:
             check_finite(enc.component, feed, params)
@@ -439,9 +485,16 @@ class Core:
             self.check_latents(init, "the encoded image latents")
         done = [start]  # schedule steps finished, advanced by the callback the sampler calls after each step
         user_callback = _step_callback(options["callback"], start, end or steps)
+        step_done = getattr(model, "step_done", None)  # DeepCache's schedule counts steps
+        recorder = Recorder(model) if options["preview"] is not None else None
+        model = recorder or model
 
         def on_step(i: int, t: float, x: np.ndarray) -> None:
             done[0] = i + 1
+            if step_done is not None:
+                step_done()
+            if recorder is not None:
+                self._preview(recorder, options, i + 1 - start, (end or steps) - start)
             if user_callback is not None:
                 user_callback(i, t, x)
             if end is not None and i + 1 >= end:
@@ -472,6 +525,22 @@ class Core:
         if not np.isfinite(latents).all():
             raise NonFiniteError(f"the {name} sampler's last update (eta={options['eta']}) produced NaN/inf from finite model outputs")
         return latents
+
+    def _preview(self, recorder: Recorder, options: Sampling, step: int, total: int) -> None:
+        """Every preview_every steps and after the last, the caller's preview gets the current x0 estimate as images."""
+        preview = options["preview"]
+        if preview is None or (step % options["preview_every"] and step != total):
+            return
+        x0 = recorder.estimate(self.schedule.alphas_cumprod, self.schedule.prediction_type)
+        if x0 is None:
+            return
+        if TINY_DECODER in self.manifest.components and self.manifest.levers.tiny_vae is not None:
+            images = self.decode(x0, "tiny")
+        elif self.manifest.levers.preview is not None:
+            images = linear_preview(x0, self.manifest.levers.preview)
+        else:  # a bundle exported before previews existed: the full decoder, which costs what it costs
+            images = self.decode(x0, "full")
+        preview(step, total, images)
 
     def timesteps(self, options: Sampling) -> list[float]:
         """The timestep of each step the sampler will run: a dry run of it with a zero model on a 1x1 latent."""
@@ -508,12 +577,14 @@ class Core:
             )
         return len(ts) - kept
 
-    def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
+    def finish(
+        self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None, decoder: str | None = None
+    ) -> Images:
         """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""
         if output_type == "latent":
             self.check_latents(latents, "the final latents")
             return latents
-        images = self.decode(latents)
+        images = self.decode(latents, decoder)
         if keep is not None:
             images = img.composite(images, *keep)
         return images if output_type == "np" else img.to_pil(images)

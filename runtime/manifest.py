@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import BundleError
+from .levers import Levers
 
 SCHEMA = "ldm-deploy/bundle"
 SCHEMA_VERSION = 2
@@ -347,6 +348,7 @@ class Manifest:
     tensorrt: TensorRTInfo | None = None
     lora: LoraInfo | None = None  # adapters fused at export and/or LoRA slots; None: the base model, no slots
     sdxl: SdxlInfo | None = None  # family "sdxl" only
+    levers: Levers = field(default_factory=Levers)  # tiny VAE, preview map, DeepCache (runtime.levers)
 
     @property
     def guidance(self) -> str:
@@ -397,6 +399,8 @@ class Manifest:
             out["lora"] = self.lora.to_json()
         if self.sdxl is not None:
             out["sdxl"] = self.sdxl.to_json()
+        if self.levers.to_json():
+            out["levers"] = self.levers.to_json()
         out["files"] = dict(self.files)
         return out
 
@@ -478,6 +482,7 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
         ) if trt else None,
         lora=LoraInfo.from_json(raw["lora"]) if raw.get("lora") else None,
         sdxl=SdxlInfo.from_json(sdxl) if sdxl is not None else None,
+        levers=Levers.from_json(raw.get("levers")),
     )  # fmt: skip
 
 
@@ -579,6 +584,7 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
     lora = manifest.lora or LoraInfo()
     if lora.slot_rank:
         flags["--lora-slots"] = str(lora.slot_rank)
+    flags.update(manifest.levers.rebuild_flags())
     fused = [f"{a.file}:{a.scale!r}" for a in lora.fused]
     for key, value in changes.items():
         if key == "lora":  # FILE:SCALE specs in place of the fused adapters (an empty list: none)

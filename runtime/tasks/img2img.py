@@ -52,6 +52,7 @@ def img2img(
         init = pipe.draw(image, rng, shape, "image (latents handed over for denoising_start)")
     else:
         pixels = img.image_tensor(image, (pipe.height, pipe.width), pipe.batch_size, resize=resize, rebuild=pipe.rebuild)
-        init = pipe.encode_image(pixels, pipe.draw(encoder_noise, rng, shape, "encoder_noise"))
+        init = pipe.encode_image(pixels, pipe.draw(encoder_noise, rng, shape, "encoder_noise"), options["decoder"])
     model = pipe.guided_model(prompt, negative_prompt, options, conditioning=conditioning)
-    return pipe.finish(pipe.denoise(model, noise, options, rng, init=init, start=start, resume=handoff), output_type)
+    latents = pipe.denoise(model, noise, options, rng, init=init, start=start, resume=handoff)
+    return pipe.finish(latents, output_type, decoder=options["decoder"])

@@ -58,11 +58,11 @@ def inpaint(
     rng = np.random.default_rng(options["seed"])
     noise = pipe.draw(latents, rng, shape, "latents")
     posterior = pipe.draw(encoder_noise, rng, shape, "encoder_noise")
-    image_latents = pipe.encode_image(pixels, posterior) if (strength < 1 or not dedicated) else None
+    image_latents = pipe.encode_image(pixels, posterior, options["decoder"]) if (strength < 1 or not dedicated) else None
     latent_mask = img.downsample_nearest(mask, shape[2:])
     extra, known = None, None
     if dedicated:
-        masked = pipe.encode_image(pixels * (mask < 0.5), posterior)
+        masked = pipe.encode_image(pixels * (mask < 0.5), posterior, options["decoder"])
         extra = {"channels": np.concatenate([latent_mask, masked], axis=1)}
     else:
         known = Known(image_latents, latent_mask)  # type: ignore[arg-type]
@@ -70,7 +70,7 @@ def inpaint(
     init = image_latents if strength < 1 else None
     x = pipe.denoise(model, noise, options, rng, init=init, start=start, known=known)
     paste = (not dedicated) if composite is None else composite
-    return pipe.finish(x, output_type, ((pixels.transpose(0, 2, 3, 1) + 1) / 2, mask) if paste else None)
+    return pipe.finish(x, output_type, ((pixels.transpose(0, 2, 3, 1) + 1) / 2, mask) if paste else None, options["decoder"])
 
 
 def _unchanged(pipe: Core, pixels: np.ndarray, output_type: str) -> Images:

@@ -41,4 +41,4 @@ def txt2img(
     noise = pipe.draw(latents, rng, pipe.manifest.latent_shape, "latents")
     end = pipe.end_step(options, denoising_end)
     model = pipe.guided_model(prompt, negative_prompt, options, conditioning=conditioning)
-    return pipe.finish(pipe.denoise(model, noise, options, rng, end=end), output_type)
+    return pipe.finish(pipe.denoise(model, noise, options, rng, end=end), output_type, decoder=options["decoder"])

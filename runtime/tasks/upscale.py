@@ -82,4 +82,4 @@ def upscale(
         "class_labels": np.full(batch, level, dtype=np.int64),
     }
     model = pipe.guided_model(prompt, negative_prompt, options, extra, conditioning=conditioning)
-    return pipe.finish(pipe.denoise(model, noise, options, rng), output_type)
+    return pipe.finish(pipe.denoise(model, noise, options, rng), output_type, decoder=options["decoder"])

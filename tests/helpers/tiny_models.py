@@ -176,3 +176,19 @@ def _save_upscaler(out: Path, sample_size: int) -> Path:
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def make_tiny_taesd(out: Path, *, levels: int = 4, seed: int = 0) -> Path:
+    """A random diffusers AutoencoderTiny (TAESD's architecture) at toy width; `levels` stages: factor 2 ** (levels - 1)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    tiny = AutoencoderTiny(
+        encoder_block_out_channels=(8,) * levels,
+        decoder_block_out_channels=(8,) * levels,
+        num_encoder_blocks=(1,) * levels,
+        num_decoder_blocks=(1,) * levels,
+    )
+    tiny.save_pretrained(out, safe_serialization=True)
+    return out
