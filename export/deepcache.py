@@ -104,25 +104,27 @@ def deepcache_specs(unet_spec: ComponentSpec, unet: Any, branch: int) -> list[Co
     inputs = unet_spec.inputs
     if inputs[2].name != "encoder_hidden_states":
         raise ValueError(f"--deepcache: the UNet's third input is {inputs[2].name}, not encoder_hidden_states")
-    keywords = [t.name for t in inputs[3:]]  # after sample, timestep, encoder_hidden_states
+    names = [t.name for t in inputs]
     b2, _, h, w = inputs[0].shape
     feature = TensorSpec(DEEP_FEATURE, (b2, feature_channels(unet, branch), h, w), "float32")
-
-    def kwargs(more: tuple[Any, ...]) -> dict[str, Any]:
-        return dict(zip(keywords, more))
+    # SDXL's outermost blocks have no cross-attention: its shallow UNet reads no text context (an ONNX input it would
+    # not use is dropped by the exporter, so the spec leaves it out too)
+    reads_text = any(getattr(b, "has_cross_attention", False) for b in (unet.down_blocks[0], unet.up_blocks[-1]))
+    shallow_inputs = tuple(t for t in inputs if reads_text or t.name != "encoder_hidden_states") + (feature,)
 
     class Deep(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inner = unet
 
-        def forward(self, x: Any, t: Any, context: Any, *more: Any) -> Any:
-            given = kwargs(more)
+        def forward(self, *args: Any) -> Any:
+            given = dict(zip(names, args))
+            x, t = given.pop("sample"), given.pop("timestep")
             added = {k: given.pop(k) for k in ADDED_CONDITIONS if k in given}
 
             def call() -> Any:
                 extra = {"added_cond_kwargs": added} if added else {}
-                return self.inner(x, t, encoder_hidden_states=context, **given, **extra, return_dict=False)[0]
+                return self.inner(x, t, **given, **extra, return_dict=False)[0]
 
             return full_with_feature(self.inner, branch, call)
 
@@ -131,11 +133,12 @@ def deepcache_specs(unet_spec: ComponentSpec, unet: Any, branch: int) -> list[Co
             super().__init__()
             self.inner = unet
 
-        def forward(self, x: Any, t: Any, context: Any, *more: Any) -> Any:
-            *rest, cached = more
-            return shallow_forward(self.inner, branch, x, t, context, cached, kwargs(tuple(rest)))
+        def forward(self, *args: Any) -> Any:
+            given = dict(zip([t.name for t in shallow_inputs], args))
+            x, t, cached = given.pop("sample"), given.pop("timestep"), given.pop(DEEP_FEATURE)
+            return shallow_forward(self.inner, branch, x, t, given.pop("encoder_hidden_states", None), cached, given)
 
     return [
         ComponentSpec(DEEP_UNET, Deep().eval(), inputs, (*unet_spec.outputs, feature)),
-        ComponentSpec(SHALLOW_UNET, Shallow().eval(), (*inputs, feature), unet_spec.outputs),
+        ComponentSpec(SHALLOW_UNET, Shallow().eval(), shallow_inputs, unet_spec.outputs),
     ]

@@ -41,7 +41,9 @@ class CachedUNet:
             self.calls["full"] += 1
             return {out_name: out[out_name]}
         self.calls["shallow"] += 1
-        return {out_name: self.shallow({**feed, DEEP_FEATURE: self.feature})[out_name]}
+        wanted = {t.name for t in self.shallow.component.inputs}  # SDXL's shallow UNet reads no text context
+        shallow_feed = {k: v for k, v in {**feed, DEEP_FEATURE: self.feature}.items() if k in wanted}
+        return {out_name: self.shallow(shallow_feed)[out_name]}
 
     def step_done(self) -> None:
         self.steps_done += 1

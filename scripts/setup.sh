@@ -11,6 +11,9 @@ PY=${PYTHON:-python3}
 # Type stubs for the TensorRT code's mypy check. --no-deps: they require the real tensorrt wheel,
 # which only NVIDIA's index serves.
 .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+# DeepCache's own implementation (Ma et al. 2024), the reference the --deepcache tests compare against. --no-deps: it
+# lists an unpinned torch, which would pull the CUDA build; its code needs only the torch and diffusers above.
+.venv/bin/python -m pip install -q --no-deps "DeepCache==0.1.1"
 # The web sample's test drives a real headless browser: Debian's Chromium (Playwright, from the test extra above,
 # launches it; `playwright install` is never run: it downloads browsers). shellcheck lints samples/jetson/setup.sh.
 # Installed only as root and only where missing; elsewhere those tests skip, naming what is missing.

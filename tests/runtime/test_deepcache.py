@@ -1,0 +1,141 @@
+"""--deepcache and cache_interval=N: the runtime's feature caching equals DeepCache's own algorithm (the deepcache
+package's DeepCacheSDHelper on the diffusers pipeline, Ma et al. 2024) on the same model and noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.errors import BundleError
+from runtime.pipeline import initial_latents
+from tests.helpers.tiny_models import make_tiny_sd
+from tests.runtime.test_edit_pipelines import IMAGE, MASK, PROMPT, SCHEDULERS, diffusers_pipe, draws, patch_diffusers_noise
+
+STEPS = 8
+
+
+def build_cached(model: Path, out: Path, **choices) -> Path:
+    from export.build import build
+
+    return build(model, out, precision="fp32", deepcache=0, log=lambda _: None, **choices)
+
+
+@pytest.fixture(scope="module")
+def cached_bundle(tiny_model, tmp_path_factory) -> Path:
+    return build_cached(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-deepcache")
+
+
+def deepcached(pipe, interval: int, branch: int = 0):
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    return pipe
+
+
+def test_shallow_unet_on_the_same_step_reproduces_the_full_unet(tiny_model):
+    """The shallow UNet fed the feature of the same input is the full UNet, exactly: the cut is in the right place."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from export.deepcache import full_with_feature, shallow_forward
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        for branch in (0, 1):
+            out, feature = full_with_feature(unet, branch, lambda: unet(x, t, encoder_hidden_states=ctx).sample)
+            again = shallow_forward(unet, branch, x, t, ctx, feature, {})
+            assert torch.allclose(out, again, atol=1e-5), branch
+
+
+@pytest.mark.parametrize("sampler, interval, guidance", [("ddim", 3, 7.5), ("euler", 2, 3.0), ("dpmpp_2m", 5, 7.5), ("ddim", 1, 7.5)])
+def test_txt2img_matches_deepcache_on_diffusers(tiny_model, cached_bundle, sampler, interval, guidance):
+    import torch
+
+    pipe = runtime.Pipeline.load(cached_bundle)
+    latents = initial_latents(pipe.manifest.latent_shape, seed=11)
+    ours = pipe.txt2img(
+        PROMPT, steps=STEPS, scheduler=sampler, guidance_scale=guidance, latents=latents, output_type="np", cache_interval=interval
+    )
+    ref = deepcached(diffusers_pipe("StableDiffusionPipeline", tiny_model, SCHEDULERS[sampler]), interval)(
+        PROMPT, num_inference_steps=STEPS, guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np"
+    ).images
+    assert ref.std() > 0.01
+    assert np.abs(ours - ref).max() <= 1e-3
+    if interval > 1:
+        plain = pipe.txt2img(PROMPT, steps=STEPS, scheduler=sampler, guidance_scale=guidance, latents=latents, output_type="np")
+        assert np.abs(plain - ours).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
+
+
+def test_img2img_and_inpaint_match_deepcache_on_diffusers(tiny_model, cached_bundle, monkeypatch):
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_module
+
+    pipe = runtime.Pipeline.load(cached_bundle)
+    noise, encoder_noise = draws(pipe.manifest.latent_shape)
+    draws_ = dict(encoder_noise=encoder_noise, output_type="np")
+    ours = pipe.img2img(PROMPT, IMAGE, steps=STEPS, strength=0.7, noise=noise, cache_interval=2, **draws_)
+    patch_diffusers_noise(monkeypatch, img2img_module, noise, encoder_noise)
+    ref = deepcached(diffusers_pipe("StableDiffusionImg2ImgPipeline", tiny_model, "DDIMScheduler"), 2)(
+        PROMPT, image=IMAGE, strength=0.7, num_inference_steps=STEPS, output_type="np"
+    ).images
+    assert np.abs(ours - ref).max() <= 1e-3
+    ours = pipe.inpaint(
+        PROMPT, IMAGE, MASK, steps=STEPS, latents=noise, encoder_noise=encoder_noise, output_type="np", cache_interval=3, composite=False
+    )
+    patch_diffusers_noise(monkeypatch, inpaint_module, noise, encoder_noise)
+    ref = deepcached(diffusers_pipe("StableDiffusionInpaintPipeline", tiny_model, "DDIMScheduler"), 3)(
+        PROMPT, image=IMAGE, mask_image=MASK, num_inference_steps=STEPS, output_type="np"
+    ).images
+    assert np.abs(ours - ref).max() <= 1e-3
+
+
+def test_guidance_embedded_and_none_match_deepcache_on_diffusers(tmp_path, monkeypatch):
+    import torch
+    from diffusers.schedulers import scheduling_lcm
+
+    lcm = make_tiny_sd(tmp_path / "lcm", kind="lcm")
+    pipe = runtime.Pipeline.load(build_cached(lcm, tmp_path / "b-lcm"))
+    latents = initial_latents(pipe.manifest.latent_shape, seed=2)
+    ours = pipe.txt2img(PROMPT, steps=6, guidance_scale=6.0, seed=4, latents=latents, output_type="np", cache_interval=2)
+    rng = np.random.default_rng(4)  # the LCM steps' noise: what our sampler drew, in order
+    draw = lambda shape, **_: torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))  # noqa: E731
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", draw)
+    ref = deepcached(diffusers_pipe("LatentConsistencyModelPipeline", lcm, "LCMScheduler"), 2)(
+        PROMPT, num_inference_steps=6, guidance_scale=6.0, latents=torch.from_numpy(latents), output_type="np"
+    ).images
+    assert np.abs(ours - ref).max() <= 1e-3
+    sd = make_tiny_sd(tmp_path / "sd", seed=1)
+    pipe = runtime.Pipeline.load(build_cached(sd, tmp_path / "b-none", guidance="none"))
+    ours = pipe.txt2img(PROMPT, steps=6, guidance_scale=1.0, latents=latents, output_type="np", cache_interval=3)
+    ref = deepcached(diffusers_pipe("StableDiffusionPipeline", sd, "DDIMScheduler"), 3)(
+        PROMPT, num_inference_steps=6, guidance_scale=1.0, latents=torch.from_numpy(latents), output_type="np"
+    ).images
+    assert np.abs(ours - ref).max() <= 1e-3
+
+
+def test_every_sampler_runs_cached_and_counts_its_calls(cached_bundle):
+    from runtime.sampling import SAMPLERS
+
+    pipe = runtime.Pipeline.load(cached_bundle)
+    for name in sorted(SAMPLERS):
+        if name in ("lcm", "tcd"):  # consistency samplers need a distilled UNet's schedule; covered by the LCM test
+            continue
+        image = pipe.txt2img(PROMPT, steps=6, seed=0, scheduler=name, output_type="np", cache_interval=3)
+        assert np.isfinite(image).all() and image.std() > 0.01, name
+
+
+def test_a_bundle_without_deepcache_says_how_to_build_it(bundle_fp32):
+    pipe = runtime.Pipeline.load(bundle_fp32)
+    with pytest.raises(BundleError, match=r"no DeepCache UNets .* `python -m export.build .*--deepcache 0"):
+        pipe.txt2img(PROMPT, steps=2, cache_interval=3)
+    with pytest.raises(ValueError, match="cache_interval must be a whole number >= 1"):
+        pipe.txt2img(PROMPT, steps=2, cache_interval=0)
+    assert pipe.txt2img(PROMPT, steps=1, cache_interval=1, output_type="np").shape == (1, 64, 64, 3)
