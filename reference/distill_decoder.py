@@ -2,9 +2,10 @@
 
     python -m reference.distill_decoder --out models/shapes-ldm-taesd                 # ~20 min on the 2-core CPU
     python -m reference.distill_decoder --out /tmp/taesd --quick                      # smoke run, seconds
+    python -m reference.distill_decoder --out next --init models/shapes-ldm-taesd     # train a shipped one further
 
-The tiny decoder learns to reproduce the full decoder's images from the same latents: posterior samples
-of the shapes dataset, drawn afresh every step, decoded by the full VAE as the target. The tiny encoder
+The tiny decoder learns to reproduce the full decoder's images from the same latents: one posterior sample
+per image of the shapes dataset, decoded once by the full VAE as the target (flipped at random). The tiny encoder
 learns the full encoder's posterior mean, so img2img and inpaint can use the pair. Both take and give
 latents in the diffusion model's scale (scaling_factor 1.0, as TAESD), so a pipeline swaps it in with
 `vae=AutoencoderTiny.from_pretrained(out)` and `export.build --tiny-vae out` adds it to a bundle.
@@ -13,6 +14,7 @@ latents in the diffusion model's scale (scaling_factor 1.0, as TAESD), so a pipe
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, metavar="S", help="stop training after S seconds (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--seed", type=int, help="data and initialisation seed (default 0)")
+    p.add_argument("--init", type=Path, metavar="DIR", help="start from this AutoencoderTiny folder (one this command wrote)")
     return p
 
 
@@ -86,11 +89,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out {args.out} exists and is not empty; pick a new folder (nothing of yours is overwritten)")
     if not (args.teacher / "vae" / "config.json").is_file():
         parser.error(f"--teacher {args.teacher} has no vae/config.json: pass a diffusers model folder")
+    if args.init is not None and not (args.init / LOG_NAME).is_file():
+        parser.error(f"--init {args.init} has no {LOG_NAME}: pass a folder this command wrote")
     command = "python -m reference.distill_decoder " + shlex.join(sys.argv[1:] if argv is None else argv)
-    run(recipe, args.teacher, args.out, command)
+    run(recipe, args.teacher, args.out, command, args.init)
 
 
-def run(recipe: DecoderRecipe, teacher: Path, out: Path, command: str) -> dict[str, Any]:
+def run(recipe: DecoderRecipe, teacher: Path, out: Path, command: str, init: Path | None = None) -> dict[str, Any]:
     """Train, save `out` (config.json + safetensors + the log), return the log."""
     import diffusers
     import numpy as np
@@ -105,13 +110,20 @@ def run(recipe: DecoderRecipe, teacher: Path, out: Path, command: str) -> dict[s
     started = time.perf_counter()
     full = AutoencoderKL.from_pretrained(teacher / "vae").eval().requires_grad_(False)
     scale = float(full.config.scaling_factor)
-    tiny = AutoencoderTiny(**tiny_config(dict(full.config), recipe)).train()
+    earlier: list[str] = []
+    if init is None:
+        tiny = AutoencoderTiny(**tiny_config(dict(full.config), recipe)).train()
+    else:
+        tiny = AutoencoderTiny.from_pretrained(init).train()
+        earlier = json.loads((init / LOG_NAME).read_text()).get("commands", [])
     images, _ = make_dataset(recipe.n_images, seed=1000 + recipe.seed, workers=1)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    with torch.no_grad():  # the posterior of every image, once: the decoder's inputs are fresh samples of it
+    with torch.no_grad():  # one posterior sample per image and the full decoder's image of it, once
         moments = torch.cat([full.encode(pixels[i : i + 256]).latent_dist.parameters for i in range(0, len(pixels), 256)])
-    mean, logvar = moments.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        mean, logvar = moments.chunk(2, dim=1)
+        inputs = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean)) * scale
+        targets = torch.cat([full.decode(inputs[i : i + 256] / scale).sample for i in range(0, len(inputs), 256)])
+    say(f"{len(inputs)} latents and their full-decoder images ready, {time.perf_counter() - started:.0f}s")
     optimizer = torch.optim.AdamW(tiny.parameters(), lr=recipe.lr, weight_decay=0.0)
     clock, ticker = PhaseClock(recipe.steps, recipe.time_limit), Ticker(10.0)
     rng = np.random.default_rng(recipe.seed)
@@ -121,13 +133,13 @@ def run(recipe: DecoderRecipe, teacher: Path, out: Path, command: str) -> dict[s
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(recipe.lr, step, clock.progress(step), warmup_steps=100, min_ratio=0.02)
         idx = torch.from_numpy(rng.integers(0, len(pixels), recipe.batch_size))
-        latents = (mean[idx] + std[idx] * torch.randn_like(std[idx])) * scale
-        with torch.no_grad():
-            target = full.decode(latents / scale).sample
+        latents, target, image, goal = inputs[idx], targets[idx], pixels[idx], mean[idx] * scale
+        if rng.random() < 0.5:  # a mirrored image has the mirrored latents: twice the data for both halves
+            latents, target, image, goal = (v.flip(-1) for v in (latents, target, image, goal))
         decoded = tiny.decode(latents).sample
-        encoded = tiny.encode(pixels[idx]).latents
+        encoded = tiny.encode(image).latents
         pixel_loss = torch.nn.functional.mse_loss(decoded, target) + torch.nn.functional.l1_loss(decoded, target)
-        latent_loss = torch.nn.functional.mse_loss(encoded, mean[idx] * scale)
+        latent_loss = torch.nn.functional.mse_loss(encoded, goal)
         loss = pixel_loss + recipe.encoder_weight * latent_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +155,7 @@ def run(recipe: DecoderRecipe, teacher: Path, out: Path, command: str) -> dict[s
     tiny.save_pretrained(out, safe_serialization=True)
     log = {
         "status": "complete",
-        "command": command,
+        "commands": [*earlier, command],  # every run that made these weights, the first first
         "teacher": str(teacher),
         "recipe": asdict(recipe),
         "steps_done": step,

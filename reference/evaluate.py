@@ -52,10 +52,13 @@ class Setting:
     scheduler: str
     steps: int
     guidance: float
+    decoder: str = "full"  # the bundle's full VAE decoder, or its tiny one (export.build --tiny-vae)
+    cache_interval: int = 1  # DeepCache: the full UNet every that many steps (export.build --deepcache)
 
     @property
     def slug(self) -> str:
-        return f"{self.scheduler}_{self.steps}steps_g{self.guidance:g}"
+        levers = ("_tiny" if self.decoder == "tiny" else "") + (f"_cache{self.cache_interval}" if self.cache_interval > 1 else "")
+        return f"{self.scheduler}_{self.steps}steps_g{self.guidance:g}{levers}"
 
 
 # (prompts, setting, seed) -> float images (len(prompts), 64, 64, 3) in [0, 1].
@@ -88,11 +91,23 @@ def pipeline_generator(pipe: Any) -> Generate:
                 # One seed per group so groups do not share their initial noise.
                 seed=seed + group_index,
                 output_type="np",
+                **levers(setting),
             )
             out.append(np.asarray(images)[: len(group)])
         return np.concatenate(out)
 
     return generate
+
+
+def levers(setting: Setting) -> dict[str, Any]:
+    """The speed levers a setting asks for, as task keywords (none where it asks for the defaults, so bundles
+    and runtimes without them evaluate as before)."""
+    out: dict[str, Any] = {}
+    if setting.decoder != "full":
+        out["decoder"] = setting.decoder
+    if setting.cache_interval > 1:
+        out["cache_interval"] = setting.cache_interval
+    return out
 
 
 def runtime_generator(bundle: str | Path) -> Generate:
@@ -194,12 +209,16 @@ def evaluate_setting(
 def markdown_table(rows: list[tuple[Setting, dict[str, float]]], n: int, baseline_fid: float) -> str:
     """One row per setting: sampler, steps, guidance, accuracies (%), FID, IS, sec/img."""
     note = f"{n} images per setting; real-vs-real FID at this n (the floor): {baseline_fid:.2f}\n\n"
-    header = "| scheduler | steps | guidance | bg | color | shape | size | position | all | clf all | FID | IS | sec/img |"
+    show = any(levers(s) for s, _ in rows)  # the decoder and cache columns, where a setting uses a lever
+    header = "| scheduler | steps | guidance |" + (" decoder | cache |" if show else "")
+    header += " bg | color | shape | size | position | all | clf all | FID | IS | sec/img |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for setting, m in rows:
         accuracies = " | ".join(f"{100 * m[k]:.1f}" for k in ACCURACIES)
         lines.append(
-            f"| {setting.scheduler} | {setting.steps} | {setting.guidance:g} | {accuracies} "
+            f"| {setting.scheduler} | {setting.steps} | {setting.guidance:g} | "
+            + (f"{setting.decoder} | {setting.cache_interval} | " if show else "")
+            + f"{accuracies} "
             f"| {m['fid']:.2f} | {m['is']:.1f} | {m['sec_per_image']:.3f} |"
         )
     return note + "\n".join(lines) + "\n"
@@ -209,7 +228,8 @@ def summary_line(setting: Setting, m: dict[str, float]) -> str:
     """One printable line of a setting's metrics."""
     accuracies = " ".join(f"{k} {m[k]:.3f}" for k in ACCURACIES)
     return (
-        f"{setting.scheduler} steps={setting.steps} guidance={setting.guidance:g}: {accuracies} | "
+        f"{setting.scheduler} steps={setting.steps} guidance={setting.guidance:g} decoder={setting.decoder} "
+        f"cache_interval={setting.cache_interval}: {accuracies} | "
         f"FID {m['fid']:.2f} | IS {m['is']:.1f} | {m['sec_per_image']:.3f} s/img"
     )
 
@@ -252,7 +272,10 @@ def evaluate(
 def write_results(out: Path, rows: list[tuple[Setting, dict[str, float]]], n: int, seed: int, baseline: float) -> None:
     """results.md (the table) and results.json (the same numbers, machine-readable) under ``out``."""
     (out / "results.md").write_text(markdown_table(rows, n, baseline))
-    records = [{"scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance, **m} for s, m in rows]
+    records = [
+        {"scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance, "decoder": s.decoder, "cache_interval": s.cache_interval, **m}
+        for s, m in rows
+    ]
     summary = {"n": n, "seed": seed, "real_baseline_fid": baseline, "results": records}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -284,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=_positive_int, nargs="+", default=[50], help="sampling step counts (default 50)")
     parser.add_argument("--scheduler", nargs="+", default=["ddim"], choices=sorted(SAMPLERS), help="runtime samplers (default ddim)")
+    parser.add_argument(
+        "--decoder", nargs="+", default=["full"], choices=("full", "tiny"), help="VAE decoders to compare (tiny: a --tiny-vae bundle)"
+    )
+    parser.add_argument(
+        "--cache-interval", type=_positive_int, nargs="+", default=[1], help="DeepCache intervals to compare (> 1: a --deepcache bundle)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="prompt and noise seed (default 0)")
     parser.add_argument("--out", type=Path, default=Path("results/eval"), help="output folder (default results/eval)")
     parser.add_argument("--weights", type=Path, default=classifier.DEFAULT_WEIGHTS, help="classifier weights")
@@ -298,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error("--n must be at least 2 (FID needs a covariance)")
-    settings = [Setting(*combo) for combo in itertools.product(args.scheduler, args.steps, args.guidance_scale)]
+    combos = itertools.product(args.scheduler, args.steps, args.guidance_scale, args.decoder, args.cache_interval)
+    settings = [Setting(*combo) for combo in combos]
     try:
         model = classifier.load(args.weights)
         generate = runtime_generator(args.bundle)

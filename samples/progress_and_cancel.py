@@ -8,6 +8,7 @@ examples:
   python samples/progress_and_cancel.py                       # 50 steps with a progress bar; press Ctrl-C to cancel
   python samples/progress_and_cancel.py --deadline 0.5        # give up if not done half a second into sampling
   python samples/progress_and_cancel.py "a small green square" --steps 200 --seed 7
+  python samples/progress_and_cancel.py --previews 10         # also write the image forming, every 10 steps
 
 exit status: 0 written, 1 cancelled by the deadline, 130 cancelled by Ctrl-C, 2 bad input.
 """
@@ -19,6 +20,8 @@ import sys
 import time
 
 import _common  # the samples' plumbing: finds (or builds) the reference bundle, saves PNGs with their settings
+import numpy as np
+from PIL import Image
 
 import runtime
 
@@ -71,10 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     p.add_argument("--deadline", type=float, metavar="SECONDS", help="cancel if sampling is not done after SECONDS (loading not counted)")
+    p.add_argument(
+        "--previews",
+        type=int,
+        metavar="K",
+        help="write the current estimate of the image every K steps as progress_preview_STEP.png (the tiny VAE decoder's "
+        "where the bundle has one, else the bundle's latent-to-RGB map at the latents' resolution, enlarged)",
+    )
     _common.add_bundle_and_out(p)
     args = p.parse_args(argv)
     if args.deadline is not None and args.deadline < 0:
         return _common.fail(f"--deadline must be 0 or more seconds, got {args.deadline:g}")
+    if args.previews is not None and args.previews < 1:
+        return _common.fail(f"--previews must be 1 or more steps, got {args.previews}")
 
     try:
         pipe = runtime.Pipeline.load(_common.bundle(args.bundle))
@@ -93,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         bar.draw(step, total)
         return canceller.keep_going()  # False: the runtime raises runtime.Cancelled after this step
 
+    def on_preview(step: int, total: int, images: np.ndarray) -> None:
+        image = Image.fromarray((images[0] * 255).round().astype(np.uint8)).resize((pipe.width, pipe.height), Image.NEAREST)
+        image.save(args.out / f"progress_preview_{step:04d}.png")
+
+    previews = {"preview": on_preview, "preview_every": args.previews} if args.previews else {}
+    args.out.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGINT, canceller.on_sigint)  # only while generating; restored below
     try:
-        images = pipe.txt2img(args.prompt, steps=args.steps, seed=args.seed, callback=on_step)
+        images = pipe.txt2img(args.prompt, steps=args.steps, seed=args.seed, callback=on_step, **previews)
     except runtime.Cancelled:
         bar.end()
         print(f"cancelled by {canceller.reason} after step {reached[0]} of {reached[1]}: nothing written", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Python's standard library only (http.server): the page is static/index.html + app.js, no build step.
 The page posts a generation to /api/generate, then polls /api/jobs/ID for the step the runtime's
-progress callback last reported, and shows the PNG when it is written. One generation runs at a
+progress callback last reported and the image forming (the runtime's preview of each step), and shows the PNG
+when it is written. One generation runs at a
 time (a second one asked meanwhile is refused with "busy"); the bundle is loaded once at start.
 Images are written, with their settings in PNG text chunks, to --out; the strip under the image
 shows the latest of them.
@@ -18,6 +19,8 @@ examples:
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import secrets
@@ -34,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # samples/, for _common
 import _common  # noqa: E402  (the samples' plumbing: the reference bundle, one-line errors, PNGs with settings)
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import runtime  # noqa: E402
@@ -63,6 +67,7 @@ class Job:
     image: str | None = None
     error: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    preview: str | None = None  # the image forming: a PNG data URL of the runtime's latest preview
 
 
 class Studio:
@@ -101,8 +106,11 @@ class Studio:
             def on_step(step: int, total: int, t: float) -> None:
                 job.step, job.total = step, total
 
+            def on_preview(step: int, total: int, images: np.ndarray) -> None:
+                job.preview = png_data_url(images[0])
+
             prompt, negative = options.pop("prompt"), options.pop("negative_prompt")
-            image = self.pipe.txt2img(prompt, negative, **options, callback=on_step)[0]
+            image = self.pipe.txt2img(prompt, negative, **options, callback=on_step, preview=on_preview)[0]
             settings = _common.settings(self.pipe, prompt, negative_prompt=negative, **options)
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id[:6]}-seed{job.seed}.png"
             _common.save_png(image, self.out / name, settings)
@@ -127,6 +135,13 @@ class Studio:
                 continue
             found.append({"url": f"/images/{path.name}", **{k: text.get(k, "") for k in SHOWN_SETTINGS}})
         return found
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """A float (h, w, 3) image in [0, 1] as a PNG data URL (a preview is small: the latents' size or the image's)."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def checked(request: Any) -> dict[str, Any]:

@@ -21,6 +21,16 @@ def test_a_finished_run_draws_every_step_and_writes_the_image(sample_bundle, tmp
     assert image.size == (64, 64) and (text["steps"], text["seed"]) == ("5", "2")
 
 
+def test_previews_are_written_every_k_steps(sample_bundle, tmp_path):
+    done = run_sample("progress_and_cancel.py", "--steps", 4, "--previews", 2, "--bundle", sample_bundle, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in sorted(tmp_path.glob("progress_preview_*.png"))] == ["progress_preview_0002.png", "progress_preview_0004.png"]
+    image, _ = png(tmp_path / "progress_preview_0004.png")
+    assert image.size == (64, 64)
+    bad = run_sample("progress_and_cancel.py", "--previews", 0, "--bundle", sample_bundle, "--out", tmp_path)
+    assert bad.returncode == 2 and one_error_line(bad) == "error: --previews must be 1 or more steps, got 0"
+
+
 def test_a_passed_deadline_cancels_after_the_step_and_writes_nothing(sample_bundle, tmp_path):
     done = run_sample("progress_and_cancel.py", "--steps", 20, "--deadline", 0, "--bundle", sample_bundle, "--out", tmp_path)
     assert done.returncode == 1, done.stderr

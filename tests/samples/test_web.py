@@ -6,6 +6,7 @@ where either is missing the browser tests skip, naming it. The HTTP checks need 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -180,6 +181,9 @@ def test_one_generation_at_a_time_and_only_json(server):
     assert job["state"] == "done" and (job["step"], job["total"]) == (80, 80), job
     status, png = get(server.url + job["image"].lstrip("/"))
     assert status == 200 and Image.open(io.BytesIO(png)).size == (64, 64)
+    assert job["preview"].startswith("data:image/png;base64,")  # the image forming, as the page shows it while running
+    preview = Image.open(io.BytesIO(base64.b64decode(job["preview"].split(",", 1)[1])))
+    assert preview.size == (16, 16)  # the reference bundle has no tiny decoder: the latent-to-RGB map, at the latents' size
 
     assert post(api + "generate", {"prompt": "x"}, content_type="text/plain")[0] == 415  # another site's form cannot post
     assert post(api + "generate", {"prompt": "x", "steps": 0})[1]["error"] == "steps must be between 1 and 500, got 0"

@@ -101,6 +101,7 @@ async function follow(id) {
   for (;;) {
     const job = await getJSON(`/api/jobs/${id}`);
     setProgress(job.step, job.total);
+    if (job.state === "running" && job.preview) showImage(job.preview, {});  // the image forming, step by step
     if (job.state === "done") return job;
     if (job.state === "error") throw new Error(job.error);
     if (job.step !== lastStep) { lastStep = job.step; lastChange = Date.now(); }
