@@ -10,6 +10,7 @@ from runtime.levers import TINY_DECODER, TINY_ENCODER, TinyVaeInfo
 from runtime.manifest import TensorSpec
 
 from .errors import ModelError, read_json_object
+from .model import check_checksums
 from .onnx_export import ComponentSpec, wrap
 
 
@@ -23,6 +24,7 @@ def load_tiny_vae(path: Path, model: Any) -> Any:
         raise ModelError(f"--tiny-vae {path}: its config.json is a {cls}, not an AutoencoderTiny (TAESD) folder")
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"--tiny-vae {path} has no .safetensors weights; convert them to safetensors first")
+    check_checksums(path)  # where the folder ships a SHA256SUMS (the reference model's does)
     import torch
     from diffusers import AutoencoderTiny
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from reference.distill import _sha256sums
 from reference.model_folder import write_json
 
 LOG_NAME = "distill_log.json"
@@ -166,6 +167,7 @@ def run(recipe: DecoderRecipe, teacher: Path, out: Path, command: str, init: Pat
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
     write_json(out / LOG_NAME, log)
+    (out / "SHA256SUMS").write_text(_sha256sums(out))  # export.build checks a tiny VAE folder against it
     say(f"[saved] {out}: {step} steps, {log['seconds']:.0f}s; held-out decode error {held_out}")
     return log
 

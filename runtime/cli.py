@@ -111,6 +111,16 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
         help="a LoRA adapter (.safetensors) at SCALE (default 1), fed through the bundle's LoRA slots (a bundle built with "
         "--lora-slots); repeat for several",
     )
+    p.add_argument(
+        "--decoder", choices=("full", "tiny"), help="VAE decoder (tiny: a bundle built with --tiny-vae; default: full where present)"
+    )
+    p.add_argument(
+        "--cache-interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="DeepCache (a bundle built with --deepcache): the full UNet every N steps, the shallow one in between (default 1: off)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if not upscale:
         sdxl = p.add_argument_group("SDXL conditioning (SDXL bundles only; defaults as diffusers')")
@@ -207,6 +217,7 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     options: Sampling = {
         "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "seed": seed,
         "scheduler": args.scheduler, "eta": args.eta, "callback": None if args.quiet else progress_bar(),
+        "decoder": args.decoder, "cache_interval": args.cache_interval,
     }  # fmt: skip
     # the SDXL flags given, as the tasks' keywords (an SD bundle refuses them by name)
     given = {name: tuple(v) if isinstance(v, list) else v for name in SDXL_FLAGS if (v := getattr(args, name, None)) is not None}

@@ -120,3 +120,15 @@ def test_previews_come_every_k_steps_from_the_tiny_decoder_or_the_linear_map(tin
     assert 0 <= linear[-1].min() and linear[-1].max() <= 1
     with pytest.raises(ValueError, match="preview_every must be a whole number >= 1"):
         plain.txt2img(PROMPT, steps=1, preview=print, preview_every=0)
+
+
+def test_the_decoder_benchmark_times_every_decoder_of_a_bundle(tiny_bundle, tmp_path):
+    import json
+
+    from benchmarks.decoders import main
+
+    assert main(["--bundle", str(tiny_bundle), "--rounds", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "decode.json").read_text())
+    assert sorted(report["decoders"]) == ["full", "preview map", "tiny"]
+    assert all(len(d["times_s"]) == 2 for d in report["decoders"].values())
+    assert "| tiny |" in (tmp_path / "decode.md").read_text()
