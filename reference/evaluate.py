@@ -73,8 +73,10 @@ class RealStatistics:
     cov: np.ndarray
 
 
-def pipeline_generator(pipe: Any) -> Generate:
-    """Generate with a ``runtime.Pipeline``: prompts go in groups of its batch size, the last padded."""
+def pipeline_generator(pipe: Any, output_type: str = "np") -> Generate:
+    """Generate with a ``runtime.Pipeline``: prompts go in groups of its batch size, the last padded.
+
+    output_type "latent": the final latents instead of images (reference.evaluate_levers decodes them twice)."""
     batch = pipe.batch_size
 
     def generate(prompts: list[str], setting: Setting, seed: int) -> np.ndarray:
@@ -90,7 +92,7 @@ def pipeline_generator(pipe: Any) -> Generate:
                 scheduler=setting.scheduler,
                 # One seed per group so groups do not share their initial noise.
                 seed=seed + group_index,
-                output_type="np",
+                output_type=output_type,
                 **levers(setting),
             )
             out.append(np.asarray(images)[: len(group)])

@@ -139,3 +139,14 @@ def test_a_bundle_without_deepcache_says_how_to_build_it(bundle_fp32):
     with pytest.raises(ValueError, match="cache_interval must be a whole number >= 1"):
         pipe.txt2img(PROMPT, steps=2, cache_interval=0)
     assert pipe.txt2img(PROMPT, steps=1, cache_interval=1, output_type="np").shape == (1, 64, 64, 3)
+
+
+def test_tensorrt_engines_are_built_for_the_deepcache_unets_too(cached_bundle, tmp_path):
+    """--from-onnx builds every component the bundle has (the TensorRT builder stood in for, as in test_tensorrt_offline)."""
+    from runtime.manifest import load_manifest
+    from tests.export.test_tensorrt_offline import offline_build
+
+    manifest = load_manifest(offline_build(cached_bundle, tmp_path / "trt"))
+    assert {"unet_deepcache", "unet_shallow"} <= set(manifest.components)
+    assert all(c.format == "plan" and c.verification["passed"] for c in manifest.components.values())
+    assert manifest.levers.deepcache is not None and manifest.levers.deepcache.branch == 0

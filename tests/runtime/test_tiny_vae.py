@@ -132,3 +132,14 @@ def test_the_decoder_benchmark_times_every_decoder_of_a_bundle(tiny_bundle, tmp_
     assert sorted(report["decoders"]) == ["full", "preview map", "tiny"]
     assert all(len(d["times_s"]) == 2 for d in report["decoders"].values())
     assert "| tiny |" in (tmp_path / "decode.md").read_text()
+
+
+def test_tensorrt_engines_are_built_for_the_tiny_vae_too(tiny_bundle, tmp_path):
+    """--from-onnx builds every component the bundle has (the TensorRT builder stood in for, as in test_tensorrt_offline)."""
+    from runtime.manifest import load_manifest
+    from tests.export.test_tensorrt_offline import offline_build
+
+    manifest = load_manifest(offline_build(tiny_bundle, tmp_path / "trt"))
+    assert {"vae_decoder_tiny", "vae_encoder_tiny"} <= set(manifest.components)
+    assert all(c.format == "plan" and c.verification["passed"] for c in manifest.components.values())
+    assert manifest.levers.tiny_vae is not None and manifest.levers.preview is not None
