@@ -55,7 +55,7 @@ def test_shallow_unet_on_the_same_step_reproduces_the_full_unet(tiny_model):
             assert torch.allclose(out, again, atol=1e-5), branch
 
 
-@pytest.mark.parametrize("sampler, interval, guidance", [("ddim", 3, 7.5), ("euler", 2, 3.0), ("dpmpp_2m", 5, 7.5), ("ddim", 1, 7.5)])
+@pytest.mark.parametrize("sampler, interval, guidance", [("ddim", 3, 7.5), ("euler", 2, 3.0), ("dpmpp_2m", 5, 7.5)])
 def test_txt2img_matches_deepcache_on_diffusers(tiny_model, cached_bundle, sampler, interval, guidance):
     import torch
 
@@ -69,9 +69,8 @@ def test_txt2img_matches_deepcache_on_diffusers(tiny_model, cached_bundle, sampl
     ).images
     assert ref.std() > 0.01
     assert np.abs(ours - ref).max() <= 1e-3
-    if interval > 1:
-        plain = pipe.txt2img(PROMPT, steps=STEPS, scheduler=sampler, guidance_scale=guidance, latents=latents, output_type="np")
-        assert np.abs(plain - ours).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
+    plain = pipe.txt2img(PROMPT, steps=STEPS, scheduler=sampler, guidance_scale=guidance, latents=latents, output_type="np")
+    assert np.abs(plain - ours).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
 
 
 def test_img2img_and_inpaint_match_deepcache_on_diffusers(tiny_model, cached_bundle, monkeypatch):
