@@ -231,3 +231,38 @@ def test_cli_evaluates_a_real_bundle(bundle_batch2, tmp_path, capsys):
     assert [(r["steps"], r["guidance"]) for r in rows] == [(2, 1.0), (2, 4.0)]
     assert all(0 <= r["all"] <= 1 and np.isfinite(r["fid"]) and r["sec_per_image"] > 0 for r in rows)
     assert (out / "grid_ddim_2steps_g4.png").is_file()
+
+
+class LatentPipeline:
+    """Stands in for a runtime.Pipeline with both levers: 'latents' are dataset images (64x64x3, in [0, 1]) that the
+    full decoder returns as they are and the tiny one returns as noise, so their scores must differ."""
+
+    batch_size = 2
+
+    def __init__(self):
+        self.levers = []
+
+    def txt2img(self, prompts, negative_prompt, *, steps, guidance_scale, scheduler, seed, output_type, **levers):
+        assert output_type == "latent"
+        self.levers.append(levers)
+        return dataset_generator(prompts, None, seed)
+
+    def decode(self, latents, decoder):
+        return latents if decoder == "full" else np.random.default_rng(0).random(latents.shape, dtype=np.float32)
+
+
+def test_evaluate_levers_decodes_each_settings_latents_with_every_decoder(model, real, tmp_path):
+    from reference.evaluate_levers import evaluate_levers
+
+    pipe = LatentPipeline()
+    settings = [Setting("ddim", 6, 5.0, "full", 1), Setting("ddim", 6, 5.0, "full", 3)]
+    rows = evaluate_levers(pipe, settings, ["full", "tiny"], 6, 0, tmp_path, model, real)
+    assert [(s.decoder, s.cache_interval) for s, _ in rows] == [("full", 1), ("tiny", 1), ("full", 3), ("tiny", 3)]
+    assert pipe.levers == [{}] * 3 + [{"cache_interval": 3}] * 3  # one generation per interval, in batches of 2
+    full, tiny = rows[0][1], rows[1][1]
+    assert full["all"] == 1.0 and tiny["all"] < 0.5
+    assert (rows[2][1]["unet_calls_full"], rows[2][1]["unet_calls_shallow"]) == (2, 4)
+    assert "| decoder | cache |" in (tmp_path / "results.md").read_text()
+    again = evaluate_levers(pipe, settings[:1], ["full"], 6, 0, tmp_path / "again", model, real, latents_from=tmp_path)
+    assert len(pipe.levers) == 6, "--latents-from generated again"
+    assert again[0][1]["denoise_sec_per_image"] == pytest.approx(full["denoise_sec_per_image"]) and again[0][1]["all"] == 1.0
