@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, metavar="S", help="stop training after S seconds (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--images", type=int, dest="n_images", help="dataset images to train on (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="images per optimizer step (default: the preset's)")
     p.add_argument("--seed", type=int, help="data and initialisation seed (default 0)")
     p.add_argument("--init", type=Path, metavar="DIR", help="start from this AutoencoderTiny folder (one this command wrote)")
     return p
@@ -83,10 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     recipe = PRESETS["quick" if args.quick else "cpu"]
-    overrides = {k: getattr(args, k) for k in ("time_limit", "steps", "seed", "n_images") if getattr(args, k) is not None}
+    given = ("time_limit", "steps", "seed", "n_images", "batch_size")
+    overrides = {k: getattr(args, k) for k in given if getattr(args, k) is not None}
     recipe = replace(recipe, **overrides)
-    if recipe.steps < 1 or recipe.n_images < 1 or (recipe.time_limit is not None and recipe.time_limit <= 0):
-        parser.error("--steps, --images and --time-limit must be positive")
+    if min(recipe.steps, recipe.n_images, recipe.batch_size) < 1 or (recipe.time_limit is not None and recipe.time_limit <= 0):
+        parser.error("--steps, --images, --batch-size and --time-limit must be positive")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {args.out} exists and is not empty; pick a new folder (nothing of yours is overwritten)")
     if not (args.teacher / "vae" / "config.json").is_file():
