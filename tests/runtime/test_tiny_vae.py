@@ -125,13 +125,18 @@ def test_previews_come_every_k_steps_from_the_tiny_decoder_or_the_linear_map(tin
 def test_the_decoder_benchmark_times_every_decoder_of_a_bundle(tiny_bundle, tmp_path):
     import json
 
-    from benchmarks.decoders import main
+    from benchmarks.levers import main
 
     assert main(["--bundle", str(tiny_bundle), "--rounds", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "decode.json").read_text())
-    assert sorted(report["decoders"]) == ["full", "preview map", "tiny"]
-    assert all(len(d["times_s"]) == 2 for d in report["decoders"].values())
+    assert sorted(report["decoder"]) == ["full", "preview map", "tiny"]
+    assert all(len(d["times_s"]) == 2 for d in report["decoder"].values())
     assert "| tiny |" in (tmp_path / "decode.md").read_text()
+    args = ["--bundle", str(tiny_bundle), "--generate", "--steps", "2", "--decoder", "full", "tiny", "--rounds", "1"]
+    args += ["--out", str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "generate.json").read_text())
+    assert sorted(report["generation"]) == ["2 steps, cache 1, full", "2 steps, cache 1, tiny"]
 
 
 def test_tensorrt_engines_are_built_for_the_tiny_vae_too(tiny_bundle, tmp_path):
