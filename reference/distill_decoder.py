@@ -160,7 +160,7 @@ def run(recipe: DecoderRecipe, teacher: Path, out: Path, command: str, init: Pat
     log = {
         "status": "complete",
         "commands": [*earlier, command],  # every run that made these weights, the first first
-        "teacher": str(teacher),
+        "teacher": str(teacher.resolve().relative_to(Path.cwd())) if teacher.resolve().is_relative_to(Path.cwd()) else str(teacher),
         "recipe": asdict(recipe),
         "steps_done": step,
         "stopped_by": clock.stopped_by(step),
