@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.runtime_bench import machine, machine_line
     from export import quantize
     from runtime.backends.onnxruntime import OrtEngine
-    from runtime.manifest import read_bundle
+    from runtime.bundle import read_bundle
 
     load = list(os.getloadavg())
     manifest, _ = read_bundle(args.bundle, verify_files=False)

@@ -8,8 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from runtime.bundle import GUIDANCE_MODES
 from runtime.errors import BundleError
-from runtime.manifest import GUIDANCE_MODES
 
 from .build_bundle import build_bundle
 from .from_onnx import build_from_onnx

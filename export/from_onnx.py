@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends.tensorrt import TrtEngine, current_device, require_tensorrt
-from runtime.compat import Device
-from runtime.engine import Engine, load_engine
+from runtime.bundle import Component, Manifest, TensorRTInfo, TensorSpec, load_manifest, sha256_file
+from runtime.bundle.fit import Device
+from runtime.dispatch import load_engine
 from runtime.errors import BundleError
-from runtime.manifest import Component, Manifest, TensorRTInfo, TensorSpec, load_manifest, sha256_file
+from runtime.protocol import Engine
 
 from .bundle import ENGINES, Log, check_target, default_name, now, staging, write_manifest
 from .gates import TOLERANCE, error_figures

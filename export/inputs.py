@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from runtime.bundle import TensorSpec
 from runtime.guidance import guidance_embedding
-from runtime.manifest import TensorSpec
 
 # CLIP's <|startoftext|> and <|endoftext|> (SD 1.x pads with the latter)
 START, END = 49406, 49407

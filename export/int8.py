@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import Component
+from runtime.bundle import Component
 
 from . import calibration, int8_gate, quantize
 from .calibration import PromptSet

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from runtime.bundle import LoraAdapter, LoraInfo, LoraTarget, TensorSpec
 from runtime.lora import Adapter, Layer, Layers, LoraError, parse_spec, read_adapter
-from runtime.manifest import LoraAdapter, LoraInfo, LoraTarget, TensorSpec
 
 from .bundle import Log
 from .onnx_export import ComponentSpec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.manifest import (
+from runtime.bundle import (
     Component,
     GuidanceInfo,
     LoraInfo,

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import Component, Manifest
+from runtime.bundle import Component, Manifest
 
 from . import calibration, int8, lora, onnx_export
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import TensorSpec
+from runtime.bundle import TensorSpec
 
 OPSET = 17
 # UNet inputs diffusers' UNet2DConditionModel takes inside `added_cond_kwargs` (SDXL's pooled text and micro-conditioning)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.manifest import GUIDANCE_MODES
+from runtime.bundle import GUIDANCE_MODES
 
 from .tensorrt import BuilderSettings, builder_settings
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.compat import recorded_device
+from runtime.bundle import Component, Manifest, TensorSpec, load_manifest
+from runtime.bundle.fit import recorded_device
 from runtime.errors import BundleError
-from runtime.manifest import Component, Manifest, TensorSpec, load_manifest
 
 from .from_onnx import onnx_component
 from .tensorrt import (

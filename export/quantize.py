@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.manifest import sha256_file
+from runtime.bundle import sha256_file
 
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 SWEEP_SAMPLES = 8  # calibration inputs each one-node quantization is measured on

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.backends.tensorrt import capturing_logger, require_tensorrt
-from runtime.compat import Device
-from runtime.manifest import TensorSpec
+from runtime.bundle import TensorSpec
+from runtime.bundle.fit import Device
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import numpy as np
 
 from . import images as img
-from .engine import Engine, cast_feed, load_engine
+from .bundle import BundleState, Component, Manifest, read_bundle, rebuild_hint
+from .dispatch import load_engine
 from .errors import BundleError, Cancelled, NonFiniteError
 from .families import Family, open_family
-from .feed import check_finite
 from .guidance import Extra, guided
 from .lora import LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
-from .manifest import BundleState, Component, Manifest, read_bundle, rebuild_hint
+from .protocol import Engine, cast_feed, check_finite
 from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
 
 if TYPE_CHECKING:

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import images as img
+from ..bundle import UpscaleInfo, rebuild_hint
 from ..core import Core, Images, Prompt, TaskOptions
 from ..errors import BundleError
-from ..manifest import UpscaleInfo, rebuild_hint
 from ..sampling import noise_schedule
 from ..sampling.common import noised_vp
 

@@ -13,7 +13,7 @@ import pytest
 from export import bundle
 from export.build import build, main
 from export.bundle import TargetError, exchange, publish, staging
-from runtime.manifest import MANIFEST, SCHEMA, load_manifest
+from runtime.bundle import MANIFEST, SCHEMA, load_manifest
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:

@@ -40,10 +40,10 @@ from export.tensorrt import (
     has_qdq,
 )
 from runtime.backends.tensorrt import gpu_index, tensorrt_available
-from runtime.compat import Device, check_compatible, device_from_properties, differences, rebuild_command, recorded_device
-from runtime.engine import load_engine
+from runtime.bundle import load_manifest
+from runtime.bundle.fit import Device, check_compatible, device_from_properties, differences, rebuild_command, recorded_device
+from runtime.dispatch import load_engine
 from runtime.errors import BundleError
-from runtime.manifest import load_manifest
 from tests.helpers import REPO
 
 ORIN = Device("10.3.0.30", "Orin", "8.7")

@@ -12,7 +12,7 @@ import pytest
 
 import runtime
 from export.cli import main
-from runtime.manifest import load_manifest
+from runtime.bundle import load_manifest
 from tests.sdxl.test_sdxl_bundles import PROMPT
 
 

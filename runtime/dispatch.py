@@ -1,18 +1,18 @@
-"""One engine protocol for every backend: `engine(feed) -> outputs`, checked against the manifest.
+"""load_engine: one component opened with the backend its file format implies (or the one asked for).
 
-The protocol and the feed checks live in runtime.feed (the backends import them from there); they
-are re-exported here, so `from runtime.engine import Engine, cast_feed, check_feed` keeps working.
+The Engine protocol and its feed checks are runtime.protocol's; the backends import that module, never this
+one, whose load_engine imports them: so the backends and their dispatcher do not import each other.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .bundle import Component
 from .errors import BundleError
-from .feed import Engine, cast_feed, check_feed
-from .manifest import Component
+from .protocol import Engine
 
-__all__ = ["Engine", "cast_feed", "check_feed", "load_engine"]
+__all__ = ["load_engine"]
 
 
 def load_engine(component: Component, bundle: Path, backend: str | None = None, **options: object) -> Engine:

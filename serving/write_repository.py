@@ -1,7 +1,7 @@
-"""`python -m export.triton BUNDLE --out model_repository`: a Triton Inference Server model repository for a bundle.
+"""`python -m serving.write_repository BUNDLE --out model_repository`: a Triton Inference Server model repository for a bundle.
 
-The repository (runtime/triton/repository.py) serves the bundle with Triton's Python backend through the torch-free
-runtime; `python -m runtime.serve BUNDLE` runs one locally. Every error is one `error: ...` line, exit 2.
+The repository (serving/repository.py) serves the bundle with Triton's Python backend through the torch-free
+runtime; `python -m serving BUNDLE` runs one locally. Every error is one `error: ...` line, exit 2.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from runtime.errors import BundleError
-from runtime.triton.repository import RepositoryOptions, write_repository
+
+from .repository import RepositoryOptions, write_repository
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m export.triton",
+        prog="python -m serving.write_repository",
         description="Write a Triton Inference Server model repository (Python backend, dynamic batching up to the bundle's "
         "batch) that serves BUNDLE through runtime.Pipeline.",
     )
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (model {args.name!r}); run it with `python -m runtime.serve {args.bundle}` or see {out / 'README.md'}")
+    print(f"wrote {out} (model {args.name!r}); run it with `python -m serving {args.bundle}` or see {out / 'README.md'}")
     return 0
 
 

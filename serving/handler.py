@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core import initial_latents
-from ..pipeline import Pipeline
-from ..sampling import SAMPLERS, default_sampler, get_sampler
+from runtime.core import initial_latents
+from runtime.pipeline import Pipeline
+from runtime.sampling import SAMPLERS, default_sampler, get_sampler
 
 INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
 DEFAULT_STEPS = 50  # runtime.core.DEFAULTS

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
-from .manifest import Component, rebuild_command
+from ..errors import BundleError
+from .component import Component
+from .hints import rebuild_command
 
 DEVICE_FIELDS = ("tensorrt", "gpu", "compute_capability")
 

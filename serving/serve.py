@@ -1,6 +1,6 @@
-"""`python -m runtime.serve BUNDLE`: a local Triton Inference Server serving BUNDLE, until Ctrl-C or SIGTERM.
+"""`python -m serving BUNDLE`: a local Triton Inference Server serving BUNDLE, until Ctrl-C or SIGTERM.
 
-It writes a model repository for the bundle (runtime/triton/repository.py, the bundle referenced, not copied)
+It writes a model repository for the bundle (serving/repository.py, the bundle referenced, not copied)
 into a fresh workspace, starts the `tritonserver` binary of the `nvidia-pytriton` wheel from the serving
 environment (`.venv-triton`, made by scripts/setup.sh: numpy 1.x, which the Python backend's stub needs),
 bound to 127.0.0.1 unless --host says otherwise, waits until the model is ready and prints the URLs.
@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from .errors import BundleError
-from .triton.repository import RepositoryOptions, write_repository
+from runtime.errors import BundleError
+
+from .repository import RepositoryOptions, write_repository
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_ENV = CHECKOUT / ".venv-triton"
@@ -283,7 +284,7 @@ def _ignoring_stop_signals() -> Iterator[None]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m runtime.serve",
+        prog="python -m serving",
         description="Serve an engine bundle from a local Triton Inference Server (HTTP, gRPC, Prometheus metrics) until Ctrl-C/SIGTERM.",
     )
     defaults = RepositoryOptions()

@@ -1,8 +1,8 @@
 """The Triton Python-backend model of a generated repository (copied there as <model>/1/model.py).
 
-It runs in Triton's Python backend stub, beside a copy of this runtime package (the version folder is put
+It runs in Triton's Python backend stub, beside a copy of the runtime package and of serving/handler.py (the version folder is put
 first on sys.path, so the copy serves, matched to the repository it was written with). One
-`runtime.Pipeline` per model instance; runtime.triton.handler does the work, this file only speaks Triton.
+`runtime.Pipeline` per model instance; serving.handler does the work, this file only speaks Triton.
 config.pbtxt parameters: bundle (a path, relative to this folder or absolute), onnx_device (for ONNX
 bundles on a GPU instance: cuda | tensorrt), max_prompt_chars, max_steps.
 """
@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from runtime.triton.handler import INPUTS, Handler, Limits  # noqa: E402
+from serving.handler import INPUTS, Handler, Limits  # noqa: E402
 
 pb_utils: Any = importlib.import_module("triton_python_backend_utils")  # the stub provides it: importable inside Triton only
 

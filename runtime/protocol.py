@@ -1,7 +1,6 @@
 """What every engine is and takes: the Engine protocol and the feed checks against the manifest.
 
-Backends (runtime/backends/) import this module, never runtime.engine, whose load_engine imports
-them: so the backends and their dispatcher do not import each other.
+Backends (runtime/backends/) import this module, never runtime.dispatch, whose load_engine imports them.
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .bundle import Component, TensorSpec
 from .errors import FeedError, NonFiniteError
-from .manifest import Component, TensorSpec
 
 
 class Engine(Protocol):
