@@ -189,7 +189,7 @@ def make_requests(clients: int, per_client: int, steps: int) -> list[list[Reques
 def direct(bundle: Path, flat: Sequence[Request]) -> dict[str, Any]:
     """The same requests in this process: one txt2img call each, then the bundle's batch per call (each row its seed's latents)."""
     from runtime import Pipeline
-    from runtime.core import initial_latents
+    from runtime.session import initial_latents
 
     pipe = Pipeline.load(bundle)
     pipe.txt2img(flat[0].prompt, **flat[0].options())  # warm-up, as the server's first request is not counted either

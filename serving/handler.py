@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from runtime.core import initial_latents
 from runtime.pipeline import Pipeline
 from runtime.sampling import SAMPLERS, default_sampler, get_sampler
+from runtime.session import initial_latents
 
 INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
-DEFAULT_STEPS = 50  # runtime.core.DEFAULTS
+DEFAULT_STEPS = 50  # runtime.options.DEFAULTS
 DEFAULT_GUIDANCE = 7.5
 
 

@@ -94,7 +94,6 @@ def check_values(m: Manifest) -> None:
             raise ValueError(f"files[{rel!r}] is not a sha256 hex digest")
 
 
-
 def _check_lora(m: Manifest, lora: LoraInfo) -> None:
     """Every slot target names stacked inputs of its component that fit its rank, features and index."""
     if not 0 <= lora.slot_rank <= MAX_LORA_RANK:

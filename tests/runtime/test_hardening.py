@@ -16,7 +16,7 @@ import pytest
 
 import runtime
 import runtime.bundle.integrity
-import runtime.core
+import runtime.session
 from runtime.errors import BundleError, NonFiniteError
 from runtime.tokenizer import ClipTokenizer
 
@@ -153,7 +153,7 @@ def _consistent(pipe, opened):
 def test_rebuild_between_hashing_and_opening_is_not_mixed(bundle_fp32, bundle_fp16, tmp_path, monkeypatch):
     target = shutil.copytree(bundle_fp32, tmp_path / "bundle")
     opened = _spy_sessions(monkeypatch)
-    real_load = runtime.core.load_engine
+    real_load = runtime.session.load_engine
     swapped = []
 
     def racing_load(*a, **k):
@@ -162,7 +162,7 @@ def test_rebuild_between_hashing_and_opening_is_not_mixed(bundle_fp32, bundle_fp
             swapped.append(True)
         return real_load(*a, **k)
 
-    monkeypatch.setattr(runtime.core, "load_engine", racing_load)
+    monkeypatch.setattr(runtime.session, "load_engine", racing_load)
     pipe = runtime.Pipeline.load(target)
     assert pipe.manifest.precision == "fp16"  # it saw the new build, whole
     _consistent(pipe, opened)

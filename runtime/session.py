@@ -1,6 +1,8 @@
-"""The core every task shares: a bundle's engines, its family's text side, one denoise loop, the VAE.
+"""Session: a loaded bundle, what every task shares: its engines, its family's text side, one denoise loop, the VAE.
 
-Tasks (runtime/tasks/) compose these parts; `runtime.Pipeline` is this core with the tasks as methods.
+Tasks (runtime/tasks/) compose these parts; `runtime.Pipeline` is a Session with the tasks as methods. What a
+task is asked is checked in runtime.options, where a run starts and stops in runtime.handoff, and the LoRA
+slots are switched in runtime.slots.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,116 +20,22 @@ from .dispatch import load_engine
 from .errors import BundleError, Cancelled, NonFiniteError
 from .families import Family, open_family
 from .guidance import Extra, guided
-from .lora import LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
+from .handoff import Stopped
+from .options import Progress, Prompt, Sampling, batch_prompts
 from .protocol import Engine, cast_feed, check_finite
 from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
+from .slots import LoraSpec, Slots
 
 if TYPE_CHECKING:
     from PIL.Image import Image
     from typing_extensions import Self
 
-Prompt = str | Sequence[str]
-Progress = Callable[[int, int, float], bool | None] | None
-# set_lora's adapters: None, a file, or a list of files and (file, scale) pairs
-LoraSpec = str | Path | Sequence[str | Path | tuple[str | Path, float]] | None
 # output_type 'pil': a list of PIL images; 'np': float32 (B, H, W, 3) in [0, 1]; 'latent': the final latents
 Images = list["Image"] | np.ndarray
 
 # Components every generation needs; the VAE encoder opens on first use.
 NEEDED = ("unet", "vae_decoder")
 LOAD_ATTEMPTS = 3  # loads that saw the bundle change under them (a concurrent --force rebuild) before giving up
-
-
-class Sampling(TypedDict, total=False):
-    """The options every task takes, as keywords.
-
-    steps: denoising steps. guidance_scale: classifier-free guidance strength (<= 1 turns it off).
-    guidance_rescale: Lin et al. 2023's CFG rescale (SD 2.x v-prediction models like 0.7).
-    seed: one `np.random.default_rng(seed)` draws the task's noise, in the order its docstring gives,
-    then any noise the sampler adds. scheduler: a sampler name (default: the one the model's
-    scheduler config names). eta: DDIM's and TCD's stochasticity (an error for samplers without it).
-    callback(step, total, t) runs after every step, steps numbered 1..total; returning False cancels.
-    """
-
-    steps: int
-    guidance_scale: float
-    guidance_rescale: float
-    seed: int | None
-    scheduler: str | None
-    eta: float | None
-    callback: Progress
-
-
-FEW_STEP_SAMPLERS = ("lcm", "tcd")
-FEW_STEPS = 4
-
-
-class SdxlConditioning(TypedDict, total=False):
-    """The SDXL family's conditioning keywords (runtime.families.sdxl.KEYWORDS), typed for the tasks' signatures;
-    an SD bundle refuses them by name."""
-
-    original_size: tuple[int, int]
-    crops_coords_top_left: tuple[int, int]
-    target_size: tuple[int, int]
-    negative_original_size: tuple[int, int]
-    negative_crops_coords_top_left: tuple[int, int]
-    negative_target_size: tuple[int, int]
-    aesthetic_score: float
-    negative_aesthetic_score: float
-
-
-class TaskOptions(Sampling, SdxlConditioning, total=False):
-    """Every keyword a task takes beyond its own arguments: the sampling options and a family's conditioning."""
-
-
-DEFAULTS: Sampling = {
-    "steps": 50, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": None, "scheduler": None, "eta": None, "callback": None,
-}  # fmt: skip
-
-
-def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence[str] = (), **task_defaults: Any) -> Sampling:
-    """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's.
-
-    conditioning: the bundle family's own keywords (taken out of `given` by Core.options), named in that error.
-    """
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        more = f"; this bundle's conditioning options: {', '.join(conditioning)}" if conditioning else ""
-        raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)}{more})")
-    options: Sampling = {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
-    seed = options["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed {seed!r} is not valid: a seed is a whole number >= 0 (any size), or None for a random one")
-    for name in ("guidance_scale", "guidance_rescale", "eta"):
-        value = options[name]
-        if value is None and name == "eta":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not np.isfinite(value):
-            raise NonFiniteError(f"{name} is {value}: it must be a finite number (NaN/inf would turn every latent into NaN)")
-    return options
-
-
-def check_prompts(prompt: Any, what: str) -> list[str]:
-    """A str or a sequence of str, each valid Unicode; anything else is named by its argument."""
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    else:
-        empty = " (pass '' for no negative prompt)" if what == "negative_prompt" and prompt is None else ""
-        raise TypeError(f"{what} must be a str or a list of str, got {type(prompt).__name__} {prompt!r:.60}{empty}")
-    for i, p in enumerate(prompts):
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:
-            which = what if len(prompts) == 1 else f"{what}[{i}]"
-            raise ValueError(
-                f"{which} is not valid text: character {e.start} is a lone surrogate {p[e.start]!r} "
-                "(bytes that were not valid UTF-8?); pass the prompt as proper Unicode"
-            ) from None
-    return prompts
 
 
 def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
@@ -138,48 +46,16 @@ def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
 
 
-class _Stopped(Exception):
-    """A run stopped at its denoising_end: the latents it had reached."""
-
-    def __init__(self, latents: np.ndarray):
-        super().__init__("stopped at denoising_end")
-        self.latents = latents
-
-
-def handoff_cutoff(fraction: Any, what: str, config: Mapping[str, Any]) -> int:
-    """The timestep where a hand-off happens, as diffusers computes it for denoising_end / denoising_start."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) or not 0 < fraction < 1:
-        raise ValueError(
-            f"{what} must be a fraction strictly between 0 and 1 of the noise schedule (e.g. 0.8: the base runs the first "
-            f"80% of it, the refiner the rest), got {fraction!r}"
-        )
-    train = int(config.get("num_train_timesteps", 1000))
-    return int(round(train - float(fraction) * train))
-
-
-def start_step(steps: int, strength: float) -> int:
-    """How many of the schedule's first steps img2img skips, as diffusers' get_timesteps: the noise level of strength."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1] (1: start from pure noise, small: stay close to the image), got {strength}")
-    kept = min(int(steps * strength), steps)
-    if kept == 0:
-        raise ValueError(
-            f"strength {strength} with {steps} steps leaves no denoising step (int(steps * strength) = 0); "
-            f"raise strength to at least {1 / steps:g} or use more steps"
-        )
-    return steps - kept
-
-
-class Core:
+class Session:
     """A loaded bundle: its manifest, engines and model family, ready to generate."""
 
     def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None):
-        self.bundle, self.manifest, self.engines = bundle, manifest, engines
+        self.bundle, self.manifest = bundle, manifest
         self.height, self.width, self.batch_size = manifest.height, manifest.width, manifest.batch_size  # static shapes
         self._options = dict(options or {})
-        self._state: BundleState | None = None  # what Core.load read, to check lazily opened engines against
-        self._slots = _slot_state(manifest)  # LoRA slot inputs, fed with every UNet and text encoder call
-        self.engines = {name: self._fed(e) for name, e in engines.items()}
+        self._state: BundleState | None = None  # what Session.load read, to check lazily opened engines against
+        self._slots = Slots(bundle, manifest, self.rebuild)
+        self.engines = {name: self._slots.fed(e) for name, e in engines.items()}
         self.family: Family = open_family(bundle, manifest, self.engine)
         class_name = manifest.scheduler.class_name
         self.schedule = noise_schedule(dict(manifest.scheduler.config), class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
@@ -196,15 +72,15 @@ class Core:
         for _ in range(LOAD_ATTEMPTS):
             manifest, state = read_bundle(bundle, verify_files=verify)
             try:
-                core = cls._open(bundle, manifest, device, cuda_graph)
+                session = cls._open(bundle, manifest, device, cuda_graph)
             except (BundleError, OSError, ValueError):
                 if state.current():
                     raise
                 continue  # the bundle changed under the load: a rebuild replaced it; read it again
             if not verify or state.current():
-                core._state = state
-                return core
-            core.close()
+                session._state = state
+                return session
+            session.close()
         raise BundleError(
             f"bundle {bundle} changed while loading, {LOAD_ATTEMPTS} times (a `--force` rebuild writing it?); "
             "load it again once the rebuild is done"
@@ -242,14 +118,8 @@ class Core:
                     f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; "
                     "load the bundle again"
                 )
-            self.engines[name] = self._fed(engine)
+            self.engines[name] = self._slots.fed(engine)
         return self.engines[name]
-
-    def _fed(self, engine: Engine) -> Engine:
-        """A slotted component's engine gets the current LoRA slot inputs with every call."""
-        if self._slots is not None and engine.component.name in self._slots.feeds:
-            return SlotFed(engine, self._slots)
-        return engine
 
     def set_lora(self, adapters: LoraSpec, scale: float = 1.0) -> None:
         """Switch LoRA adapters for the generations that follow, without a rebuild and without touching the weights.
@@ -258,48 +128,17 @@ class Core:
         e.g. [("style.safetensors", 0.8), ("detail.safetensors", 0.5)]. Needs a bundle built with --lora-slots RANK;
         the adapters' ranks per layer must sum to at most RANK. Every adapter is checked before any takes effect.
         """
-        wanted = _lora_list(adapters, scale)
-        lora = self.manifest.lora
-        if self._slots is None or lora is None:
-            need = max(8, sum(file_rank(Path(p)) for p, _ in wanted)) if wanted else 8
-            fused = f" (its adapters {', '.join(Path(a.file).name for a in lora.fused)} are fused into its weights)" if lora else ""
-            raise BundleError(
-                f"bundle {self.bundle} has no LoRA slots{fused}: it was built without --lora-slots, so adapters cannot be switched "
-                f"at run time. Rebuild it with slots: `{self.rebuild(lora=[], lora_slots=need)}`, or fuse one adapter at export "
-                "with --lora FILE[:SCALE]"
-            )
-        read = []
-        for path, s in wanted:
-            fix = f"; fuse it at export instead: `{self.rebuild(lora=[*(f'{a.file}:{a.scale!r}' for a in lora.fused), f'{path}:{s!r}'])}`"
-            read.append((read_adapter(path, self._slots.layers, where=f"bundle {self.bundle}'s LoRA slots", fix=fix), s))
-        need, where = rank_needed(read)
-        if need > self._slots.rank:
-            ranks = " + ".join(f"{a.name}: {a.rank}" for a, _ in read)
-            raise LoraError(
-                f"the adapters need rank {need} at {where} ({ranks}), but bundle {self.bundle}'s LoRA slots have rank "
-                f"{self._slots.rank}; rebuild it with larger slots: `{self.rebuild(lora_slots=need)}`"
-            )
-        self._slots.set(read)
+        self._slots.set(adapters, scale)
 
     @property
     def lora(self) -> tuple[tuple[str, float], ...]:
         """The adapters set_lora switched on, as (file name, scale); () for the base model or a bundle without slots."""
-        return tuple((a.name, s) for a, s in self._slots.active) if self._slots is not None else ()
+        return self._slots.active
 
     @property
     def pipelines(self) -> tuple[str, ...]:
         """What this bundle can do: txt2img, img2img, inpaint (text-to-image models), or inpaint / upscale alone."""
         return self.manifest.pipelines
-
-    def options(self, task: str, given: Mapping[str, Any], **task_defaults: Any) -> tuple[Sampling, Mapping[str, Any]]:
-        """The sampling options (sampling_options) and the family's conditioning keywords (SDXL's original_size, ...),
-        both checked before any work; a keyword that is neither is a TypeError naming both lists."""
-        keywords = self.family.keywords
-        conditioning = {k: v for k, v in given.items() if k in keywords}
-        rest = {k: v for k, v in given.items() if k not in keywords}
-        options = sampling_options(task, rest, tuple(keywords), **{**self.step_defaults(rest.get("scheduler")), **task_defaults})
-        self.family.conditioning(conditioning)
-        return options, conditioning
 
     def require(self, pipeline: str) -> None:
         """Refuse a pipeline the bundle was not built for, saying why and what builds it."""
@@ -345,20 +184,6 @@ class Core:
         """The export.build line that rebuilds this bundle in place, with `changes` to its flags (height=512)."""
         return rebuild_hint(self.bundle, self.manifest, **changes)
 
-    def prompts(self, prompt: Prompt, what: str) -> list[str]:
-        """One prompt repeated, or exactly batch-size prompts; an empty `prompt` is refused."""
-        prompts = check_prompts(prompt, what)
-        if len(prompts) == 1:
-            prompts = prompts * self.batch_size
-        if what == "prompt" and any(not p.strip() for p in prompts):
-            raise ValueError("prompt is empty: describe the image to generate (an empty prompt gives unconditioned noise)")
-        if len(prompts) != self.batch_size:
-            raise ValueError(
-                f"{what}: {len(prompts)} prompts for a bundle built with batch size {self.batch_size}; "
-                f"pass one prompt or exactly {self.batch_size} (or rebuild with --batch-size {len(prompts)})"
-            )
-        return prompts
-
     def guided_model(
         self, prompt: Prompt, negative_prompt: Prompt, options: Sampling, image: Extra | None = None,
         conditioning: Mapping[str, Any] | None = None,
@@ -366,10 +191,10 @@ class Core:
         """The UNet wrapped for the bundle's guidance mode, conditioned on the prompts by the model's family.
 
         image: per-image UNet conditioning beyond latents and text (see guidance.unet_call), batch B.
-        conditioning: the family's keywords, as Core.options split them off.
+        conditioning: the family's keywords, as runtime.options.task_options split them off.
         """
-        prompts = self.prompts(prompt, "prompt")  # checked before the negatives: an empty prompt is the likelier mistake
-        negatives = self.prompts(negative_prompt, "negative_prompt")
+        prompts = batch_prompts(prompt, "prompt", self.batch_size)  # checked before the negatives: the likelier mistake
+        negatives = batch_prompts(negative_prompt, "negative_prompt", self.batch_size)
         return guided(
             self.engines["unet"], self.family, self.manifest.guidance_info, prompts, negatives,
             options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, conditioning,
@@ -445,7 +270,7 @@ class Core:
             if user_callback is not None:
                 user_callback(i, t, x)
             if end is not None and i + 1 >= end:
-                raise _Stopped(x)
+                raise Stopped(x)
 
         def checked(x: np.ndarray, t: float) -> np.ndarray:
             """The guided model, its NaN/inf named by step; the UNet and the mix check their own outputs, so the
@@ -467,7 +292,7 @@ class Core:
                 checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,
                 **({"resume": True} if resume else {}),
             )  # fmt: skip
-        except _Stopped as stop:
+        except Stopped as stop:
             latents = stop.latents
         if not np.isfinite(latents).all():
             raise NonFiniteError(f"the {name} sampler's last update (eta={options['eta']}) produced NaN/inf from finite model outputs")
@@ -481,32 +306,6 @@ class Core:
             rng=np.random.default_rng(0), callback=lambda i, t, x: seen.append(t),
         )  # fmt: skip
         return seen
-
-    def end_step(self, options: Sampling, denoising_end: float | None) -> int | None:
-        """How many steps run before a denoising_end hand-off: those whose timestep is at or above the cutoff (diffusers)."""
-        if denoising_end is None:
-            return None
-        cutoff = handoff_cutoff(denoising_end, "denoising_end", self.manifest.scheduler.config)
-        ts = self.timesteps(options)
-        kept = sum(t >= cutoff for t in ts)
-        if kept == 0:
-            raise ValueError(
-                f"denoising_end {denoising_end} stops before the first of {len(ts)} steps (its timestep {ts[0]:g} is below the "
-                f"cutoff {cutoff}); raise denoising_end"
-            )
-        return kept
-
-    def start_at(self, options: Sampling, denoising_start: float) -> int:
-        """The step a denoising_start hand-off resumes at: the run keeps the steps below the cutoff (diffusers)."""
-        cutoff = handoff_cutoff(denoising_start, "denoising_start", self.manifest.scheduler.config)
-        ts = self.timesteps(options)
-        kept = sum(t < cutoff for t in ts)
-        if kept == 0:
-            raise ValueError(
-                f"denoising_start {denoising_start} leaves none of the {len(ts)} steps to run (the last timestep {ts[-1]:g} is "
-                f"not below the cutoff {cutoff}); lower denoising_start or use more steps"
-            )
-        return len(ts) - kept
 
     def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
         """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""
@@ -531,11 +330,6 @@ class Core:
             raise NonFiniteError(f"{what} given by the caller hold NaN/inf (or values too large for float32)")
         return out
 
-    def step_defaults(self, scheduler: str | None) -> dict[str, int]:
-        """Few-step samplers (LCM, TCD: a distilled UNet) default to 4 steps, the rest to DEFAULTS' 50."""
-        name = scheduler or default_sampler(self.manifest.scheduler.class_name, self.manifest.scheduler.config)
-        return {"steps": FEW_STEPS} if name in FEW_STEP_SAMPLERS else {}
-
     def _default_sampler(self) -> str:
         class_name = self.manifest.scheduler.class_name
         if class_name not in DEFAULT_FOR_CLASS:
@@ -545,38 +339,6 @@ class Core:
                 stacklevel=4,
             )
         return default_sampler(class_name, self.manifest.scheduler.config)
-
-
-def _slot_state(manifest: Manifest) -> SlotState | None:
-    """The zero slot inputs of a bundle built with --lora-slots; None for a bundle without."""
-    lora = manifest.lora
-    if lora is None or not lora.slot_rank:
-        return None
-    shapes = {(c.name, t.name): t.shape for c in manifest.components.values() for t in c.inputs if t.name.startswith("lora_")}
-    return SlotState([t for t in lora.targets if t.component in manifest.components], lora.slot_rank, shapes)
-
-
-def _lora_list(adapters: LoraSpec, scale: float) -> list[tuple[Path, float]]:
-    """set_lora's argument as (file, scale) pairs; anything else is a TypeError naming what was given."""
-    if adapters is None:
-        return []
-    pair = isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[0], (str, Path))
-    pair = pair and not isinstance(adapters[1], (str, Path))  # type: ignore[index]
-    if isinstance(adapters, (str, Path)):
-        items: list[Any] = [(adapters, scale)]
-    else:
-        items = [adapters] if pair else list(adapters)
-    out = []
-    for item in items:
-        if isinstance(item, (str, Path)):
-            item = (item, scale)
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path))):
-            raise TypeError(f"set_lora takes None, a file, or a list of files and (file, scale) pairs; got {item!r:.80}")
-        s = item[1]
-        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not np.isfinite(s):
-            raise ValueError(f"set_lora: the scale of {item[0]} must be a finite number, got {s!r}")
-        out.append((Path(item[0]), float(s)))
-    return out
 
 
 def _engine_options(component: Component, options: Mapping[str, Any]) -> dict[str, Any]:
