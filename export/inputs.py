@@ -1,6 +1,6 @@
-"""Fixed verification inputs, one recipe for every gate (export.verify and export.from_onnx).
+"""Fixed verification inputs, one recipe for every gate (export.verify and export.tensorrt.from_onnx).
 
-Imports only numpy and runtime: export.from_onnx runs on a Jetson without torch.
+Imports only numpy and runtime: export.tensorrt.from_onnx runs on a Jetson without torch.
 """
 
 from __future__ import annotations

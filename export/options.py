@@ -7,7 +7,7 @@ from pathlib import Path
 
 from runtime.bundle import GUIDANCE_MODES
 
-from .tensorrt import BuilderSettings, builder_settings
+from .tensorrt.builder import BuilderSettings, builder_settings
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -82,11 +82,11 @@ class BuildOptions:
 
     def check_int8(self) -> None:
         """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""
-        from .calibration import CalibrationError, check_size, read_prompts
+        from .int8.calibration import CalibrationError, check_size, read_prompts
 
         check_size(self.calibration_size)
         if self.precision == "int8":
-            from .quantize import check_quantizer
+            from .int8.quantize import check_quantizer
 
             check_quantizer()
         if isinstance(self.int8_float_convs, bool) or not isinstance(self.int8_float_convs, int) or self.int8_float_convs < 0:

@@ -321,7 +321,7 @@ def test_cli_refuses_a_bad_adapter_before_writing(tiny_model, tmp_path):
 def test_tensorrt_bundle_takes_the_same_slot_inputs(slotted, tmp_path):
     """--from-onnx keeps the slots as engine inputs and records them; the stand-in engine is the ONNX itself
     (as in test_tensorrt_offline), so the verification that fed it slot inputs is real."""
-    from export.from_onnx import build_from_onnx, onnx_component
+    from export.tensorrt.from_onnx import build_from_onnx, onnx_component
     from runtime.bundle.fit import Device
     from runtime.dispatch import load_engine
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import runtime
-from export.from_onnx import build_from_onnx, onnx_component
 from export.gates import TOLERANCE, error_figures
 from export.inputs import fixed_inputs
+from export.tensorrt.from_onnx import build_from_onnx, onnx_component
 from runtime.backends.tensorrt import tensorrt_available
 from runtime.bundle import load_manifest
 from runtime.dispatch import load_engine

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import runtime
-from export.cli import main
+from export.build import main
 from runtime.bundle import Manifest
 from runtime.errors import BundleError
 from tests.helpers import REPO

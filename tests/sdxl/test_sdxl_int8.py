@@ -7,9 +7,8 @@ import numpy as np
 import onnx
 import pytest
 
-from export import calibration, quantize
-from export.build import build
-from export.cli import main
+from export.build import build, main
+from export.int8 import calibration, quantize
 from runtime.bundle import read_bundle
 from runtime.pipeline import Pipeline
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import runtime
-from export.cli import main
+from export.build import main
 from runtime.bundle import load_manifest
 from tests.sdxl.test_sdxl_bundles import PROMPT
 

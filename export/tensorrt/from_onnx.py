@@ -2,7 +2,7 @@
 
 `python -m export.build --from-onnx BUNDLE` lands here. Each component's ONNX is copied into
 the new bundle next to its engine (so the bundle can always be rebuilt, here or on another
-GPU), built with export.tensorrt, and verified against that ONNX run by ONNX Runtime on the
+GPU), built with export.tensorrt.builder, and verified against that ONNX run by ONNX Runtime on the
 CPU with fixed inputs. An engine over its gate is refused unless `force`.
 """
 
@@ -23,12 +23,12 @@ from runtime.dispatch import load_engine
 from runtime.errors import BundleError
 from runtime.protocol import Engine
 
-from .bundle import ENGINES, Log, check_target, default_name, now, staging, write_manifest
-from .gates import TOLERANCE, error_figures
-from .inputs import fixed_inputs
-from .lora import suffix as lora_suffix
-from .onnx_export import onnx_files
-from .tensorrt import (
+from ..gates import TOLERANCE, error_figures
+from ..inputs import fixed_inputs
+from ..lora import suffix as lora_suffix
+from ..onnx_export import onnx_files
+from ..staging import ENGINES, Log, default_name, now, staging, write_manifest
+from .builder import (
     TIMING_CACHE_DIR,
     BuilderSettings,
     EngineBuildError,
@@ -138,7 +138,6 @@ def build_from_onnx(
         manifest.model.name, manifest.height, manifest.width, manifest.batch_size, asked, f"tensorrt-{device.key}", manifest.guidance
     )
     out = out or ENGINES / (name + lora_suffix(manifest.lora))
-    check_target(out, force)
     log(
         f"building {out} from {source} ({asked}, TensorRT {device.tensorrt} on {device.gpu}, "
         f"optimization level {settings.optimization_level})"

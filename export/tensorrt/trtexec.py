@@ -1,4 +1,4 @@
-"""python -m export.profile BUNDLE: the exact trtexec lines, with the bundle's shapes, that rebuild and time its engines.
+"""python -m export.tensorrt.trtexec BUNDLE: the exact trtexec lines, with the bundle's shapes, that rebuild and time its engines.
 
 One line per component rebuilds the engine from the bundle's ONNX with the flags the bundle was
 built with (precision, optimization level, workspace, timing cache); one line times an engine
@@ -23,8 +23,7 @@ from runtime.bundle import Component, Manifest, TensorSpec, load_manifest
 from runtime.bundle.fit import recorded_device
 from runtime.errors import BundleError
 
-from .from_onnx import onnx_component
-from .tensorrt import (
+from .builder import (
     PRESETS,
     TIMING_CACHE_DIR,
     BuilderSettings,
@@ -36,6 +35,7 @@ from .tensorrt import (
     has_qdq,
     timing_cache_path,
 )
+from .from_onnx import onnx_component
 
 TRTEXEC_HINT = "trtexec ships with TensorRT (on JetPack: /usr/src/tensorrt/bin/trtexec); put it on PATH or pass --trtexec"
 
@@ -177,7 +177,7 @@ def run(commands: Sequence[EngineCommands], trtexec: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m export.profile",
+        prog="python -m export.tensorrt.trtexec",
         description="Print the trtexec command lines, with the bundle's shapes and build flags, that rebuild each engine "
         "from its ONNX and that time it; --run runs them.",
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .verify import VerificationError
+from ..verify import VerificationError
 
 # Worst-bucket UNet relative L2, and same-seed pixel MAE. Both leave room over what a sound build measures
 # (reference model: about 0.03 and 0.002) and well under a broken calibration (0.3+ and 0.05+).

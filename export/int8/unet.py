@@ -1,10 +1,10 @@
 """--precision int8: the staged fp32 bundle's UNet -> a calibrated int8 QDQ UNet, gated on image quality.
 
-Called by export.onnx_bundle once every component is exported in fp32 and the fp32 manifest is staged:
-1. record UNet inputs from real sampling runs of that fp32 bundle (export.calibration);
-2. choose the nodes kept float: rules, plus the most sensitive convs from a cached sweep (export.quantize);
+Called by export.from_model once every component is exported in fp32 and the fp32 manifest is staged:
+1. record UNet inputs from real sampling runs of that fp32 bundle (export.int8.calibration);
+2. choose the nodes kept float: rules, plus the most sensitive convs from a cached sweep (export.int8.quantize);
 3. quantize a copy of the fp32 UNet (the staged file is only read);
-4. gate it on held-out generations (export.int8_gate); over the gate the build fails unless --force;
+4. gate it on held-out generations (export.int8.gate); over the gate the build fails unless --force;
 5. put the int8 UNet in the bundle with its record: tool and version, calibration set, float nodes, gate figures.
 """
 
@@ -22,9 +22,10 @@ from typing import Any
 
 from runtime.bundle import Component
 
-from . import calibration, int8_gate, quantize
+from ..onnx_export import check_onnx, onnx_files, save_onnx
+from . import calibration, quantize
+from . import gate as int8_gate
 from .calibration import PromptSet
-from .onnx_export import check_onnx, onnx_files, save_onnx
 
 GATE_GENERATIONS = 4
 GATE_GUIDANCE = 5.0
@@ -76,7 +77,7 @@ def quantize_unet(work: Path, unet: Component, choices: Int8Choices, log: Callab
         **quantize.tool_record(),
         "format": "QDQ",
         "op_types": list(quantize.OP_TYPES),
-        "calibration_method": "MinMax, per tensor, over every recorded UNet input (export.quantize.calibrate)",
+        "calibration_method": "MinMax, per tensor, over every recorded UNet input (export.int8.quantize.calibrate)",
         "placement": where.record(),
         "calibration": {
             **choices.prompts.record(),

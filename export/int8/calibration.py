@@ -2,7 +2,7 @@
 
 The prompts come from the user's file (--calibration-prompts), else the reference model's own training
 captions when it is the model exported, else the prompt set shipped with the project
-(export/calibration_prompts.txt). Each prompt is generated with the runtime, from the fp32 bundle
+(export/int8/calibration_prompts.txt). Each prompt is generated with the runtime, from the fp32 bundle
 being built, and every UNet call is recorded as the engine sees it: the CFG batch (unconditional and
 conditional halves), every timestep of the schedule from pure noise to the last step.
 """

@@ -9,13 +9,15 @@ from typing import Any
 
 from runtime.bundle import Component, Manifest
 
-from . import calibration, int8, lora, onnx_export
-from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
+from . import lora, onnx_export
 from .inputs import fixed_inputs
+from .int8 import calibration
+from .int8 import unet as int8
 from .manifest_writer import manifest_for
 from .model import REFERENCE_MODEL, ModelError, SourceModel, open_model, write_tokenizer
 from .options import BuildOptions
 from .resolve import image_size, needed_components, resolve_guidance, resolve_pipelines
+from .staging import ENGINES, Log, default_name, staging, write_manifest
 from .verify import FP16_MAX, VerificationError, compare, reference_and_peak, torch_reference
 
 BACKEND = "onnxruntime"
@@ -42,7 +44,6 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     targets = lora.slot_targets(model, options.lora_slots) if options.lora_slots else ()
     info = lora.lora_info(lora.records(adapters), options.lora_slots, targets)
     out = out or ENGINES / (default_name(model.name, height, width, batch, precision, BACKEND, guidance) + lora.suffix(info))
-    check_target(out, options.force, model.source)
     what = f"{height}x{width}, batch {batch}, {precision}, {BACKEND}, guidance {guidance}; {', '.join(pipelines)}"
     log(f"building {out} from {model.source} ({what})")
     for line in model.report():

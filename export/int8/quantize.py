@@ -192,7 +192,7 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], names: Seque
 def working_copy(source: Path, folder: Path) -> Path:
     """`source` (and its external data) copied into `folder`, which is made: what quantize() and the sweep read,
     since quantize_static writes a shape-inferred model beside its input and a bundle is never written into."""
-    from .onnx_export import onnx_files
+    from ..onnx_export import onnx_files
 
     folder.mkdir(parents=True)
     for f in onnx_files(source):
@@ -302,7 +302,7 @@ def sweep_samples(feeds: Sequence[dict[str, np.ndarray]], n: int = SWEEP_SAMPLES
 
 
 def cache_dir() -> Path:
-    from .bundle import ENGINES
+    from ..staging import ENGINES
 
     return Path(os.environ.get(CACHE_ENV) or ENGINES / ".cache") / "int8-sensitivity"
 
