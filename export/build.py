@@ -174,8 +174,9 @@ def add_int8_flags(p: argparse.ArgumentParser) -> None:
         "--calibration-prompts",
         type=Path,
         metavar="FILE",
-        help="int8: UTF-8 text, one prompt per line (# comments), to calibrate on; default: the reference model's own "
-        "captions for it, else the project's shipped prompt set (export/int8/calibration_prompts.txt)",
+        help="int8: UTF-8 text, one prompt per line (# comments), to calibrate on; default: the model's own "
+        "(MODEL/calibration/prompts.txt: the reference model ships its captions), "
+        "else the project's set (export/int8/calibration_prompts.txt)",
     )
     p.add_argument(
         "--calibration-size",

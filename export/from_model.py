@@ -14,7 +14,7 @@ from .inputs import fixed_inputs
 from .int8 import calibration
 from .int8 import unet as int8
 from .manifest_writer import manifest_for
-from .model import REFERENCE_MODEL, ModelError, SourceModel, open_model, write_tokenizer
+from .model import ModelError, SourceModel, open_model, write_tokenizer
 from .options import BuildOptions
 from .resolve import image_size, needed_components, resolve_guidance, resolve_pipelines
 from .staging import ENGINES, Log, default_name, staging, write_manifest
@@ -98,8 +98,8 @@ def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str
             f"--precision int8 calibrates on txt2img sampling runs, and this bundle would have none: {why}; "
             f"{fix}build it with --precision fp16 or fp32"
         )
-    is_reference = Path(model.source).resolve() == REFERENCE_MODEL.resolve()
-    prompts = calibration.prompt_set(options.calibration_prompts, is_reference, options.calibration_size)
+    folder = Path(model.source)
+    prompts = calibration.prompt_set(options.calibration_prompts, folder if folder.is_dir() else None)
     target = "tensorrt" if options.backend == "tensorrt" else "onnxruntime"
     return int8.Int8Choices(prompts, options.calibration_size, options.int8_float_convs, target, options.force)
 

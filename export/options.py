@@ -35,7 +35,7 @@ class BuildOptions:
     device_preset: str | None = None
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
-    # int8 (the UNet as calibrated QDQ): prompts file (None: the reference captions or the shipped set), generations
+    # int8 (the UNet as calibrated QDQ): prompts file (None: the model's own or the shipped set), generations
     # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
     calibration_prompts: Path | None = None
     calibration_size: int = 32

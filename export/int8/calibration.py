@@ -1,8 +1,8 @@
 """int8 calibration data: UNet inputs recorded from real sampling runs of the model being exported.
 
-The prompts come from the user's file (--calibration-prompts), else the reference model's own training
-captions when it is the model exported, else the prompt set shipped with the project
-(export/int8/calibration_prompts.txt). Each prompt is generated with the runtime, from the fp32 bundle
+The prompts come from the user's file (--calibration-prompts), else the model's own (MODEL/calibration/prompts.txt,
+with MODEL/calibration/held_out.txt for the gate: the reference model ships its training captions there), else the
+prompt set shipped with the project (export/int8/calibration_prompts.txt). Each prompt is generated with the runtime, from the fp32 bundle
 being built, and every UNet call is recorded as the engine sees it: the CFG batch (unconditional and
 conditional halves), every timestep of the schedule from pure noise to the last step.
 """
@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "calibration_prompts.txt"
+MODEL_PROMPTS = Path("calibration") / "prompts.txt"  # in a model folder: the model's own prompts, as the reference model ships
+MODEL_HELD_OUT = Path("calibration") / "held_out.txt"
 STEPS = 20  # the sampling steps of a calibration run: the schedule's whole noise range at a common step count
 GUIDANCE_SCALES = (7.5, 3.0)  # alternated over prompts: strong and mild guidance, different trajectories
 HELD_OUT_SEED = 1_000_003  # held-out runs (the gate) draw prompts and noise apart from calibration
@@ -32,10 +34,11 @@ class CalibrationError(ValueError):
 class PromptSet:
     """Where calibration prompts come from, what the manifest says of them, and the prompts."""
 
-    source: str  # "file" | "reference captions" | "shipped default"
+    source: str  # "file" | "model folder" | "shipped default"
     prompts: tuple[str, ...]
     path: str | None = None
     sha256: str | None = None
+    held_out: tuple[str, ...] = ()  # the gate's prompts, where the model ships them (else the calibration prompts reversed)
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "prompts": len(self.prompts)}
@@ -66,20 +69,15 @@ def read_prompts(path: Path) -> PromptSet:
     return PromptSet("file", prompts, str(path), hashlib.sha256(raw).hexdigest())
 
 
-def reference_captions(n: int, seed: int = 0) -> tuple[str, ...]:
-    """The reference model's training captions (canonical and reworded), as its trainer draws them."""
-    from reference.dataset import random_caption, sample_attributes
-
-    rng = np.random.default_rng(seed)
-    return tuple(random_caption(sample_attributes(rng), rng) for _ in range(n))
-
-
-def prompt_set(given: Path | None, is_reference: bool, n: int) -> PromptSet:
-    """The prompts a build calibrates on: the user's file, else the reference captions, else the shipped set."""
+def prompt_set(given: Path | None, model_folder: Path | None) -> PromptSet:
+    """The prompts a build calibrates on: the user's file, else the model's own, else the shipped set."""
     if given is not None:
         return read_prompts(given)
-    if is_reference:
-        return PromptSet("reference captions", reference_captions(n))
+    own = model_folder / MODEL_PROMPTS if model_folder is not None else None
+    if own is not None and own.is_file():
+        held = own.with_name(MODEL_HELD_OUT.name)
+        ps, held_out = read_prompts(own), read_prompts(held).prompts if held.is_file() else ()
+        return PromptSet("model folder", ps.prompts, MODEL_PROMPTS.as_posix(), ps.sha256, held_out)
     shipped = read_prompts(DEFAULT_PROMPTS)
     return PromptSet("shipped default", shipped.prompts, str(DEFAULT_PROMPTS.name), shipped.sha256)
 

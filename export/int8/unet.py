@@ -157,11 +157,7 @@ class HeldOut:
 
 def held_out(pipe: Any, prompts: PromptSet) -> HeldOut:
     """GATE_GENERATIONS fp32 generations of `pipe`, every UNet call recorded."""
-    held_prompts = (
-        calibration.reference_captions(GATE_GENERATIONS, seed=calibration.HELD_OUT_SEED)
-        if prompts.source == "reference captions"
-        else tuple(reversed(prompts.prompts))
-    )
+    held_prompts = prompts.held_out or tuple(reversed(prompts.prompts))
     scale = GATE_GUIDANCE if pipe.manifest.guidance_info.mode != "none" else 1.0
     runs = [(held_prompts[i % len(held_prompts)], calibration.HELD_OUT_SEED + i, scale) for i in range(GATE_GENERATIONS)]
     recording = calibration.Recording()
