@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runtime.bundle import MANIFEST, SCHEMA, Manifest, declared_schema, manifest_from_json, sha256_file
+from runtime.bundle import MANIFEST, SCHEMA, Manifest, declared_schema, sha256_file
 
 # The checkout's engines/ folder, wherever the command runs from (as --model's default, the shipped model, is)
 ENGINES = Path(__file__).resolve().parent.parent / "engines"
@@ -151,5 +151,5 @@ def file_hashes(bundle: Path) -> dict[str, str]:
 def write_manifest(bundle: Path, manifest: Manifest) -> None:
     """Written last, with the sha256 of every other file; read back through the runtime's parser before it counts."""
     doc = manifest.with_files(file_hashes(bundle)).to_json()
-    manifest_from_json(json.loads(json.dumps(doc)), str(bundle / MANIFEST))
+    Manifest.from_json(json.loads(json.dumps(doc)), str(bundle / MANIFEST))
     (bundle / MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")

@@ -1,16 +1,16 @@
 """The engine-bundle contract, one small package: what export writes and the runtime reads.
 
-- records: manifest.json as typed records, each with from_json / to_json (component: one engine file's record);
-- bounds: the checked read of a manifest's JSON (schema, version, every value's bounds);
+- manifest: manifest.json as the typed Manifest, its checked read (schema, version, every value's bounds) and its write;
+- records: the manifest's sections, each with from_json / to_json (component: one engine file's record);
 - integrity: paths kept inside the bundle, every file hashed, what one load read (BundleState);
 - hints: the command that rebuilds a bundle, for every refusal that says "rebuild";
 - fit: whether a TensorRT bundle fits this machine (TensorRT version, GPU, compute capability).
 """
 
-from .bounds import manifest_from_json
 from .component import Component, TensorSpec
 from .hints import rebuild_command, rebuild_hint
 from .integrity import BundleState, check_bundle_paths, declared_schema, load_manifest, read_bundle, sha256_file, verify_bundle_files
+from .manifest import Manifest
 from .records import (
     DTYPES,
     FORMATS,
@@ -23,7 +23,6 @@ from .records import (
     LoraAdapter,
     LoraInfo,
     LoraTarget,
-    Manifest,
     ModelInfo,
     SchedulerInfo,
     SdxlInfo,
@@ -38,6 +37,6 @@ __all__ = [
     "DTYPES", "FORMATS", "GUIDANCE_MODES", "MANIFEST", "READABLE_VERSIONS", "SCHEMA", "SCHEMA_VERSION",
     "BundleState", "Component", "GuidanceInfo", "LoraAdapter", "LoraInfo", "LoraTarget", "Manifest", "ModelInfo",
     "SchedulerInfo", "SdxlInfo", "TensorRTInfo", "TensorSpec", "TextEncoderInfo", "TokenizerInfo", "UpscaleInfo", "VaeInfo",
-    "check_bundle_paths", "declared_schema", "load_manifest", "manifest_from_json", "read_bundle", "rebuild_command",
+    "check_bundle_paths", "declared_schema", "load_manifest", "read_bundle", "rebuild_command",
     "rebuild_hint", "sha256_file", "verify_bundle_files",
 ]  # fmt: skip

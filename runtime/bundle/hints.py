@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .component import Component
-from .records import LoraInfo, Manifest
+from .manifest import Manifest
+from .records import LoraInfo
 
 
 def rebuild_command(bundle: Any, component: Component | None = None, *, in_place: bool = False) -> str:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import BundleError
-from .bounds import manifest_from_json
 from .hints import file_rebuild_hint
-from .records import MANIFEST, Manifest
+from .manifest import Manifest
+from .records import MANIFEST
 
 # Size limits per file role, checked by stat before a byte is hashed: a file over its role's limit cannot be a
 # file of that role, so hashing it would only spend time. An ONNX graph cannot exceed protobuf's 2 GiB (bigger
@@ -92,7 +92,7 @@ def read_bundle(bundle: str | Path, *, verify_files: bool = True) -> tuple[Manif
         raise BundleError(
             f"{path}: malformed manifest (nested too deeply to read); rebuild the bundle with `python -m export.build --force`"
         ) from None
-    manifest = manifest_from_json(raw, str(path))
+    manifest = Manifest.from_json(raw, str(path))
     check_bundle_paths(bundle, manifest)
     files: Mapping[str, Identity] = {}
     if verify_files:

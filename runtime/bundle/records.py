@@ -1,18 +1,13 @@
-"""The engine-bundle contract: manifest.json as typed records, each with its from_json and to_json.
-
-export/ builds a `Manifest` and writes it with `to_json`; runtime/ reads it with bounds.manifest_from_json
-(the schema checked, then these records, then their values). Nothing else parses the JSON. Version 1
-manifests (written before families had a seam) are read and upgraded in `ModelInfo.from_json`.
+"""The manifest's sections as typed records, each with its from_json and to_json (the Manifest that holds them:
+runtime.bundle.manifest). Version 1 manifests (written before families had a seam) are upgraded in ModelInfo.from_json.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
-
-from .component import Component
 
 SCHEMA = "ldm-deploy/bundle"
 SCHEMA_VERSION = 2
@@ -287,109 +282,6 @@ class LoraInfo:
             fused=tuple(LoraAdapter.from_json(a) for a in d.get("fused", ())),
             slot_rank=int(slots.get("rank", 0)),
             targets=tuple(LoraTarget.from_json(t) for t in slots.get("targets", ())),
-        )
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A bundle's manifest.json, typed. `files` maps every other file of the bundle to its sha256."""
-
-    model: ModelInfo
-    pipelines: tuple[str, ...]
-    scheduler: SchedulerInfo
-    vae: VaeInfo
-    height: int  # the static image size and batch every engine was built for ("image" in the JSON)
-    width: int
-    batch_size: int
-    guidance_info: GuidanceInfo
-    tokenizer: TokenizerInfo
-    backend: str
-    precision: str
-    components: Mapping[str, Component]
-    files: Mapping[str, str] = field(default_factory=dict)
-    onnx_precision: str | None = None  # the ONNX export's precision, where the engines were built from it
-    created: str = ""
-    upscale: UpscaleInfo | None = None
-    tensorrt: TensorRTInfo | None = None
-    lora: LoraInfo | None = None  # adapters fused at export and/or LoRA slots; None: the base model, no slots
-    sdxl: SdxlInfo | None = None  # family "sdxl" only
-
-    @property
-    def guidance(self) -> str:
-        return self.guidance_info.mode
-
-    @property
-    def tokenizer_dirs(self) -> tuple[str, ...]:
-        """Every folder of tokenizer files the bundle carries (SDXL: one per text encoder)."""
-        extra = tuple(e.tokenizer for e in self.sdxl.encoders) if self.sdxl else ()
-        return tuple(dict.fromkeys((self.tokenizer.dir, *extra)))
-
-    @property
-    def source_precision(self) -> str:
-        """The precision the bundle's ONNX files were exported at (fp16 keeps some components fp32)."""
-        return self.onnx_precision or self.precision
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int, int]:
-        f = self.vae.downscale_factor
-        return (self.batch_size, self.vae.latent_channels, self.height // f, self.width // f)
-
-    def with_files(self, files: Mapping[str, str]) -> Manifest:
-        return replace(self, files=dict(files))
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "created": self.created,
-            "model": self.model.to_json(),
-            "pipelines": list(self.pipelines),
-            "scheduler": self.scheduler.to_json(),
-            "vae": self.vae.to_json(),
-            "image": {"height": self.height, "width": self.width, "batch_size": self.batch_size},
-            "guidance": self.guidance_info.to_json(),
-            "tokenizer": self.tokenizer.to_json(),
-            "backend": self.backend,
-            "precision": self.precision,
-        }
-        if self.onnx_precision is not None:
-            out["onnx_precision"] = self.onnx_precision
-        if self.tensorrt is not None:
-            out["tensorrt"] = self.tensorrt.to_json()
-        out["components"] = {name: c.to_json() for name, c in self.components.items()}
-        if self.upscale is not None:
-            out["upscale"] = self.upscale.to_json()
-        if self.lora is not None:
-            out["lora"] = self.lora.to_json()
-        if self.sdxl is not None:
-            out["sdxl"] = self.sdxl.to_json()
-        out["files"] = dict(self.files)
-        return out
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Manifest:
-        """The records of a manifest's JSON, unchecked: read one with bounds.manifest_from_json, which checks it."""
-        image, upscale, trt, lora, sdxl = raw["image"], raw.get("upscale"), raw.get("tensorrt"), raw.get("lora"), raw.get("sdxl")
-        return cls(
-            model=ModelInfo.from_json(raw.get("model", {}), raw.get("schema_version", SCHEMA_VERSION)),
-            pipelines=tuple(str(p) for p in raw.get("pipelines", ["txt2img"])),
-            scheduler=SchedulerInfo.from_json(raw["scheduler"]),
-            vae=VaeInfo.from_json(raw["vae"]),
-            height=int(image["height"]),
-            width=int(image["width"]),
-            batch_size=int(image["batch_size"]),
-            guidance_info=GuidanceInfo.from_json(raw["guidance"]),
-            tokenizer=TokenizerInfo.from_json(raw["tokenizer"]),
-            backend=str(raw["backend"]),
-            precision=str(raw.get("precision", "fp32")),
-            components={name: Component.from_json(name, d) for name, d in raw["components"].items()},
-            files={str(k): str(v) for k, v in raw["files"].items()},
-            onnx_precision=str(raw["onnx_precision"]) if raw.get("onnx_precision") else None,
-            created=str(raw.get("created", "")),
-            upscale=UpscaleInfo.from_json(upscale) if upscale else None,
-            tensorrt=TensorRTInfo.from_json(trt) if trt else None,
-            lora=LoraInfo.from_json(lora) if lora else None,
-            sdxl=SdxlInfo.from_json(sdxl) if sdxl is not None else None,
         )
 
 
