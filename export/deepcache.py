@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.levers import DEEP_FEATURE, DEEP_UNET, SHALLOW_UNET
-from runtime.manifest import TensorSpec
+from runtime.bundle import TensorSpec
+from runtime.bundle.levers import DEEP_FEATURE, DEEP_UNET, SHALLOW_UNET
 
 from .onnx_export import ADDED_CONDITIONS, ComponentSpec
 

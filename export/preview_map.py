@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.levers import PreviewInfo
+from runtime.bundle.levers import PreviewInfo
 
 FIT_SIZE = 128  # pixels: a linear map does not depend on the image size, and the VAE encoder is fully convolutional
 FIT_IMAGES = 8

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.levers import TINY_DECODER, TINY_ENCODER, TinyVaeInfo
-from runtime.manifest import TensorSpec
+from runtime.bundle import TensorSpec
+from runtime.bundle.levers import TINY_DECODER, TINY_ENCODER, TinyVaeInfo
 
 from .errors import ModelError, read_json_object
 from .model import check_checksums

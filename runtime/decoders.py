@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .bundle import Manifest, rebuild_hint
+from .bundle.levers import TINY_DECODER, TINY_ENCODER
 from .errors import BundleError
-from .levers import TINY_DECODER, TINY_ENCODER
-from .manifest import Manifest, rebuild_hint
 
 DECODERS = ("full", "tiny")
 FULL_DECODER, FULL_ENCODER = "vae_decoder", "vae_encoder"

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .feed import Engine
-from .levers import DEEP_FEATURE
-from .manifest import Component
+from .bundle import Component
+from .bundle.levers import DEEP_FEATURE
+from .protocol import Engine
 from .sampling.common import Model
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .levers import PreviewInfo
+from .bundle.levers import PreviewInfo
 from .sampling.common import to_x0_eps
 
 # preview(step, total, images): images float32 (B, h, w, 3) in [0, 1]

@@ -142,7 +142,7 @@ def test_a_bundle_without_deepcache_says_how_to_build_it(bundle_fp32):
 
 def test_tensorrt_engines_are_built_for_the_deepcache_unets_too(cached_bundle, tmp_path):
     """--from-onnx builds every component the bundle has (the TensorRT builder stood in for, as in test_tensorrt_offline)."""
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
     from tests.export.test_tensorrt_offline import offline_build
 
     manifest = load_manifest(offline_build(cached_bundle, tmp_path / "trt"))

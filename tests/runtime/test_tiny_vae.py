@@ -78,7 +78,7 @@ def test_a_bundle_with_only_the_tiny_decoder_decodes_with_it(tiny_bundle, tmp_pa
     import json
     import shutil
 
-    from runtime.manifest import MANIFEST
+    from runtime.bundle import MANIFEST
 
     stripped = tmp_path / "stripped"
     shutil.copytree(tiny_bundle, stripped)
@@ -141,7 +141,7 @@ def test_the_decoder_benchmark_times_every_decoder_of_a_bundle(tiny_bundle, tmp_
 
 def test_tensorrt_engines_are_built_for_the_tiny_vae_too(tiny_bundle, tmp_path):
     """--from-onnx builds every component the bundle has (the TensorRT builder stood in for, as in test_tensorrt_offline)."""
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
     from tests.export.test_tensorrt_offline import offline_build
 
     manifest = load_manifest(offline_build(tiny_bundle, tmp_path / "trt"))
