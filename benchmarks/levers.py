@@ -4,6 +4,7 @@ and whole txt2img generations per steps x cache interval x decoder.
 
     python -m benchmarks.levers --bundle B --rounds 200 --out results/speed-levers/decode
     python -m benchmarks.levers --bundle B --generate --steps 50 20 --cache-interval 1 2 3 5 --rounds 5 --out DIR
+    python -m benchmarks.levers --bundle B --unet --rounds 200 --out DIR      # one call of each UNet
 
 Each round runs every variant once, in an order that alternates between rounds; a table gives each one's
 median and quartiles, and its median as a multiple of the first variant's (the full decoder; cache interval 1).
@@ -45,6 +46,27 @@ def time_decoders(pipe: Any, rounds: int, warmup: int = 5, seed: int = 0) -> dic
     return times
 
 
+def time_unets(pipe: Any, rounds: int, warmup: int = 5, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per engine call of the plain UNet and DeepCache's pair, on the same random inputs."""
+    from runtime.bundle.levers import DEEP_FEATURE, DEEP_UNET, SHALLOW_UNET
+
+    rng = np.random.default_rng(seed)
+    engines = {name: pipe.engine(name) for name in ("unet", DEEP_UNET, SHALLOW_UNET)}
+    specs = {t.name: t for e in engines.values() for t in e.component.inputs}
+    values = {n: (rng.standard_normal(t.shape) * (500 if n == "timestep" else 1)).astype(t.dtype) for n, t in specs.items()}
+    feeds = {name: {t.name: values[t.name] for t in e.component.inputs} for name, e in engines.items()}
+    assert DEEP_FEATURE in feeds[SHALLOW_UNET]
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    order = list(engines)
+    for r in range(warmup + rounds):
+        for name in order if r % 2 else reversed(order):
+            t0 = time.perf_counter()
+            engines[name](feeds[name])
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def time_generations(pipe: Any, variants: dict[str, dict[str, Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per txt2img call, per variant (its keywords: steps, cache_interval, decoder, scheduler)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -72,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, required=True, help="an engine bundle (--tiny-vae for the tiny rows, --deepcache for intervals)")
     p.add_argument("--rounds", type=int, default=200, help="timed rounds (default 200)")
     p.add_argument("--generate", action="store_true", help="time whole generations instead of the decoders")
+    p.add_argument("--unet", action="store_true", help="time one call of the UNet and of DeepCache's two (a --deepcache bundle)")
     p.add_argument("--steps", type=int, nargs="+", default=[50], help="--generate: step counts (default 50)")
     p.add_argument("--cache-interval", type=int, nargs="+", default=[1], help="--generate: DeepCache intervals (default 1)")
     p.add_argument("--decoder", nargs="+", default=["full"], choices=("full", "tiny"), help="--generate: decoders (default full)")
@@ -90,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 for s in args.steps for c in args.cache_interval for d in args.decoder
             }
             times, what, name = time_generations(pipe, variants, args.rounds), "generation", "generate"
+        elif args.unet:
+            times, what, name = time_unets(pipe, args.rounds), "UNet", "unet"
         else:
             times, what, name = time_decoders(pipe, args.rounds), "decoder", "decode"
     m = machine()

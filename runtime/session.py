@@ -399,7 +399,8 @@ def _engine_options(component: Component, options: Mapping[str, Any]) -> dict[st
     """ONNX Runtime's worker threads spin after a run, waiting for the next; only the UNet, called every
     step, has a next run coming. Spinning after a once-per-image call steals a core from the UNet calls
     that follow (15% of a reference-model image on 2 cores)."""
-    return {**options, "spin": component.name == "unet"} if component.format == "onnx" else dict(options)
+    every_step = component.name in ("unet", DEEP_UNET, SHALLOW_UNET)  # DeepCache's pair replaces the UNet's calls
+    return {**options, "spin": every_step} if component.format == "onnx" else dict(options)
 
 
 def _step_callback(progress: Progress, start: int, steps: int) -> Callable[[int, float, np.ndarray], None] | None:
