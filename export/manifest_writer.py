@@ -33,6 +33,7 @@ def manifest_for(
     pipelines: tuple[str, ...] = ("txt2img",),
     lora: LoraInfo | None = None,
     levers: Levers | None = None,
+    command: tuple[str, ...] = (),
 ) -> Manifest:
     """Everything the runtime needs to drive the exported components, from the model folder's own configs."""
     upscale = None
@@ -70,4 +71,5 @@ def manifest_for(
         lora=lora,
         levers=levers or Levers(),
         sdxl=model.family.info(model) if isinstance(model.family, StableDiffusionXL) else None,
+        command=command,
     )
