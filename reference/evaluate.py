@@ -230,8 +230,9 @@ def summary_line(setting: Setting, m: dict[str, float]) -> str:
     """One printable line of a setting's metrics."""
     accuracies = " ".join(f"{k} {m[k]:.3f}" for k in ACCURACIES)
     return (
-        f"{setting.scheduler} steps={setting.steps} guidance={setting.guidance:g} decoder={setting.decoder} "
-        f"cache_interval={setting.cache_interval}: {accuracies} | "
+        f"{setting.scheduler} steps={setting.steps} guidance={setting.guidance:g}"
+        + "".join(f" {k}={v}" for k, v in levers(setting).items())
+        + f": {accuracies} | "
         f"FID {m['fid']:.2f} | IS {m['is']:.1f} | {m['sec_per_image']:.3f} s/img"
     )
 
