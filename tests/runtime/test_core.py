@@ -55,7 +55,10 @@ def test_tasks_are_peers_with_explicit_signatures():
         params = inspect.signature(getattr(Pipeline, task)).parameters
         assert list(params)[1:-1] == names, task
         assert params["sampling"].kind is inspect.Parameter.VAR_KEYWORD
-    assert list(DEFAULTS) == ["steps", "guidance_scale", "guidance_rescale", "seed", "scheduler", "eta", "callback"]
+    assert list(DEFAULTS) == [
+        "steps", "guidance_scale", "guidance_rescale", "seed", "scheduler", "eta", "callback",
+        "decoder", "cache_interval", "preview", "preview_every",  # the speed levers (docs/speed-levers.md)
+    ]  # fmt: skip
 
 
 class Terminal(io.StringIO):
