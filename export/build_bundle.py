@@ -6,6 +6,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from runtime.backends.libraries import TENSORRT, TENSORRT_RTX, require
 from runtime.backends.tensorrt import require_tensorrt, tensorrt_available
 
 from . import from_onnx
@@ -19,6 +20,9 @@ def resolve_backend(asked: str, log: Log) -> str:
     if asked == "tensorrt":
         require_tensorrt("--backend tensorrt", instead="or build the ONNX Runtime flavour with --backend onnxruntime")
         return "tensorrt"
+    if asked == "tensorrt-rtx":  # builds without a GPU: only the library is needed here
+        require(TENSORRT_RTX, "--backend tensorrt-rtx", cuda=False, instead="or build the ONNX Runtime flavour with --backend onnxruntime")
+        return "tensorrt-rtx"
     if asked == "auto":
         if tensorrt_available():
             log("TensorRT is installed: building TensorRT engines (--backend tensorrt)")
@@ -41,6 +45,8 @@ def build_bundle(model_path: Path, out: Path | None, options: BuildOptions, log:
     with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:
         # backend named: an int8 UNet gets TensorRT's Q/DQ placement
         onnx_bundle = export_onnx_bundle(model_path, Path(tmp) / "onnx", replace(options, backend="tensorrt"), log)
+        library = TENSORRT_RTX if backend == "tensorrt-rtx" else TENSORRT
         return from_onnx.build_from_onnx(
-            onnx_bundle, out, precision=options.precision, settings=options.tensorrt_builder(), force=options.force, log=log
-        )
+            onnx_bundle, out, precision=options.precision, settings=options.tensorrt_builder(), force=options.force, log=log,
+            library=library, targets=options.targets(),
+        )  # fmt: skip

@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from runtime.backends.libraries import TENSORRT, TENSORRT_RTX
 from runtime.errors import BundleError
 from runtime.manifest import GUIDANCE_MODES
 
@@ -16,7 +17,7 @@ from .from_onnx import build_from_onnx
 from .model import REFERENCE_MODEL, ModelError
 from .onnx_export import InvalidOnnxError
 from .options import BACKENDS, BuildOptions
-from .tensorrt import PRESETS, EngineBuildError, builder_settings
+from .tensorrt import PRESETS, EngineBuildError, builder_settings, compute_capabilities
 from .verify import VerificationError
 
 
@@ -50,7 +51,14 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=1, help="images per call; the engines have static shapes (default 1)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="engine backend (default auto)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="engine backend: onnxruntime; tensorrt (NVIDIA TensorRT, built on the GPU it runs on); tensorrt-rtx (TensorRT "
+        "for RTX: built on any machine, no GPU needed, compiled for the RTX-class GPU at first load); default auto: "
+        "tensorrt where TensorRT is installed, else onnxruntime. With --from-onnx: tensorrt (default) or tensorrt-rtx",
+    )
     p.add_argument(
         "--guidance",
         choices=("auto", *GUIDANCE_MODES),
@@ -136,7 +144,7 @@ def add_int8_flags(p: argparse.ArgumentParser) -> None:
 
 def add_tensorrt_flags(p: argparse.ArgumentParser) -> None:
     """--from-onnx and TensorRT's builder limits, in a group of their own in --help."""
-    trt = p.add_argument_group("TensorRT engines (--backend tensorrt, --from-onnx)")
+    trt = p.add_argument_group("TensorRT engines (--backend tensorrt | tensorrt-rtx, --from-onnx)")
     trt.add_argument(
         "--from-onnx",
         type=Path,
@@ -155,6 +163,12 @@ def add_tensorrt_flags(p: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         help="builder limits for a device class, e.g. jetson-orin-nano: 1024 MiB workspace, one stream",
     )
+    trt.add_argument(
+        "--compute-capability",
+        metavar="LIST",
+        help="TensorRT for RTX: the GPUs to build for, comma-separated from 7.5 (Turing), 8.0, 8.6, 8.9, 12.0, 12.1; "
+        "'current' for this machine's GPU; default: the library's portable set (8.0 to 12.x, no Turing)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
@@ -169,6 +183,7 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--height", args.height),
         ("--width", args.width),
         ("--backend onnxruntime", args.backend == "onnxruntime"),
+        ("--compute-capability (TensorRT for RTX only)", args.compute_capability is not None and args.backend != "tensorrt-rtx"),
         ("--pipelines", args.pipelines),
         ("--variant", args.variant),
         ("--checkpoint-config", args.checkpoint_config),
@@ -182,7 +197,11 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
     if clashes or args.batch_size != 1:
         raise ValueError(f"--from-onnx builds the bundle's own shapes with TensorRT; drop {', '.join(clashes or ['--batch-size'])}")
     settings = builder_settings(args.device_preset, args.builder_optimization_level, args.workspace)
-    return build_from_onnx(args.from_onnx, args.out, precision=args.precision, settings=settings, force=args.force)
+    library = TENSORRT_RTX if args.backend == "tensorrt-rtx" else TENSORRT
+    return build_from_onnx(
+        args.from_onnx, args.out, precision=args.precision, settings=settings, force=args.force, library=library,
+        targets=compute_capabilities(args.compute_capability),
+    )  # fmt: skip
 
 
 def build_from_args(args: argparse.Namespace) -> Path:

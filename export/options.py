@@ -7,10 +7,10 @@ from pathlib import Path
 
 from runtime.manifest import GUIDANCE_MODES
 
-from .tensorrt import BuilderSettings, builder_settings
+from .tensorrt import BuilderSettings, builder_settings, compute_capabilities
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class BuildOptions:
     height: int | None = None  # pixels; None: the model's native size
     width: int | None = None
     batch_size: int = 1  # the engines have static shapes
-    backend: str = "auto"  # auto: TensorRT where it is installed, else ONNX Runtime
+    backend: str = "auto"  # auto: TensorRT where it is installed, else ONNX Runtime; tensorrt-rtx: TensorRT for RTX, no GPU needed
     guidance: str = "auto"  # auto: embedded where the UNet takes a guidance embedding, else cfg
     pipelines: str | None = None  # comma-separated; None: all the model can do
     allow_pickle: bool = False  # .bin/.ckpt weights can run code: trusted files only
@@ -33,6 +33,7 @@ class BuildOptions:
     builder_optimization_level: int | None = None
     workspace: int | None = None  # MiB
     device_preset: str | None = None
+    compute_capability: str | None = None  # TensorRT for RTX's targets, comma-separated; None: its portable default
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
     # int8 (the UNet as calibrated QDQ): prompts file (None: the reference captions or the shipped set), generations
@@ -57,6 +58,9 @@ class BuildOptions:
         object.__setattr__(self, "lora", tuple(self.lora))  # argparse's append gives a list
         self.check_lora()
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
+        if self.compute_capability is not None and self.backend != "tensorrt-rtx":
+            raise ValueError("--compute-capability is for TensorRT for RTX engines: add --backend tensorrt-rtx")
+        self.targets()
 
     def check_lora(self) -> None:
         """The adapter files exist and their scales are finite numbers; the slot rank is in range (before any model loads)."""
@@ -95,6 +99,10 @@ class BuildOptions:
             if self.precision != "int8":
                 raise CalibrationError(f"--calibration-prompts is for --precision int8, not {self.precision}; drop it or ask for int8")
             read_prompts(Path(self.calibration_prompts))
+
+    def targets(self) -> tuple[str, ...]:
+        """TensorRT for RTX's target compute capabilities (() its portable default)."""
+        return compute_capabilities(self.compute_capability)
 
     def tensorrt_builder(self) -> BuilderSettings:
         """The TensorRT builder settings: the preset, with explicit level and workspace on top."""

@@ -248,17 +248,22 @@ class UpscaleInfo:
 class TensorRTInfo:
     """Where a TensorRT bundle's engines were built, and with which builder settings."""
 
-    tensorrt: str
-    gpu: str
+    tensorrt: str  # the library's version
+    gpu: str  # TensorRT for RTX built without a GPU: "none (ahead of time)"
     compute_capability: str
     builder: Mapping[str, Any] = field(default_factory=dict)
     from_onnx_args: tuple[str, ...] = ()
+    library: str = "tensorrt"  # tensorrt | tensorrt-rtx: which TensorRT built the engines
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT for RTX: the GPUs' compute capabilities the engines target
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "tensorrt": self.tensorrt, "gpu": self.gpu, "compute_capability": self.compute_capability,
             "builder": dict(self.builder), "from_onnx_args": list(self.from_onnx_args),
         }  # fmt: skip
+        if self.library != "tensorrt":
+            out |= {"library": self.library, "compute_capabilities": list(self.compute_capabilities)}
+        return out
 
 
 @dataclass(frozen=True)
@@ -474,7 +479,8 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
         upscale=UpscaleInfo(int(upscale["max_noise_level"]), SchedulerInfo.from_json(upscale["low_res_scheduler"])) if upscale else None,
         tensorrt=TensorRTInfo(
             str(trt["tensorrt"]), str(trt["gpu"]), str(trt["compute_capability"]), _frozen(trt.get("builder")),
-            tuple(str(a) for a in trt.get("from_onnx_args", ())),
+            tuple(str(a) for a in trt.get("from_onnx_args", ())), str(trt.get("library", "tensorrt")),
+            tuple(str(c) for c in trt.get("compute_capabilities", ())),
         ) if trt else None,
         lora=LoraInfo.from_json(raw["lora"]) if raw.get("lora") else None,
         sdxl=SdxlInfo.from_json(sdxl) if sdxl is not None else None,
@@ -560,9 +566,10 @@ def _check_lora(m: Manifest, lora: LoraInfo) -> None:
                 raise ValueError(f"lora slot {t.component}:{t.module} names input {name!r}, which {t.component} lacks or has another shape")
 
 
-def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> str:
+def rebuild_hint(bundle: str | Path | None, manifest: Manifest, **changes: object) -> str:
     """The `python -m export.build` line that rebuilds BUNDLE in place as its manifest records it: the model it came
-    from, its precision, size, batch, guidance and pipelines; `changes` override flags (precision="fp32",
+    from, its precision, size, batch, guidance and pipelines (bundle None: a new bundle under engines/, the line ends
+    without --out); `changes` override flags (precision="fp32",
     pipelines="txt2img,img2img"; None drops a flag; lora=[FILE:SCALE, ...] replaces the fused adapters).
     Every runtime hint that says "rebuild" is built here, shell-quoted."""
     flags: dict[str, str] = {
@@ -575,7 +582,7 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
         "--pipelines": ",".join(manifest.pipelines),
     }
     if manifest.backend == "tensorrt":
-        flags["--backend"] = "tensorrt"
+        flags["--backend"] = manifest.tensorrt.library if manifest.tensorrt else "tensorrt"
     lora = manifest.lora or LoraInfo()
     if lora.slot_rank:
         flags["--lora-slots"] = str(lora.slot_rank)
@@ -592,7 +599,7 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
         words += [flag, value]
     for spec in fused:
         words += ["--lora", spec]
-    return shlex.join([*words, "--out", str(bundle), "--force"])
+    return shlex.join([*words, "--out", str(bundle), "--force"] if bundle is not None else words)
 
 
 Identity = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns: which file a path held, and which version

@@ -56,7 +56,7 @@ def onnx_as_engine(component, path):
     return load_engine(onnx_component(component), path.parent.parent, backend="onnxruntime", device="cpu")
 
 
-def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache):
+def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache, outputs=()):
     return f"plan {name} {precision.name} strongly_typed={precision.strongly_typed}".encode()
 
 
