@@ -182,3 +182,9 @@ def test_an_asymmetric_int8_onnx_is_refused_with_the_fix(tmp_path):
 def test_manifest_records_the_library(sd15_rtx):
     raw = json.loads((sd15_rtx / "manifest.json").read_text())
     assert raw["tensorrt"]["library"] == "tensorrt-rtx" and raw["tensorrt"]["compute_capabilities"] == list(PORTABLE)
+
+
+def test_profile_says_there_is_no_command_line_tool_for_rtx_engines(sd15_rtx):
+    done = subprocess.run([sys.executable, "-m", "export.profile", str(sd15_rtx)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "TensorRT for RTX's pip wheel ships no command-line tool" in done.stderr
+    assert f"python -m benchmarks.gpu --bundle {sd15_rtx}" in done.stderr
