@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -275,12 +276,7 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
     if not job.verify:
         job.log(f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  not run: no GPU here  {seconds:.1f} s")
         return replace(component, verification=unverified(src))
-    feed = fixed_inputs(src.inputs, name, job.manifest.vae.scaling_factor)
-    reference = load_engine(src, work, backend="onnxruntime", device="cpu")(feed)
-    figures = error_figures(run_engine(job.open_engine, component, work / plan_file, feed), reference, TOLERANCE[precision.name])
-    figures["reference"] = f"the {src.precision} ONNX through ONNX Runtime (CPU), fixed inputs (seed 0)"
-    if src.verification:
-        figures["onnx_vs_fp32_torch"] = src.verification.get("rel_err")
+    figures = engine_figures(component, src, work, job.manifest.vae.scaling_factor, job.open_engine)
     job.log(
         f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  "
         f"error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
@@ -295,13 +291,25 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
     return replace(component, verification=figures)
 
 
+def engine_figures(component: Component, src: Component, bundle: Path, scaling_factor: float, open_engine: OpenFn) -> dict[str, Any]:
+    """The engine against the ONNX it was built from (ONNX Runtime, CPU) on fixed inputs, with its precision's gate."""
+    feed = fixed_inputs(src.inputs, component.name, scaling_factor)
+    reference = load_engine(src, bundle, backend="onnxruntime", device="cpu")(feed)
+    got = run_engine(open_engine, component, bundle / component.file, feed)
+    figures = error_figures(got, reference, TOLERANCE[component.precision])
+    figures["reference"] = f"the {src.precision} ONNX through ONNX Runtime (CPU), fixed inputs (seed 0)"
+    if src.verification:
+        figures["onnx_vs_fp32_torch"] = src.verification.get("rel_err")
+    return figures
+
+
 def unverified(src: Component) -> dict[str, object]:
     """The verification record of an engine built where it cannot run (TensorRT for RTX without a GPU)."""
     return {
         "passed": None,
         "not_run": "built ahead of time on a machine without a GPU, where the engine cannot run; its network's inputs "
-        "and outputs were checked against the manifest. Verify on a GPU with `python -m runtime --bundle BUNDLE` "
-        "against the ONNX bundle",
+        "and outputs were checked against the manifest. On a GPU, `python -m export.verify_engines BUNDLE` runs them "
+        "against the ONNX they were built from",
         "onnx_vs_fp32_torch": src.verification.get("rel_err") if src.verification else None,
     }
 

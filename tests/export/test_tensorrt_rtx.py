@@ -188,3 +188,21 @@ def test_profile_says_there_is_no_command_line_tool_for_rtx_engines(sd15_rtx):
     done = subprocess.run([sys.executable, "-m", "export.profile", str(sd15_rtx)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "TensorRT for RTX's pip wheel ships no command-line tool" in done.stderr
     assert f"python -m benchmarks.gpu --bundle {sd15_rtx}" in done.stderr
+
+
+def test_verify_engines_where_they_land(sd15_rtx, bundle_fp16):
+    """On the GPU: each engine against its carried ONNX, the build's gates; here the stand-in engine is that ONNX."""
+    from export.from_onnx import onnx_component
+    from export.verify_engines import main, verify_bundle
+    from runtime.engine import load_engine
+
+    def onnx_as_engine(component, path):
+        return load_engine(onnx_component(component), sd15_rtx, backend="onnxruntime", device="cpu")
+
+    said: list[str] = []
+    figures = verify_bundle(sd15_rtx, onnx_as_engine, said.append)
+    assert set(figures) == set(load_manifest(sd15_rtx).components) and all(f["passed"] and f["rel_err"] == 0 for f in figures.values())
+    assert said[1].startswith("  unet          fp16  error 0.00e+00 (gate 5e-02)  ok")
+    if not has_gpu():
+        assert main([str(sd15_rtx)]) == 2  # without a GPU: the runtime's one-line refusal
+    assert main([str(bundle_fp16)]) == 2  # no engines in an ONNX bundle
