@@ -206,3 +206,13 @@ def test_verify_engines_where_they_land(sd15_rtx, bundle_fp16):
     if not has_gpu():
         assert main([str(sd15_rtx)]) == 2  # without a GPU: the runtime's one-line refusal
     assert main([str(bundle_fp16)]) == 2  # no engines in an ONNX bundle
+
+
+def test_engine_build_benchmark_measures_each_engine_in_its_own_process(bundle_fp16, tmp_path):
+    cmd = ["-m", "benchmarks.engine_build", "--bundle", str(bundle_fp16), "--components", "vae_decoder", "--builder-optimization-level", "0"]
+    done = subprocess.run([sys.executable, *cmd, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / f"engine-build-{bundle_fp16.name}-tensorrt-rtx.json").read_text())
+    row = result["engines"]["vae_decoder"]
+    assert row["bytes"] > 100_000 and row["seconds"] > 0 and row["peak_rss_bytes"] > 50 * 2**20 and row["precision"] == "fp16"
+    assert "| vae_decoder | fp16 |" in (tmp_path / f"engine-build-{bundle_fp16.name}-tensorrt-rtx.md").read_text()
