@@ -209,7 +209,8 @@ def test_verify_engines_where_they_land(sd15_rtx, bundle_fp16):
 
 
 def test_engine_build_benchmark_measures_each_engine_in_its_own_process(bundle_fp16, tmp_path):
-    cmd = ["-m", "benchmarks.engine_build", "--bundle", str(bundle_fp16), "--components", "vae_decoder", "--builder-optimization-level", "0"]
+    cmd = ["-m", "benchmarks.engine_build", "--bundle", str(bundle_fp16), "--components", "vae_decoder"]
+    cmd += ["--builder-optimization-level", "0"]
     done = subprocess.run([sys.executable, *cmd, "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / f"engine-build-{bundle_fp16.name}-tensorrt-rtx.json").read_text())
