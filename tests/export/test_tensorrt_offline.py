@@ -45,6 +45,7 @@ from runtime.engine import load_engine
 from runtime.errors import BundleError
 from runtime.manifest import load_manifest
 from tests.helpers import REPO
+from tests.helpers.qdq import qdq_onnx
 
 ORIN = Device("10.3.0.30", "Orin", "8.7")
 RTX = Device("10.13.0.35", "NVIDIA GeForce RTX 4090", "8.9")
@@ -476,21 +477,6 @@ def test_network_inputs_must_take_the_bundle_shapes(bundle_fp32):
         check_network_inputs("unet", {**shapes, "sample": (2, 4, 16, 16)}, specs)
     with pytest.raises(EngineBuildError, match="not the manifest's"):
         check_network_inputs("unet", {"x": (1,)}, specs)
-
-
-def qdq_onnx(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-        "qdq",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        initializer=[helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])],
-    )
-    onnx.save(helper.make_model(graph), str(path))
-    return path
 
 
 def test_qdq_detection(bundle_fp32, tmp_path):

@@ -22,6 +22,7 @@ from runtime.backends.libraries import TENSORRT_RTX
 from runtime.backends.tensorrt import NoGpu, gpu_count
 from runtime.manifest import TensorSpec, load_manifest
 from tests.helpers import REPO
+from tests.helpers.qdq import qdq_onnx
 from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
 from tests.helpers.tiny_models import make_tiny_sd
 
@@ -157,17 +158,7 @@ def test_loading_without_a_gpu_is_one_line_naming_the_onnxruntime_bundle(sd15_rt
 
 def test_an_asymmetric_int8_onnx_is_refused_with_the_fix(tmp_path):
     """An int8 UNet quantized with zero points (the exporter's graph before it became symmetric) does not parse."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-        "qdq",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        initializer=[helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.UINT8, [], [128])],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "q.onnx"))
+    qdq_onnx(tmp_path / "q.onnx", zero_point=128)
     with pytest.raises(EngineBuildError, match=r"(?i)zero point.*symmetric int8 only.*--precision int8"):
         build_engine(
             "unet",
