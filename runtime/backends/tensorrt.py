@@ -180,7 +180,10 @@ class TrtEngine:
         self.bundle = bundle if bundle is not None else path.parent.parent
         self._closed = True
         self._lib = library(component.build.get("library"))
-        require(self._lib, f"this bundle holds {self._lib.title} engines: running them", instead=self._onnxruntime_hint())
+        try:
+            require(self._lib, f"this bundle holds {self._lib.title} engines: running them")
+        except TensorRTMissing as e:
+            raise TensorRTMissing(f"{e}; {self._onnxruntime_hint()}") from None
         trt = self._lib.load()
         from cuda.bindings import runtime as cudart
 
