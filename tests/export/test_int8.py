@@ -157,8 +157,8 @@ def test_calibration_equals_onnxruntimes_own_and_skips_float_nodes(bundle_fp32, 
         quantize_static(
             str(source), str(tmp_path / "theirs.onnx"), Feeds(recorded.feeds), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(quantize.OP_TYPES), per_channel=True, reduce_range=where.reduce_range,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=sorted(kept),
-            calibrate_method=CalibrationMethod.MinMax,
+            activation_type=getattr(QuantType, where.activation), weight_type=getattr(QuantType, where.weight),
+            nodes_to_exclude=sorted(kept), calibrate_method=CalibrationMethod.MinMax, extra_options=dict(where.extra),
         )  # fmt: skip
     ours, theirs = (onnx.load(str(tmp_path / f"{n}.onnx")).graph for n in ("ours", "theirs"))
     assert [n.op_type for n in ours.node] == [n.op_type for n in theirs.node]
