@@ -24,10 +24,10 @@ from .runtime_bench import machine, machine_line
 
 def build_one(bundle: Path, name: str, backend: str, level: int) -> dict[str, Any]:
     """In the child: build one component's engine as --from-onnx would, and measure it."""
-    from export.from_onnx import onnx_component, plan_precisions
-    from export.tensorrt import build_engine, builder_settings
+    from export.tensorrt.builder import build_engine, builder_settings
+    from export.tensorrt.from_onnx import onnx_component, plan_precisions
     from runtime.backends.libraries import LIBRARIES
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
 
     library = LIBRARIES[backend]
     manifest = load_manifest(bundle, verify_files=False)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.bundle is None:
         p.error("--bundle is required")
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
 
     names = list(load_manifest(args.bundle, verify_files=False).components)
     if args.components:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..compat import Device
+from ..bundle.fit import Device
 
 ENV = "LDM_DEPLOY_RUNTIME_CACHE"
 

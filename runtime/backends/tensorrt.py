@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from ..compat import Device, check_compatible, device_from_properties
+from ..bundle import Component, TensorSpec, load_manifest, rebuild_command, rebuild_hint
+from ..bundle.fit import Device, check_compatible, device_from_properties
 from ..errors import BundleError
-from ..feed import check_feed
-from ..manifest import Component, TensorSpec, load_manifest, rebuild_command, rebuild_hint
+from ..protocol import check_feed
 from . import runtime_cache
 from .libraries import TENSORRT, Library, TensorRTMissing, _installed, library, require
 

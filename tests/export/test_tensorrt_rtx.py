@@ -17,10 +17,10 @@ import pytest
 
 import runtime
 from export.build import build
-from export.tensorrt import PORTABLE, BuilderSettings, EngineBuildError, Precision, build_engine, compute_capabilities
+from export.tensorrt.builder import PORTABLE, BuilderSettings, EngineBuildError, Precision, build_engine, compute_capabilities
 from runtime.backends.libraries import TENSORRT_RTX
 from runtime.backends.tensorrt import NoGpu, gpu_count
-from runtime.manifest import TensorSpec, load_manifest
+from runtime.bundle import TensorSpec, load_manifest
 from tests.helpers import REPO
 from tests.helpers.qdq import qdq_onnx
 from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
@@ -129,8 +129,8 @@ def test_network_outputs_must_be_the_manifests(bundle_fp16, tmp_path):
 
 
 def test_from_onnx_cli_default_name_and_refusals(bundle_fp16, tmp_path, monkeypatch):
-    from export import from_onnx
     from export.build import main
+    from export.tensorrt import from_onnx
 
     monkeypatch.setattr(from_onnx, "ENGINES", tmp_path / "engines")
     assert main(["--from-onnx", str(bundle_fp16), "--backend", "tensorrt-rtx"]) == 0
@@ -176,16 +176,16 @@ def test_manifest_records_the_library(sd15_rtx):
 
 
 def test_profile_says_there_is_no_command_line_tool_for_rtx_engines(sd15_rtx):
-    done = subprocess.run([sys.executable, "-m", "export.profile", str(sd15_rtx)], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "export.tensorrt.trtexec", str(sd15_rtx)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "TensorRT for RTX's pip wheel ships no command-line tool" in done.stderr
     assert f"python -m benchmarks.gpu --bundle {sd15_rtx}" in done.stderr
 
 
 def test_verify_engines_where_they_land(sd15_rtx, bundle_fp16):
     """On the GPU: each engine against its carried ONNX, the build's gates; here the stand-in engine is that ONNX."""
-    from export.from_onnx import onnx_component
-    from export.verify_engines import main, verify_bundle
-    from runtime.engine import load_engine
+    from export.tensorrt.from_onnx import onnx_component
+    from export.tensorrt.verify import main, verify_bundle
+    from runtime.dispatch import load_engine
 
     def onnx_as_engine(component, path):
         return load_engine(onnx_component(component), sd15_rtx, backend="onnxruntime", device="cpu")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import runtime
-from export import from_onnx
+from export.tensorrt import from_onnx
 from runtime.backends import runtime_cache
 from runtime.backends.libraries import TENSORRT_RTX
 from tests.helpers.rtx import build_rtx

@@ -19,8 +19,8 @@ def build_rtx(source: Path, out: Path, **options: Any) -> Path:
 
     Builder optimization level 0 unless asked: the tests check what is built, not how fast it runs (level 3 took
     1.5-3x longer to build the tiny UNets)."""
-    from export.from_onnx import build_from_onnx
-    from export.tensorrt import builder_settings
+    from export.tensorrt.builder import builder_settings
+    from export.tensorrt.from_onnx import build_from_onnx
 
     options.setdefault("settings", builder_settings(optimization_level=0))
     return build_from_onnx(source, out, library=TENSORRT_RTX, log=lambda _: None, **options)
@@ -31,7 +31,7 @@ def check_rtx_bundle(out: Path, source: Path, precision: str | None = None) -> N
     them), its build recorded (library, version, targets, seconds, bytes), and its ONNX carried for a rebuild."""
     import tensorrt_rtx
 
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
 
     manifest, onnx = load_manifest(out), load_manifest(source)  # load_manifest checks every file's sha256
     assert manifest.backend == "tensorrt" and manifest.tensorrt is not None

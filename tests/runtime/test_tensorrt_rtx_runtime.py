@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
-from export import from_onnx
+from export.tensorrt import from_onnx
 from runtime.backends import runtime_cache
 from runtime.backends.libraries import TENSORRT_RTX
-from runtime.compat import Device
-from runtime.engine import load_engine
+from runtime.bundle import load_manifest
+from runtime.bundle.fit import Device
+from runtime.dispatch import load_engine
 from runtime.errors import BundleError
-from runtime.manifest import load_manifest
 from tests.helpers import fake_tensorrt
 
 BUILT = Device("1.7.1.116", "none (ahead of time)", "8.0,8.6,8.9,12.0,12.1", "tensorrt-rtx")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.manifest import load_manifest
+from runtime.bundle import load_manifest
 from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
 
 pytestmark = needs_rtx
