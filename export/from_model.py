@@ -69,7 +69,7 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         def manifest(precision: str) -> Manifest:
             return manifest_for(
                 model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-                pipelines=pipelines, lora=info,
+                pipelines=pipelines, lora=info, command=options.arguments(str(model.source)),
             )  # fmt: skip
 
         write_manifest(work, manifest(exported))
@@ -100,7 +100,7 @@ def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str
         )
     folder = Path(model.source)
     prompts = calibration.prompt_set(options.calibration_prompts, folder if folder.is_dir() else None)
-    target = "tensorrt" if options.backend == "tensorrt" else "onnxruntime"
+    target = "tensorrt" if options.backend in ("tensorrt", "tensorrt-rtx") else "onnxruntime"
     return int8.Int8Choices(prompts, options.calibration_size, options.int8_float_convs, target, options.force)
 
 

@@ -228,7 +228,8 @@ class TrtEngine:
             manifest = load_manifest(self.bundle, verify_files=False)
         except (BundleError, OSError, ValueError):
             return "or run an ONNX Runtime bundle (`python -m export.build --backend onnxruntime`) instead"
-        return f"or build and run an ONNX Runtime bundle instead: `{rebuild_hint(None, manifest, backend='onnxruntime')}`"
+        command = rebuild_hint(None, manifest, backend="onnxruntime", compute_capability=None)
+        return f"or build and run an ONNX Runtime bundle instead: `{command}`"
 
     def _device(self, index: int) -> Device:
         """This machine's GPU, or one line saying what this bundle needs and what runs here instead."""

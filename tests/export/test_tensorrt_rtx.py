@@ -208,3 +208,15 @@ def test_engine_build_benchmark_measures_each_engine_in_its_own_process(bundle_f
     row = result["engines"]["vae_decoder"]
     assert row["bytes"] > 100_000 and row["seconds"] > 0 and row["peak_rss_bytes"] > 50 * 2**20 and row["precision"] == "fp16"
     assert "| vae_decoder | fp16 |" in (tmp_path / f"engine-build-{bundle_fp16.name}-tensorrt-rtx.md").read_text()
+
+
+def test_build_for_turing_from_the_model_records_the_command(tiny_model, tmp_path):
+    """export.build --backend tensorrt-rtx --compute-capability 7.5: the targets reach the builder and the rebuild hint."""
+    from runtime.bundle import rebuild_hint
+
+    out = build(tiny_model, tmp_path / "t", precision="fp16", backend="tensorrt-rtx", compute_capability="7.5",
+                builder_optimization_level=0, pipelines="txt2img", **QUIET)  # fmt: skip
+    m = load_manifest(out)
+    assert m.tensorrt.compute_capabilities == ("7.5",)
+    hint = rebuild_hint(out, m)
+    assert "--backend tensorrt-rtx" in hint and "--compute-capability 7.5" in hint
