@@ -76,7 +76,14 @@ class SdxlConditioning(TypedDict, total=False):
     negative_aesthetic_score: float
 
 
-class TaskOptions(Sampling, SdxlConditioning, total=False):
+class PromptReading(TypedDict, total=False):
+    """How prompts are read, on every bundle (runtime.families.base.PROMPT_KEYWORDS): prompt_weighting=False reads
+    A1111's emphasis brackets as plain text."""
+
+    prompt_weighting: bool
+
+
+class TaskOptions(Sampling, SdxlConditioning, PromptReading, total=False):
     """Every keyword a task takes beyond its own arguments: the sampling options and a family's conditioning."""
 
 

@@ -38,6 +38,7 @@ MAX_DOWNSCALE = 64
 MAX_DIM = 1 << 20  # any one tensor dimension
 MAX_ELEMENTS = 1 << 34  # any one tensor's element count
 MAX_CONTEXT = 4096  # tokenizer max_length, as runtime.tokenizer
+MAX_CHUNKS = 16  # prompt chunks a bundle takes (1200 CLIP tokens)
 # Size limits per file role, checked by stat before a byte is hashed: a file over its role's limit cannot be a
 # file of that role, so hashing it would only spend time. An ONNX graph cannot exceed protobuf's 2 GiB (bigger
 # models keep their weights in external data); tokenizer files are a few MB (CLIP's vocab is 1 MB); weights
@@ -54,16 +55,32 @@ def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """A tensor's name, shape and dtype. steps: () for a static shape; else per axis 0 (static) or a step: that axis
+    takes any multiple of the step up to `shape` (the UNet's context on a bundle built for prompts of several chunks)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name: float32, float16, int32, int64
+    steps: tuple[int, ...] = ()
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+        shape, steps = tuple(int(s) for s in d["shape"]), tuple(int(s) for s in d.get("steps", ()))
+        if steps and (len(steps) != len(shape) or any(s < 0 or (s and shape[a] % s) for a, s in enumerate(steps))):
+            raise ValueError(f"tensor {d['name']!r}: steps {list(steps)} must give each axis of shape {list(shape)} 0 or a divisor")
+        return cls(str(d["name"]), shape, str(d["dtype"]), steps)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {**out, "steps": list(self.steps)} if self.steps else out
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of `shape` fits: the static axes equal, a stepped axis a multiple of its step up to the maximum."""
+        if not self.steps:
+            return shape == self.shape
+        return len(shape) == len(self.shape) and all(
+            d == m if not s else 0 < d <= m and d % s == 0 for d, m, s in zip(shape, self.shape, self.steps)
+        )
 
 
 @dataclass(frozen=True)
@@ -183,8 +200,24 @@ class GuidanceInfo:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
+    """The (first) tokenizer's folder and context; how many chunks of max_length - 2 tokens a prompt may take
+    (the UNet's context is up to max_chunks * max_length long: export.build --max-prompt-tokens); the
+    textual-inversion embeddings added to the tokenizers and text encoders, as FILE:TOKEN specs."""
+
     dir: str
     max_length: int
+    max_chunks: int = 1
+    textual_inversion: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_fields(self), "textual_inversion": list(self.textual_inversion)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TokenizerInfo:
+        embeddings = d.get("textual_inversion", [])
+        if not isinstance(embeddings, list):
+            raise TypeError(f"tokenizer.textual_inversion must be a list of FILE:TOKEN, not {type(embeddings).__name__}")
+        return cls(str(d["dir"]), int(d["max_length"]), int(d.get("max_chunks", 1)), tuple(str(e) for e in embeddings))
 
 
 @dataclass(frozen=True)
@@ -382,7 +415,7 @@ class Manifest:
             "vae": _fields(self.vae),
             "image": {"height": self.height, "width": self.width, "batch_size": self.batch_size},
             "guidance": self.guidance_info.to_json(),
-            "tokenizer": _fields(self.tokenizer),
+            "tokenizer": self.tokenizer.to_json(),
             "backend": self.backend,
             "precision": self.precision,
         }
@@ -464,7 +497,7 @@ def _parse(raw: Mapping[str, Any]) -> Manifest:
             int(guidance.get("unet_batch", 0)),
             int(guidance["embedding_dim"]) if guidance.get("embedding_dim") is not None else None,
         ),
-        tokenizer=TokenizerInfo(str(raw["tokenizer"]["dir"]), int(raw["tokenizer"]["max_length"])),
+        tokenizer=TokenizerInfo.from_json(raw["tokenizer"]),
         backend=str(raw["backend"]),
         precision=str(raw.get("precision", "fp32")),
         components={name: Component.from_json(name, d) for name, d in raw["components"].items()},
@@ -512,6 +545,7 @@ def _check_values(m: Manifest) -> None:
     if m.guidance_info.embedding_dim is not None:
         bounded("guidance.embedding_dim", m.guidance_info.embedding_dim, 1, MAX_DIM)
     bounded("tokenizer.max_length", m.tokenizer.max_length, 2, MAX_CONTEXT)
+    bounded("tokenizer.max_chunks", m.tokenizer.max_chunks, 1, MAX_CHUNKS)
     if m.sdxl is not None:
         for e in m.sdxl.encoders:
             bounded(f"sdxl encoder {e.component} max_length", e.max_length, 2, MAX_CONTEXT)
@@ -576,6 +610,8 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
     }
     if manifest.backend == "tensorrt":
         flags["--backend"] = "tensorrt"
+    if manifest.tokenizer.max_chunks > 1:
+        flags["--max-prompt-tokens"] = str(manifest.tokenizer.max_chunks * (manifest.tokenizer.max_length - 2))
     lora = manifest.lora or LoraInfo()
     if lora.slot_rank:
         flags["--lora-slots"] = str(lora.slot_rank)
@@ -592,6 +628,8 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
         words += [flag, value]
     for spec in fused:
         words += ["--lora", spec]
+    for spec in manifest.tokenizer.textual_inversion:
+        words += ["--textual-inversion", spec]
     return shlex.join([*words, "--out", str(bundle), "--force"])
 
 
