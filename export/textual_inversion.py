@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.manifest import PICKLE_SUFFIXES as PICKLES
 from runtime.manifest import sha256_file
 from runtime.tokenizer import ADDED_TOKENS
 
 from .errors import ModelError
 
-PICKLES = (".pt", ".bin", ".ckpt", ".pth")
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # the encoder each SDXL embedding half belongs to
 
 

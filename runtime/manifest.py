@@ -38,6 +38,7 @@ MAX_DOWNSCALE = 64
 MAX_DIM = 1 << 20  # any one tensor dimension
 MAX_ELEMENTS = 1 << 34  # any one tensor's element count
 MAX_CONTEXT = 4096  # tokenizer max_length, as runtime.tokenizer
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 MAX_CHUNKS = 16  # prompt chunks a bundle takes (1200 CLIP tokens)
 # Size limits per file role, checked by stat before a byte is hashed: a file over its role's limit cannot be a
 # file of that role, so hashing it would only spend time. An ONNX graph cannot exceed protobuf's 2 GiB (bigger
@@ -630,6 +631,8 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
         words += ["--lora", spec]
     for spec in manifest.tokenizer.textual_inversion:
         words += ["--textual-inversion", spec]
+    if any(PurePosixPath(s.rsplit(":", 1)[0]).suffix in PICKLE_SUFFIXES for s in manifest.tokenizer.textual_inversion):
+        words.append("--allow-pickle")  # the build read a pickle embedding only because it was allowed
     return shlex.join([*words, "--out", str(bundle), "--force"])
 
 
