@@ -11,7 +11,6 @@ prompt-length-<model>-<H>x<W>.json/.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .runtime_bench import DEFAULT_OUT, fmt_seconds, machine, machine_line, spread
+from .runtime_bench import DEFAULT_OUT, fmt_seconds, machine, machine_line, publish, spread
 
 SHORT = "a large red circle on a white background"
 LONG = "a large red circle on a white background, next to a small blue square in the top left corner, " * 4
@@ -107,14 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     rounds, warmup, steps = (2, 1, 2) if args.quick else (args.rounds, args.warmup, args.steps)
     with tempfile.TemporaryDirectory(prefix="prompt-length-") as tmp:
         result = measure(args.model.resolve(), rounds, warmup, steps, args.work or Path(tmp))
-    text = markdown(result)
-    print(text)
     img = result["image"]
     stem = f"prompt-length-{Path(result['model']).name}-{img['height']}x{img['width']}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(text)
-    print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
+    publish(result, markdown(result), args.out, stem)
     return 0
 
 
