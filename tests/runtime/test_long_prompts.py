@@ -203,3 +203,19 @@ def test_pickle_embedding_refused_without_allow_pickle(embeddings, tmp_path, cap
     assert "oldstyle.pt is a pickle file, which can run code when loaded" in err and "--allow-pickle" in err
     assert main(["--textual-inversion", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "b")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_cli_reads_weights_unless_told_not_to(bundle_std, tmp_path, capsys):
+    from PIL import Image
+
+    from runtime.cli import main
+
+    pipe = runtime.Pipeline.load(bundle_std)
+    for flags, weighting in (([], True), (["--no-prompt-weighting"], False)):
+        out = tmp_path / f"{weighting}.png"
+        assert main([SHORT, "--bundle", str(bundle_std), "--steps", "2", "--seed", "0", "-o", str(out), *flags]) == 0
+        expected = pipe.txt2img(SHORT, steps=2, seed=0, prompt_weighting=weighting)[0]
+        with Image.open(out) as written:
+            assert np.array_equal(np.asarray(written), np.asarray(expected))
+    with Image.open(tmp_path / "True.png") as a, Image.open(tmp_path / "False.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
