@@ -1,10 +1,10 @@
-"""The manifest of an ONNX bundle exported from a diffusers model (the TensorRT one: export.from_onnx)."""
+"""The manifest of an ONNX bundle exported from a diffusers model (the TensorRT one: export.tensorrt.from_onnx)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.manifest import (
+from runtime.bundle import (
     Component,
     GuidanceInfo,
     LoraInfo,
@@ -16,9 +16,9 @@ from runtime.manifest import (
     VaeInfo,
 )
 
-from .bundle import now
 from .families import StableDiffusionXL
 from .model import SourceModel
+from .staging import now
 from .textual_inversion import parse_spec
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.manifest import GUIDANCE_MODES
+from runtime.bundle import GUIDANCE_MODES
 
-from .tensorrt import BuilderSettings, builder_settings
+from .tensorrt.builder import BuilderSettings, builder_settings
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -35,7 +35,7 @@ class BuildOptions:
     device_preset: str | None = None
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
-    # int8 (the UNet as calibrated QDQ): prompts file (None: the reference captions or the shipped set), generations
+    # int8 (the UNet as calibrated QDQ): prompts file (None: the model's own or the shipped set), generations
     # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
     # prompts: how many CLIP tokens a prompt may take (None: one chunk, the text encoder's context less bos and eos;
     # more: the UNet takes its context in whole chunks up to that), and textual-inversion embeddings FILE[:TOKEN]
@@ -88,7 +88,7 @@ class BuildOptions:
 
     def check_prompts(self) -> None:
         """--max-prompt-tokens is a whole number in range; every --textual-inversion file exists (before any model loads)."""
-        from runtime.manifest import MAX_CHUNKS
+        from runtime.bundle.manifest import MAX_CHUNKS
 
         from .textual_inversion import check_spec
 
@@ -105,11 +105,11 @@ class BuildOptions:
 
     def check_int8(self) -> None:
         """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""
-        from .calibration import CalibrationError, check_size, read_prompts
+        from .int8.calibration import CalibrationError, check_size, read_prompts
 
         check_size(self.calibration_size)
         if self.precision == "int8":
-            from .quantize import check_quantizer
+            from .int8.quantize import check_quantizer
 
             check_quantizer()
         if isinstance(self.int8_float_convs, bool) or not isinstance(self.int8_float_convs, int) or self.int8_float_convs < 0:

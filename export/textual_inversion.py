@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import PICKLE_SUFFIXES as PICKLES
-from runtime.manifest import sha256_file
+from runtime.bundle import sha256_file
+from runtime.bundle.hints import PICKLE_SUFFIXES as PICKLES
 from runtime.tokenizer import ADDED_TOKENS
 
 from .errors import ModelError

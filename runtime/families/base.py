@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..engine import Engine
-from ..manifest import Manifest
+from ..bundle import Manifest, rebuild_hint
+from ..protocol import Engine
 
 OpenEngine = Callable[[str], Engine]
 
@@ -35,8 +35,6 @@ def prompt_weighting(given: Mapping[str, Any]) -> bool:
 
 def prompt_tokens_hint(bundle: Path, manifest: Manifest) -> Callable[[int], str]:
     """tokens a prompt needs -> the export.build line that rebuilds the bundle to take them (whole chunks)."""
-    from ..manifest import rebuild_hint
-
     size = manifest.tokenizer.max_length - 2
     return lambda tokens: rebuild_hint(bundle, manifest, max_prompt_tokens=-(-tokens // size) * size)
 

@@ -10,9 +10,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine import cast_feed
-from ..manifest import Manifest
+from ..bundle import Manifest
 from ..prompt_chunks import chunk_prompts, encode_chunks
+from ..protocol import cast_feed
 from ..tokenizer import ClipTokenizer
 from .base import PROMPT_KEYWORDS, Conditioning, OpenEngine, prompt_tokens_hint, prompt_weighting
 

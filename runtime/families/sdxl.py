@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import cast_feed
+from ..bundle import Manifest, SdxlInfo, rebuild_hint
 from ..errors import BundleError
-from ..manifest import Manifest, SdxlInfo, rebuild_hint
 from ..prompt_chunks import Chunks, chunk_prompts, encode_chunks
+from ..protocol import cast_feed
 from ..tokenizer import ClipTokenizer
 from .base import PROMPT_KEYWORDS, Conditioning, OpenEngine, prompt_tokens_hint, prompt_weighting
 

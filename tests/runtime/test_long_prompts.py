@@ -196,7 +196,7 @@ def test_textual_inversion_matches_diffusers(bundle_long, reference_pipe, embedd
 
 
 def test_pickle_embedding_refused_without_allow_pickle(embeddings, tmp_path, capsys):
-    from export.cli import main
+    from export.build import main
 
     assert main(["--textual-inversion", str(embeddings[1]), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
