@@ -72,7 +72,8 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         def manifest(precision: str) -> Manifest:
             return manifest_for(
                 model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-                pipelines=pipelines, lora=info, prompt_chunks=chunks, textual_inversion=options.textual_inversion,
+                pipelines=pipelines, lora=info, command=options.arguments(str(model.source)), prompt_chunks=chunks,
+                textual_inversion=options.textual_inversion,
             )  # fmt: skip
 
         write_manifest(work, manifest(exported))

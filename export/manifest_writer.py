@@ -34,6 +34,7 @@ def manifest_for(
     guidance: str,
     pipelines: tuple[str, ...] = ("txt2img",),
     lora: LoraInfo | None = None,
+    command: tuple[str, ...] = (),
     prompt_chunks: int = 1,
     textual_inversion: tuple[str, ...] = (),
 ) -> Manifest:
@@ -75,4 +76,5 @@ def manifest_for(
         upscale=upscale,
         lora=lora,
         sdxl=model.family.info(model) if isinstance(model.family, StableDiffusionXL) else None,
+        command=command,
     )

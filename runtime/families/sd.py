@@ -40,11 +40,10 @@ class StableDiffusion:
         return {"prompt_weighting": prompt_weighting(given)}
 
     def encode(
-        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, options: Mapping[str, Any] | None = None
+        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, conditioning: Mapping[str, Any] | None = None
     ) -> Conditioning:
-        weighting = self.conditioning(options or {})["prompt_weighting"]
         texts = [*(negatives or ()), *prompts]  # one text-encoder call per chunk for both halves: its batch is static
-        chunks = chunk_prompts(self.tokenizer, texts, self.max_chunks, weighting, self.rebuild)
+        chunks = chunk_prompts(self.tokenizer, texts, self.max_chunks, prompt_weighting(conditioning or {}), self.rebuild)
         enc = self.engine("text_encoder")
         hidden = encode_chunks(lambda ids: enc(cast_feed(enc.component, {"input_ids": ids}))["last_hidden_state"], chunks)
         return Conditioning(hidden)
