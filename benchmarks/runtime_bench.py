@@ -349,6 +349,15 @@ def write_results(result: Mapping[str, Any], out: Path, stem: str) -> tuple[Path
     return json_path, md_path
 
 
+def publish(result: Mapping[str, Any], text: str, out: Path, stem: str) -> None:
+    """A benchmark's report printed, and written with its figures as STEM.md and STEM.json under OUT."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.runtime_bench",

@@ -160,6 +160,7 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         "default: recognised from the checkpoint's keys and shapes (SD 2.x as the 768 v-prediction model)",
     )
     add_int8_flags(p)
+    add_prompt_flags(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -178,6 +179,27 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         metavar="RANK",
         help="give the UNet and text encoder LoRA slots of this rank (their attention and transformer layers take low-rank "
         "matrices as inputs), so Pipeline.set_lora switches adapters at run time without a rebuild; default: none",
+    )
+
+
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """Long prompts and textual-inversion embeddings (docs/prompts.md)."""
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        metavar="N",
+        help="the CLIP tokens a prompt may take: prompts are encoded in chunks of 75 and the UNet takes up to ceil(N/75) "
+        "of them (a prompt of fewer chunks runs exactly as on a one-chunk bundle); longer prompts are cut with a warning; "
+        "default 75 (one chunk)",
+    )
+    p.add_argument(
+        "--textual-inversion",
+        action="append",
+        metavar="FILE[:TOKEN]",
+        help="add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds.safetensors; SDXL "
+        "clip_l/clip_g pairs) to the tokenizer and text encoder(s), as TOKEN (default: the token the file names, else "
+        "the file's name); a multi-vector embedding takes that many tokens; repeat for several. .pt files are pickles: "
+        "refused unless --allow-pickle",
     )
 
 
@@ -253,6 +275,8 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--checkpoint-config", args.checkpoint_config),
         ("--lora", args.lora),
         ("--lora-slots", args.lora_slots),
+        ("--max-prompt-tokens", args.max_prompt_tokens),
+        ("--textual-inversion", args.textual_inversion),
         ("--calibration-prompts", args.calibration_prompts),
         ("--calibration-size", args.calibration_size),
         ("--int8-float-convs", args.int8_float_convs),

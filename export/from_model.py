@@ -9,7 +9,7 @@ from typing import Any
 
 from runtime.bundle import Component, Manifest
 
-from . import lora, onnx_export
+from . import lora, onnx_export, textual_inversion
 from .inputs import fixed_inputs
 from .int8 import calibration
 from .int8 import unet as int8
@@ -50,9 +50,11 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         log(line)
     t0 = time.perf_counter()
     choices = int8_choices(model, options, pipelines) if precision == "int8" else None
+    chunks = prompt_chunks(model, options.max_prompt_tokens)
     with staging(out, options.force, model.source) as work:
         lora.fuse(model, adapters, log)
-        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
+        added = textual_inversion.apply(model, options.textual_inversion, options.allow_pickle, log)
+        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance, chunks=chunks)
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
         specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
         exported = "fp32" if precision == "int8" else precision  # int8: the UNet is quantized from its fp32 export
@@ -65,11 +67,13 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
             components[s.name] = export_component(s, model, work, exported, log, low_memory=low_memory)
         for dest, src in model.family.tokenizers(model).items():
             write_tokenizer(src, work / dest)
+            textual_inversion.write_added_tokens(work / dest, added.get(dest, {}))
 
         def manifest(precision: str) -> Manifest:
             return manifest_for(
                 model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-                pipelines=pipelines, lora=info, command=options.arguments(str(model.source)),
+                pipelines=pipelines, lora=info, command=options.arguments(str(model.source)), prompt_chunks=chunks,
+                textual_inversion=options.textual_inversion,
             )  # fmt: skip
 
         write_manifest(work, manifest(exported))
@@ -80,6 +84,14 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
             write_manifest(work, manifest(precision))
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
     return out
+
+
+def prompt_chunks(model: SourceModel, max_prompt_tokens: int | None) -> int:
+    """How many text-encoder contexts the UNet takes: --max-prompt-tokens in whole chunks (the context less bos and eos)."""
+    if max_prompt_tokens is None:
+        return 1
+    size = model.family.max_length(model) - 2
+    return -(-max_prompt_tokens // size)
 
 
 def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str, ...]) -> int8.Int8Choices:

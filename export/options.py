@@ -38,6 +38,10 @@ class BuildOptions:
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
     # int8 (the UNet as calibrated QDQ): prompts file (None: the model's own or the shipped set), generations
     # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
+    # prompts: how many CLIP tokens a prompt may take (None: one chunk, the text encoder's context less bos and eos;
+    # more: the UNet takes its context in whole chunks up to that), and textual-inversion embeddings FILE[:TOKEN]
+    max_prompt_tokens: int | None = None
+    textual_inversion: tuple[str, ...] = ()
     calibration_prompts: Path | None = None
     calibration_size: int = 32
     int8_float_convs: int = 10
@@ -56,7 +60,9 @@ class BuildOptions:
         if self.guidance not in ("auto", *GUIDANCE_MODES):
             raise ValueError(f"unknown guidance mode {self.guidance!r}: choose one of auto, {', '.join(GUIDANCE_MODES)}")
         object.__setattr__(self, "lora", tuple(self.lora))  # argparse's append gives a list
+        object.__setattr__(self, "textual_inversion", tuple(self.textual_inversion))
         self.check_lora()
+        self.check_prompts()
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
         if self.compute_capability is not None and self.backend != "tensorrt-rtx":
             raise ValueError("--compute-capability is for TensorRT for RTX engines: add --backend tensorrt-rtx")
@@ -83,6 +89,23 @@ class BuildOptions:
             raise ValueError(
                 "--lora-slots with --precision int8 is not supported: fuse the adapter with --lora, or build slots in fp16 or fp32"
             )
+
+    def check_prompts(self) -> None:
+        """--max-prompt-tokens is a whole number in range; every --textual-inversion file exists (before any model loads)."""
+        from runtime.bundle.manifest import MAX_CHUNKS
+
+        from .textual_inversion import check_spec
+
+        n = self.max_prompt_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHUNKS * 75):
+            raise ValueError(
+                f"--max-prompt-tokens {n!r}: give the CLIP tokens a prompt may take, 1 to {MAX_CHUNKS * 75} "
+                "(75 per chunk; e.g. 150 for two chunks)"
+            )
+        if n is not None and n > 75 and self.precision == "int8":
+            raise ValueError("--max-prompt-tokens over 75 with --precision int8 is not supported yet: build it in fp16 or fp32")
+        for spec in self.textual_inversion:
+            check_spec(spec, self.allow_pickle)
 
     def check_int8(self) -> None:
         """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""

@@ -306,7 +306,10 @@ def build_engine(
         profile = builder.create_optimization_profile()
         for spec in inputs:
             fixed = trt.Dims(list(spec.shape))
-            profile.set_shape(spec.name, fixed, fixed, fixed)
+            # a stepped axis (the UNet's context in prompt chunks) runs from one step to the bundle's maximum, tuned at
+            # one step: most prompts fit one chunk
+            low = trt.Dims([s or d for d, s in zip(spec.shape, spec.steps)]) if spec.steps else fixed
+            profile.set_shape(spec.name, low, low, fixed)
         config.add_optimization_profile(profile)
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")

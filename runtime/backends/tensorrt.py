@@ -391,6 +391,8 @@ class TrtEngine:
         if self._closed:
             raise BundleError(f"{self.component.name}: this TensorRT engine was closed; load the bundle again")
         for spec in self.component.inputs:
+            if spec.steps:
+                self._reshape(spec.name, tuple(feed[spec.name].shape))
             np.copyto(self._bindings[spec.name].host, feed[spec.name])
         if self._graph_exec is not None:
             done(cudart.cudaGraphLaunch(self._graph_exec, self._stream), "launching the CUDA graph")
@@ -400,11 +402,35 @@ class TrtEngine:
         self._save_runtime_cache()
         return {spec.name: self._bindings[spec.name].host.copy() for spec in self.component.outputs}
 
+    def _reshape(self, name: str, shape: tuple[int, ...]) -> None:
+        """A stepped input (the UNet's context, in prompt chunks) at another length: the engine is told the new shape and
+        reads that much of the buffer, allocated at the maximum; a CUDA graph, recorded for one shape, is recorded again."""
+        b = self._bindings[name]
+        if b.host.shape == shape:
+            return
+        import tensorrt as trt
+
+        if not self._context.set_input_shape(name, trt.Dims(list(shape))):
+            raise BundleError(f"{self.component.name}: TensorRT refused shape {shape} for {name}: {self._log_tail()}")
+        self._bindings[name] = _Binding(b.spec, b.device, pinned_array(b.host_ptr, shape, b.spec.dtype), b.host_ptr)
+        if self._graph_exec is not None:
+            self._free_graph()
+            self._capture()
+
     @property
     def uses_cuda_graph(self) -> bool:
         return self._graph_exec is not None or self._library_graph
 
     # -- resources ------------------------------------------------------------
+
+    def _free_graph(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        if self._graph_exec is not None:
+            cudart.cudaGraphExecDestroy(self._graph_exec)
+        if self._graph is not None:
+            cudart.cudaGraphDestroy(self._graph)
+        self._graph = self._graph_exec = None
 
     def close(self) -> None:
         """Free the graph, buffers, stream, context and engine; safe to call twice."""
@@ -415,11 +441,7 @@ class TrtEngine:
 
         # best effort from here on: report nothing, free everything
         cudart.cudaStreamSynchronize(self._stream)
-        if self._graph_exec is not None:
-            cudart.cudaGraphExecDestroy(self._graph_exec)
-        if self._graph is not None:
-            cudart.cudaGraphDestroy(self._graph)
-        self._graph = self._graph_exec = None
+        self._free_graph()
         for b in self._bindings.values():
             cudart.cudaFree(b.device)
             if b.host_ptr:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .component import Component
 from .manifest import Manifest
 from .records import LoraInfo
+
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")  # files that can run code when loaded: read only when allowed
 
 
 def rebuild_command(bundle: Any, component: Component | None = None, *, in_place: bool = False) -> str:
@@ -70,9 +72,15 @@ def _from_fields(manifest: Manifest) -> list[str]:
     lora = manifest.lora or LoraInfo()
     if lora.slot_rank:
         flags["--lora-slots"] = str(lora.slot_rank)
+    if manifest.tokenizer.max_chunks > 1:
+        flags["--max-prompt-tokens"] = str(manifest.tokenizer.max_chunks * (manifest.tokenizer.max_length - 2))
     words = [word for flag, value in flags.items() for word in (flag, value)]
     for a in lora.fused:
         words += ["--lora", f"{a.file}:{a.scale!r}"]
+    for spec in manifest.tokenizer.textual_inversion:
+        words += ["--textual-inversion", spec]
+    if any(PurePosixPath(s.rsplit(":", 1)[0]).suffix in PICKLE_SUFFIXES for s in manifest.tokenizer.textual_inversion):
+        words.append("--allow-pickle")  # the build read a pickle embedding only because it was allowed
     return words
 
 

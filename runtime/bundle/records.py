@@ -116,15 +116,24 @@ class GuidanceInfo:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
+    """The (first) tokenizer's folder and context; how many chunks of max_length - 2 tokens a prompt may take
+    (the UNet's context is up to max_chunks * max_length long: export.build --max-prompt-tokens); the
+    textual-inversion embeddings added to the tokenizers and text encoders, as FILE:TOKEN specs."""
+
     dir: str
     max_length: int
+    max_chunks: int = 1
+    textual_inversion: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TokenizerInfo:
-        return cls(str(d["dir"]), int(d["max_length"]))
+        embeddings = d.get("textual_inversion", [])
+        if not isinstance(embeddings, list):
+            raise TypeError(f"tokenizer.textual_inversion must be a list of FILE:TOKEN, not {type(embeddings).__name__}")
+        return cls(str(d["dir"]), int(d["max_length"]), int(d.get("max_chunks", 1)), tuple(str(e) for e in embeddings))
 
     def to_json(self) -> dict[str, Any]:
-        return _fields(self)
+        return {**_fields(self), "textual_inversion": list(self.textual_inversion)}
 
 
 @dataclass(frozen=True)

@@ -735,3 +735,32 @@ def test_cudart_stubs_match_the_installed_cuda_python():
                 elif isinstance(item, ast.AnnAssign):
                     assert hasattr(cls(), item.target.id), f"{node.name}.{item.target.id}"
     assert checked >= 20
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_stepped_context_is_fed_at_each_prompts_length(fake_gpu, monkeypatch, cuda_graph):
+    """A bundle built with --max-prompt-tokens: the engine's context axis is dynamic (-1), its buffer the maximum;
+    each call tells TensorRT its length, and a CUDA graph is recorded again when the length changes."""
+    from dataclasses import replace
+
+    from runtime.backends.tensorrt import TrtEngine
+    from runtime.bundle import TensorSpec
+    from tests.helpers import fake_tensorrt
+
+    gpu, unet, bundle, tensors = fake_gpu
+    context = unet.input("encoder_hidden_states")
+    rows, seq, dim = context.shape
+    stepped = TensorSpec(context.name, (rows, 3 * seq, dim), context.dtype, (0, seq, 0))
+    unet = replace(unet, inputs=tuple(stepped if t.name == context.name else t for t in unet.inputs))
+    fake_tensorrt.install(monkeypatch, gpu, {**tensors, context.name: ((rows, -1, dim), context.dtype)})
+    with TrtEngine(unet, bundle / unet.file, bundle=bundle, cuda_graph=cuda_graph) as engine:
+        calls = engine._context.shape_calls
+        assert calls == [(context.name, (rows, 3 * seq, dim))]  # bound at the maximum
+        for chunks in (1, 2, 2, 1):
+            feed = {**unet_feed(replace(unet, inputs=tuple(t for t in unet.inputs if t.name != context.name)), chunks)}
+            feed[context.name] = np.ones((rows, chunks * seq, dim), np.float32)
+            np.testing.assert_array_equal(engine(feed)["out_sample"], expected_unet(feed))
+            assert calls[-1] == (context.name, (rows, chunks * seq, dim))
+        assert len(calls) == 4  # the maximum, then 1, 2 and 1 chunks: an unchanged length is not set again
+        with pytest.raises(runtime.errors.FeedError, match=r"encoder_hidden_states: shape \(2, 100, 32\) but the bundle takes"):
+            engine({**feed, context.name: np.ones((rows, 100, dim), np.float32)})

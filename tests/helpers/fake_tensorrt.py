@@ -185,11 +185,18 @@ class RuntimeConfig:
 class FakeContext:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine, self.addresses = engine, {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # set_input_shape's, for an engine's dynamic (-1) axes
+        self.shape_calls: list[tuple[str, tuple[int, ...]]] = []
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self.engine.tensors[name][0]
+        return self.shapes.get(name, self.engine.tensors[name][0])
 
     def set_input_shape(self, name: str, shape: Any) -> bool:
+        declared = self.engine.tensors[name][0]
+        if len(shape) != len(declared) or any(d not in (-1, s) for d, s in zip(declared, shape)):
+            return False
+        self.shapes[name] = tuple(shape)
+        self.shape_calls.append((name, tuple(shape)))
         return True
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
