@@ -10,7 +10,7 @@ from typing import Any
 from runtime.bundle import Component, Manifest
 from runtime.bundle.levers import DeepCacheInfo, Levers
 
-from . import deepcache, lora, onnx_export, preview_map, tiny_vae
+from . import deepcache, lora, onnx_export, preview_map, textual_inversion, tiny_vae
 from .inputs import fixed_inputs
 from .int8 import calibration
 from .int8 import unet as int8
@@ -51,9 +51,11 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         log(line)
     t0 = time.perf_counter()
     choices = int8_choices(model, options, pipelines) if precision == "int8" else None
+    chunks = prompt_chunks(model, options.max_prompt_tokens)
     with staging(out, options.force, model.source) as work:
         lora.fuse(model, adapters, log)
-        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
+        added = textual_inversion.apply(model, options.textual_inversion, options.allow_pickle, log)
+        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance, chunks=chunks)
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
         specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
         lever_specs, levers = speed_levers(model, options, specs, pipelines, height=height, width=width, batch=batch)
@@ -68,11 +70,13 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
             components[s.name] = export_component(s, model, work, exported, log, low_memory=low_memory)
         for dest, src in model.family.tokenizers(model).items():
             write_tokenizer(src, work / dest)
+            textual_inversion.write_added_tokens(work / dest, added.get(dest, {}))
 
         def manifest(precision: str) -> Manifest:
             return manifest_for(
                 model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-                pipelines=pipelines, lora=info, levers=levers, command=options.arguments(str(model.source)),
+                pipelines=pipelines, lora=info, levers=levers, command=options.arguments(str(model.source)), prompt_chunks=chunks,
+                textual_inversion=options.textual_inversion,
             )  # fmt: skip
 
         write_manifest(work, manifest(exported))
@@ -105,6 +109,14 @@ def speed_levers(
     return extra, Levers(tiny_info, preview_map.fit_preview(model.vae, model.vae_factor), cache_info)
 
 
+def prompt_chunks(model: SourceModel, max_prompt_tokens: int | None) -> int:
+    """How many text-encoder contexts the UNet takes: --max-prompt-tokens in whole chunks (the context less bos and eos)."""
+    if max_prompt_tokens is None:
+        return 1
+    size = model.family.max_length(model) - 2
+    return -(-max_prompt_tokens // size)
+
+
 def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str, ...]) -> int8.Int8Choices:
     """--precision int8's choices, checked before any export work: txt2img drives calibration, so the bundle must have it."""
     if model.kind != "text2image":
@@ -123,7 +135,7 @@ def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str
         )
     folder = Path(model.source)
     prompts = calibration.prompt_set(options.calibration_prompts, folder if folder.is_dir() else None)
-    target = "tensorrt" if options.backend == "tensorrt" else "onnxruntime"
+    target = "tensorrt" if options.backend in ("tensorrt", "tensorrt-rtx") else "onnxruntime"
     return int8.Int8Choices(prompts, options.calibration_size, options.int8_float_convs, target, options.force)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from runtime.bundle import (
     Component,
     GuidanceInfo,
@@ -18,6 +20,7 @@ from runtime.bundle.levers import Levers
 from .families import StableDiffusionXL
 from .model import SourceModel
 from .staging import now
+from .textual_inversion import parse_spec
 
 
 def manifest_for(
@@ -34,6 +37,8 @@ def manifest_for(
     lora: LoraInfo | None = None,
     levers: Levers | None = None,
     command: tuple[str, ...] = (),
+    prompt_chunks: int = 1,
+    textual_inversion: tuple[str, ...] = (),
 ) -> Manifest:
     """Everything the runtime needs to drive the exported components, from the model folder's own configs."""
     upscale = None
@@ -63,7 +68,10 @@ def manifest_for(
             2 * batch if guidance == "cfg" else batch,
             int(model.unet.config.time_cond_proj_dim) if guidance == "embedded" else None,
         ),
-        tokenizer=TokenizerInfo(next(iter(model.family.tokenizers(model))), model.family.max_length(model)),
+        tokenizer=TokenizerInfo(
+            next(iter(model.family.tokenizers(model))), model.family.max_length(model), prompt_chunks,
+            tuple(str(Path(p).resolve()) + (f":{t}" if t else "") for p, t in map(parse_spec, textual_inversion)),
+        ),  # fmt: skip
         backend=backend,
         precision=precision,
         components=components,
