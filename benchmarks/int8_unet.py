@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime import atomic
+
 
 def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], float_convs: int) -> dict[str, Any]:
     """Calibration pass + QDQ rewrite; run in a child process (--child), so its peak RSS is this step's alone."""
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"int8-unet-{args.bundle.name}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(args.out / f"{stem}.json", result, indent=2)
     ratio = result["int8_over_fp32_time"]
     where = quantize.placement("onnxruntime").record()
     table = "\n".join(
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             machine_line(result["machine"]),
         ]
     )
-    (args.out / f"{stem}.md").write_text(table + "\n")
+    atomic.write_text(args.out / f"{stem}.md", table + "\n")
     print(table)
     return 0
 

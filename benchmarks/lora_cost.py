@@ -10,7 +10,6 @@ slot inputs with every call, as generation does. Prints a table and writes lora-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime import atomic
 
 from .runtime_bench import DEFAULT_OUT, fmt_seconds, machine, machine_line, spread
 
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     img = result["image"]
     stem = f"lora-slots-{Path(result['model']).name}-{img['height']}x{img['width']}-r{args.rank}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(text)
+    atomic.write_json(args.out / f"{stem}.json", result, indent=2)
+    atomic.write_text(args.out / f"{stem}.md", text)
     print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
     return 0
 

@@ -23,7 +23,7 @@ from runtime.errors import BundleError
 from runtime.manifest import Component, Manifest, TensorRTInfo, TensorSpec, load_manifest, sha256_file
 
 from .bundle import ENGINES, Log, check_target, default_name, now, staging, write_manifest
-from .gates import TOLERANCE, error_figures
+from .gates import TOLERANCE, describe, error_figures
 from .inputs import fixed_inputs
 from .lora import suffix as lora_suffix
 from .onnx_export import onnx_files
@@ -143,7 +143,7 @@ def build_from_onnx(
         f"optimization level {settings.optimization_level})"
     )
     t0 = time.perf_counter()
-    with staging(out, force) as work:
+    with staging(out, force, log=log) as work:
         job = _Job(
             source, manifest, work, settings, device, timing_cache_path(device, timing_cache_root),
             args=from_onnx_args(asked, settings), build=build, open_engine=open_engine or _open_trt, force=force, log=log,
@@ -217,12 +217,12 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
         figures["onnx_vs_fp32_torch"] = src.verification.get("rel_err")
     job.log(
         f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  "
-        f"error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
+        f"{describe(figures)} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
         + ("" if figures["passed"] else "  OVER THE GATE")
     )
     if not figures["passed"] and not job.force:
         raise VerificationFailed(
-            f"{name}: the {precision.name} engine differs from its ONNX by {figures['rel_err']:.3g} (relative to the output "
+            f"{name}: the {precision.name} engine fails its gate against its ONNX, {describe(figures)} (relative to the output "
             f"range; the gate is {figures['tolerance']:g}); nothing was written. Try a higher precision "
             f"(--precision fp32), or pass --force to keep it anyway (the manifest records the failure)"
         )

@@ -11,6 +11,7 @@ from runtime.manifest import Component, Manifest
 
 from . import calibration, int8, lora, onnx_export
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
+from .gates import describe
 from .inputs import fixed_inputs
 from .manifest_writer import manifest_for
 from .model import REFERENCE_MODEL, ModelError, SourceModel, open_model, write_tokenizer
@@ -49,7 +50,7 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         log(line)
     t0 = time.perf_counter()
     choices = int8_choices(model, options, pipelines) if precision == "int8" else None
-    with staging(out, options.force, model.source) as work:
+    with staging(out, options.force, model.source, log) as work:
         lora.fuse(model, adapters, log)
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
@@ -140,16 +141,27 @@ def export_component(
     figures = compare(component, work, reference, feed)
     size = sum(f.stat().st_size for f in onnx_export.onnx_files(target)) / 2**20
     log(
-        f"  {spec.name:<14} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
+        f"  {spec.name:<14} {chosen}  {size:8.1f} MiB  {describe(figures)} (gate {figures['tolerance']:.0e})"
         + (f"  [{note}]" if note else "")
     )
     if not figures["passed"]:
         raise VerificationError(
-            f"{spec.name}: the {chosen} ONNX differs from the fp32 torch module by {figures['rel_err']:.3g} "
+            f"{spec.name}: the {chosen} ONNX fails its gate against the fp32 torch module, {describe(figures)} "
             f"(relative to its output range; the gate is {figures['tolerance']:g}); nothing was written. "
-            + ("Try --precision fp32." if chosen == "fp16" else "This is an export bug: please report it with the model's config.")
+            + _gate_fix(figures, chosen)
         )
     return replace(component, verification=figures)
+
+
+def _gate_fix(figures: dict[str, Any], chosen: str) -> str:
+    if any(figures["outputs"][n]["nonfinite_values"]["reference"] for n in figures["nonfinite"]):
+        return (
+            "The fp32 torch module itself gives NaN/inf on the fixed inputs: the weights are broken or a fused LoRA's scale "
+            "or alpha is far too large; check the model and any --lora FILE:SCALE."
+        )
+    if chosen == "fp16":
+        return "Try --precision fp32."
+    return "This is an export bug: please report it with the model's config."
 
 
 def component_precision(asked: str, family_note: str, peak: float) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from .feed import check_finite
 from .guidance import Extra, guided
 from .lora import LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
 from .manifest import BundleState, Component, Manifest, read_bundle, rebuild_hint
+from .pinned import PinnedFolder
 from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
 
 if TYPE_CHECKING:
@@ -173,14 +174,19 @@ def start_step(steps: int, strength: float) -> int:
 class Core:
     """A loaded bundle: its manifest, engines and model family, ready to generate."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None):
+    def __init__(
+        self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None,
+        pinned: PinnedFolder | None = None,
+    ):  # fmt: skip
         self.bundle, self.manifest, self.engines = bundle, manifest, engines
+        self._pinned = pinned  # the folder this core's files are read from (lazily opened engines included)
+        self._root = pinned.root if pinned is not None else bundle
         self.height, self.width, self.batch_size = manifest.height, manifest.width, manifest.batch_size  # static shapes
         self._options = dict(options or {})
         self._state: BundleState | None = None  # what Core.load read, to check lazily opened engines against
         self._slots = _slot_state(manifest)  # LoRA slot inputs, fed with every UNet and text encoder call
         self.engines = {name: self._fed(e) for name, e in engines.items()}
-        self.family: Family = open_family(bundle, manifest, self.engine)
+        self.family: Family = open_family(bundle, manifest, self.engine, root=self._root)
         class_name = manifest.scheduler.class_name
         self.schedule = noise_schedule(dict(manifest.scheduler.config), class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
 
@@ -194,14 +200,17 @@ class Core:
         """
         bundle = Path(bundle)
         for _ in range(LOAD_ATTEMPTS):
-            manifest, state = read_bundle(bundle, verify_files=verify)
+            pinned = PinnedFolder(bundle)  # every read of this attempt goes to the folder opened here: one build
+            state: BundleState | None = None
             try:
-                core = cls._open(bundle, manifest, device, cuda_graph)
+                manifest, state = read_bundle(bundle, verify_files=verify, root=pinned.root)
+                core = cls._open(bundle, manifest, device, cuda_graph, pinned)
             except (BundleError, OSError, ValueError):
-                if state.current():
+                pinned.close()
+                if not pinned.moved() and (state is None or state.current()):
                     raise
-                continue  # the bundle changed under the load: a rebuild replaced it; read it again
-            if not verify or state.current():
+                continue  # the bundle was swapped or deleted under the load (a rebuild replaced it): read it again
+            if not verify or state.current():  # no file was altered in place while the engines opened
                 core._state = state
                 return core
             core.close()
@@ -211,7 +220,7 @@ class Core:
         )
 
     @classmethod
-    def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool) -> Self:
+    def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool, pinned: PinnedFolder) -> Self:
         options: dict[str, Any] = {"device": device} if device else {}
         missing = [c for c in NEEDED if c not in manifest.components]  # the text encoders are the family's to open
         if missing:
@@ -222,12 +231,16 @@ class Core:
                 f"build them with `python -m export.build --from-onnx {bundle}`"
             )
         graph: dict[str, Any] = {"cuda_graph": True} if cuda_graph else {}
-        engines = {
-            name: load_engine(c, bundle, **_engine_options(c, options), **(graph if name == "unet" else {}))
-            for name, c in manifest.components.items()
-            if name in NEEDED
-        }
-        return cls(bundle, manifest, engines, options)
+        engines: dict[str, Engine] = {}
+        try:
+            for name in NEEDED:
+                c = manifest.components[name]
+                engines[name] = load_engine(c, pinned.root, **_engine_options(c, options), **(graph if name == "unet" else {}))
+            return cls(bundle, manifest, engines, options, pinned)
+        except BaseException:
+            for engine in engines.values():
+                getattr(engine, "close", lambda: None)()
+            raise
 
     def engine(self, name: str) -> Engine:
         """A component's engine, opened on first use."""
@@ -235,13 +248,18 @@ class Core:
             if name not in self.manifest.components:
                 raise BundleError(f"bundle {self.bundle} has no {name}; rebuild it with `{rebuild_hint(self.bundle, self.manifest)}`")
             component = self.manifest.components[name]
-            engine = load_engine(component, self.bundle, **_engine_options(component, self._options))
+            rebuilt = BundleError(
+                f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; load the bundle again"
+            )
+            try:
+                engine = load_engine(component, self._root, **_engine_options(component, self._options))
+            except (BundleError, OSError):
+                if self._state is not None and self._state.files and not self._state.current():
+                    raise rebuilt from None  # the loaded build's folder was deleted by the rebuild
+                raise
             if self._state is not None and self._state.files and not self._state.current():
                 getattr(engine, "close", lambda: None)()
-                raise BundleError(
-                    f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; "
-                    "load the bundle again"
-                )
+                raise rebuilt
             self.engines[name] = self._fed(engine)
         return self.engines[name]
 
@@ -334,6 +352,8 @@ class Core:
         """Release the engines' device memory and streams (TensorRT); safe to call twice."""
         for engine in self.engines.values():
             getattr(engine, "close", lambda: None)()
+        if self._pinned is not None:
+            self._pinned.close()
 
     def __enter__(self) -> Self:
         return self

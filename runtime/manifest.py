@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import MappingProxyType
 from typing import Any
 
+from .bounds import MAX_TRAIN_TIMESTEPS, check_scheduler_config
 from .errors import BundleError
 
 SCHEMA = "ldm-deploy/bundle"
@@ -512,6 +513,10 @@ def _check_values(m: Manifest) -> None:
     if m.guidance_info.embedding_dim is not None:
         bounded("guidance.embedding_dim", m.guidance_info.embedding_dim, 1, MAX_DIM)
     bounded("tokenizer.max_length", m.tokenizer.max_length, 2, MAX_CONTEXT)
+    check_scheduler_config(m.scheduler.config, "scheduler.config")
+    if m.upscale is not None:
+        check_scheduler_config(m.upscale.low_res_scheduler.config, "upscale.low_res_scheduler.config")
+        bounded("upscale.max_noise_level", m.upscale.max_noise_level, 0, MAX_TRAIN_TIMESTEPS)
     if m.sdxl is not None:
         for e in m.sdxl.encoders:
             bounded(f"sdxl encoder {e.component} max_length", e.max_length, 2, MAX_CONTEXT)
@@ -633,19 +638,73 @@ def declared_schema(path: Path) -> object:
     return raw.get("schema") if isinstance(raw, dict) else None
 
 
+DIGEST = "manifest_sha256"  # the manifest's own digest: of its other keys, canonically serialised
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def strict_json(data: bytes) -> Any:
+    """JSON as RFC 8259 has it: NaN, Infinity and -Infinity are refused (Python's json reads them by default)."""
+    return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+
+
+def dumps(doc: Any, **options: Any) -> str:
+    """json.dumps that refuses NaN and infinities (ValueError) instead of writing JSON no strict parser reads."""
+    return json.dumps(doc, allow_nan=False, **options)
+
+
+def manifest_digest(doc: Mapping[str, Any]) -> str:
+    """sha256 of the manifest without its digest key, serialised canonically (sorted keys, no spaces)."""
+    body = {k: v for k, v in doc.items() if k != DIGEST}
+    return hashlib.sha256(dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest document with its digest, as export writes it."""
+    return {**doc, DIGEST: manifest_digest(doc)}
+
+
+def parse_manifest(data: bytes, path: Path) -> Any:
+    """manifest.json's bytes -> its document: strict JSON, and its digest (where recorded) matching its content.
+
+    The digest catches a hand edit or a damaged copy of the manifest itself, as the file hashes catch them in the
+    engines; it is a checksum, not a signature. (Manifests written before it existed carry none; their values are
+    still bounded by Manifest.from_json.)
+    """
+    try:
+        raw = strict_json(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle with `python -m export.build --force`") from None
+    except RecursionError:
+        raise BundleError(
+            f"{path}: malformed manifest (nested too deeply to read); rebuild the bundle with `python -m export.build --force`"
+        ) from None
+    if isinstance(raw, dict) and DIGEST in raw and raw[DIGEST] != manifest_digest(raw):
+        raise BundleError(
+            f"{path} was altered after export (its content does not match its {DIGEST}); a bundle's manifest is written once, "
+            "by export: rebuild the bundle with `python -m export.build --force`"
+        )
+    return raw
+
+
 def load_manifest(bundle: str | Path, *, verify_files: bool = True) -> Manifest:
     """Read BUNDLE/manifest.json and check that every file it lists is present and unaltered."""
     return read_bundle(bundle, verify_files=verify_files)[0]
 
 
-def read_bundle(bundle: str | Path, *, verify_files: bool = True) -> tuple[Manifest, BundleState]:
+def read_bundle(bundle: str | Path, *, verify_files: bool = True, root: Path | None = None) -> tuple[Manifest, BundleState]:
     """load_manifest, plus what it read (BundleState), so a loader can check that nothing changed while it opened engines.
 
     Every path the manifest names is checked to stay inside the bundle before any file is opened.
+    root: where the files are read (runtime.pinned's handle on the folder, so that one load reads one build);
+    messages name `bundle`.
     """
     bundle = Path(bundle)
-    path = bundle / MANIFEST
-    if not bundle.is_dir():
+    root = root or bundle
+    path = root / MANIFEST
+    if not root.is_dir():
         raise BundleError(f"no engine bundle at {bundle}: the folder does not exist; build one with `python -m export.build`")
     if not path.is_file():
         raise BundleError(
@@ -653,20 +712,14 @@ def read_bundle(bundle: str | Path, *, verify_files: bool = True) -> tuple[Manif
             "rebuild it with `python -m export.build --force`"
         )
     data = path.read_bytes()
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle") from None
-    except RecursionError:
-        raise BundleError(
-            f"{path}: malformed manifest (nested too deeply to read); rebuild the bundle with `python -m export.build --force`"
-        ) from None
-    manifest = Manifest.from_json(raw, str(path))
-    check_bundle_paths(bundle, manifest)
+    shown = bundle / MANIFEST
+    raw = parse_manifest(data, shown)
+    manifest = Manifest.from_json(raw, str(shown))
+    check_bundle_paths(bundle, manifest, root)
     files: Mapping[str, Identity] = {}
     if verify_files:
-        files = verify_bundle_files(bundle, manifest)
-    return manifest, BundleState(bundle, data, files)
+        files = verify_bundle_files(bundle, manifest, root)
+    return manifest, BundleState(root, data, files)
 
 
 def _entries(manifest: Manifest) -> list[tuple[str, str]]:
@@ -678,12 +731,14 @@ def _entries(manifest: Manifest) -> list[tuple[str, str]]:
     return out
 
 
-def check_bundle_paths(bundle: Path, manifest: Manifest) -> None:
+def check_bundle_paths(bundle: Path, manifest: Manifest, folder: Path | None = None) -> None:
     """The bundle is a boundary: every path the manifest names must resolve inside the bundle folder.
 
     Refused, naming the entry: absolute paths, '..', a NUL, and symlinks that lead out of the folder.
+    folder: where the files are read (default: `bundle`).
     """
-    root = bundle.resolve()
+    folder = folder or bundle
+    root = folder.resolve()
     for what, rel in _entries(manifest):
         pure = PurePosixPath(rel)
         if not rel or "\x00" in rel or pure.is_absolute() or PureWindowsPath(rel).anchor or ".." in pure.parts:
@@ -692,7 +747,7 @@ def check_bundle_paths(bundle: Path, manifest: Manifest) -> None:
                 "a manifest may name only its own bundle's files: this manifest was altered, rebuild the bundle"
             )
         try:
-            resolved = (bundle / rel).resolve()
+            resolved = (folder / rel).resolve()
         except (OSError, RuntimeError) as e:
             raise BundleError(f"bundle {bundle}: {what} {rel!r} cannot be resolved ({e}); rebuild the bundle") from None
         if not resolved.is_relative_to(root):
@@ -743,15 +798,17 @@ def _size_limit(manifest: Manifest, rel: str) -> tuple[int, str]:
     return MAX_WEIGHTS_FILE, "a bundle file"
 
 
-def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]:
+def verify_bundle_files(bundle: Path, manifest: Manifest, root: Path | None = None) -> dict[str, Identity]:
     """Every listed file must exist with the recorded sha256: a bundle is content-addressed.
 
     First, without reading a byte: every file a component or the tokenizer reads must be listed (else it is
     not covered by the hashes), each listed file must be a regular file within its role's size limit.
     Then each file is hashed through one handle; what that handle was (inode, size, mtime) is returned.
     The paths were checked to stay inside the bundle by read_bundle (check_bundle_paths) first.
+    root: where the files are read (default: `bundle`, which the messages name).
     """
-    gap = _uncovered(bundle, manifest)
+    root = root or bundle
+    gap = _uncovered(root, manifest)
     if gap is not None:
         who, rel = gap
         raise BundleError(
@@ -759,7 +816,7 @@ def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]
             f"must all be listed in its manifest: remove the file or rebuild with `{_rebuild_hint(bundle, manifest, rel)}`"
         )
     for rel in manifest.files:
-        f = bundle / rel
+        f = root / rel
         if not f.is_file():
             raise BundleError(f"bundle {bundle} is missing {rel}; rebuild it with `{_rebuild_hint(bundle, manifest, rel)}`")
         limit, role = _size_limit(manifest, rel)
@@ -771,7 +828,7 @@ def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]
             )
     seen: dict[str, Identity] = {}
     for rel, digest in manifest.files.items():
-        f = bundle / rel
+        f = root / rel
         try:
             actual, seen[rel] = _hash_one(f)
         except OSError as e:

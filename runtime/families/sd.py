@@ -27,8 +27,8 @@ class StableDiffusion:
         engine("text_encoder")  # opened now, so a broken engine fails at load, not at the first prompt
 
     @classmethod
-    def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine) -> StableDiffusion:
-        return cls(ClipTokenizer.from_dir(bundle / manifest.tokenizer.dir), engine)
+    def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine, *, root: Path) -> StableDiffusion:
+        return cls(ClipTokenizer.from_dir(root / manifest.tokenizer.dir), engine)
 
     def conditioning(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
         if given:
