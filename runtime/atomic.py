@@ -80,26 +80,44 @@ def exclusive(folder: Path, log: Callable[[str], None], *, wait: bool = True) ->
     """Hold the lock of output `folder` (a `.NAME.lock` file beside it) while the body runs.
 
     Another holder (a second build of the same --out) is waited for, said in one line; wait=False refuses instead
-    (BlockingIOError with a message). The lock file stays (deleting it would let a third writer lock another
-    inode); the kernel releases the lock when the holder exits, kill -9 included.
+    (BlockingIOError with a message). The kernel releases the lock when its holder exits, kill -9 included. The
+    holder removes the lock file before releasing it; a waiter that then gets the lock of a removed file tries again,
+    so two writers never hold locks on two different files of one name.
     """
     import fcntl  # POSIX; the SDK's targets (Linux desktops, Jetson) all have it
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = folder.with_name(f".{folder.name}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    said = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             message = f"another process (pid {holder}) is writing {folder}"
             if not wait:
+                os.close(fd)
                 raise BlockingIOError(errno.EWOULDBLOCK, f"{message}; wait for it to finish, or choose another --out") from None
-            log(f"{message}; waiting for it to finish")
+            if not said:
+                log(f"{message}; waiting for it to finish")
+                said = True
             fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the holder removed this lock file as it finished: lock the current one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        lock.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
