@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -275,6 +276,9 @@ class Core:
         adapters: None (the base model), a .safetensors file (at `scale`), or a list of files and (file, scale) pairs,
         e.g. [("style.safetensors", 0.8), ("detail.safetensors", 0.5)]. Needs a bundle built with --lora-slots RANK;
         the adapters' ranks per layer must sum to at most RANK. Every adapter is checked before any takes effect.
+
+        Atomic per generation: a generation uses the adapters set when it began, to its end. set_lora called meanwhile
+        (from another thread) does not wait; it applies from the next generation.
         """
         wanted = _lora_list(adapters, scale)
         lora = self.manifest.lora
@@ -298,6 +302,10 @@ class Core:
                 f"{self._slots.rank}; rebuild it with larger slots: `{self.rebuild(lora_slots=need)}`"
             )
         self._slots.set(read)
+
+    def generation(self) -> AbstractContextManager[None]:
+        """One generation's scope: its engine calls all see the LoRA adapters set when it began (see set_lora)."""
+        return self._slots.pinned() if self._slots is not None else nullcontext()
 
     @property
     def lora(self) -> tuple[tuple[str, float], ...]:

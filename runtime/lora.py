@@ -17,7 +17,9 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ class Layer:
 
 Layers = Mapping[str, Mapping[str, Layer]]  # component -> module name -> layer
 Shapes = Mapping[tuple[str, str], tuple[int, ...]]  # (component, input name) -> the slot input's shape
+Feeds = dict[str, dict[str, np.ndarray]]  # component -> its slot inputs
 
 
 @dataclass(frozen=True)
@@ -342,19 +345,49 @@ def file_rank(path: Path) -> int:
     return max((int(v.shape[0]) for k, v in tensors.items() if k.endswith(downs) and v.ndim >= 2), default=0)
 
 
+Setting = tuple[Feeds, tuple[tuple["Adapter", float], ...]]  # the slot inputs and the adapters they were made from
+
+
 class SlotState:
-    """The slot inputs a slotted bundle's engines are fed on every call: zeros (the base model) until set."""
+    """The slot inputs a slotted bundle's engines are fed on every call: zeros (the base model) until set.
+
+    A generation runs inside `pinned()`: every engine call of it is fed the adapters current when it began, whatever
+    set() does meanwhile (from another thread), so an image is never half one adapter and half another. set() never
+    waits: it takes effect from the next generation.
+    """
 
     def __init__(self, targets: Sequence[LoraTarget], rank: int, shapes: Shapes):
         self.targets, self.rank, self.shapes = tuple(targets), rank, dict(shapes)
         self.layers = slot_layers(self.targets)
-        self.active: tuple[tuple[Adapter, float], ...] = ()
-        self.feeds = slot_feeds(self.targets, rank, self.shapes, ())
+        # (feeds, active), replaced whole: a reader sees one setting or the next, never half of each
+        self._current: Setting = (slot_feeds(self.targets, rank, self.shapes, ()), ())
+        self._pinned: ContextVar[Setting | None] = ContextVar(f"lora_slots_{id(self)}", default=None)
 
     def set(self, adapters: Sequence[tuple[Adapter, float]]) -> None:
         """New feeds built from scratch (never updated in place: A -> B -> A feeds A's very arrays again)."""
-        self.feeds = slot_feeds(self.targets, self.rank, self.shapes, adapters)
-        self.active = tuple(adapters)
+        self._current = (slot_feeds(self.targets, self.rank, self.shapes, adapters), tuple(adapters))
+
+    def _seen(self) -> Setting:
+        return self._pinned.get() or self._current
+
+    @property
+    def feeds(self) -> Feeds:
+        """The slot inputs this call gets: its generation's, or the current ones outside a generation."""
+        return self._seen()[0]
+
+    @property
+    def active(self) -> tuple[tuple[Adapter, float], ...]:
+        return self._seen()[1]
+
+    @contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Run a generation on the adapters set now (a nested generation keeps its outer one's)."""
+        token = self._pinned.set(self._current) if self._pinned.get() is None else None
+        try:
+            yield
+        finally:
+            if token is not None:
+                self._pinned.reset(token)
 
 
 class SlotFed:

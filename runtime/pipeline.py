@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 from . import tasks
 from .core import Core, Images, Progress, Prompt, Sampling, initial_latents, start_step
 
 __all__ = ["Pipeline", "Images", "Progress", "Prompt", "Sampling", "initial_latents", "start_step"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _one_generation(task: Callable[P, R]) -> Callable[P, R]:
+    """The task as one generation: LoRA adapters switched during it (another thread's set_lora) apply from the next."""
+
+    @functools.wraps(task)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        pipe = args[0]
+        assert isinstance(pipe, Core)
+        with pipe.generation():
+            return task(*args, **kwargs)
+
+    return run
 
 
 class Pipeline(Core):
@@ -15,7 +35,7 @@ class Pipeline(Core):
     steps, guidance_scale, guidance_rescale, seed, scheduler, eta, callback.
     """
 
-    txt2img = tasks.txt2img
-    img2img = tasks.img2img
-    inpaint = tasks.inpaint
-    upscale = tasks.upscale
+    txt2img = _one_generation(tasks.txt2img)
+    img2img = _one_generation(tasks.img2img)
+    inpaint = _one_generation(tasks.inpaint)
+    upscale = _one_generation(tasks.upscale)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -380,3 +381,27 @@ def test_manifest_lora_round_trip_and_altered_slots(slotted, fused, tmp_path):
     raw["lora"]["fused"][0]["sha256"] = "abc"
     with pytest.raises(BundleError, match="malformed manifest .*needs a sha256"):
         Manifest.from_json(raw)
+
+
+def test_set_lora_from_another_thread_mid_generation_applies_from_the_next(slotted, adapters, latents):
+    """A real thread switches A -> B after the first step of a generation with A: that image is A's throughout (each
+    UNet call once read whatever slots were current), and the next generation is B's. set_lora does not wait."""
+    pipe = runtime.Pipeline.load(slotted)
+    pipe.set_lora(adapters["b"])
+    only_b = generate(pipe, latents)
+    pipe.set_lora(adapters["a"])
+    only_a = generate(pipe, latents)
+    switched = []
+
+    def switch_to_b(step, total, t):
+        if step == 1:
+            thread = threading.Thread(target=lambda: switched.append(pipe.set_lora(adapters["b"]) or pipe.lora))
+            thread.start()
+            thread.join()  # returns at once: set_lora does not wait for the generation
+
+    mid = pipe.txt2img(PROMPT, steps=STEPS, guidance_scale=GUIDANCE, latents=latents, output_type="np", callback=switch_to_b)
+    assert switched == [(("b_kohya.safetensors", 1.0),)] and pipe.lora == (("b_kohya.safetensors", 1.0),)
+    # the same computation as only_a on this machine; 1e-6 leaves room for nothing but reordering, A and B differ by > 0.05
+    assert np.abs(only_a - only_b).max() > 0.05
+    assert np.abs(mid - only_a).max() <= 1e-6, "the generation changed adapters midway"
+    assert np.abs(generate(pipe, latents) - only_b).max() <= 1e-6  # the next generation: B
