@@ -8,7 +8,7 @@ on 1000 timesteps) and far below what would exhaust a machine.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 MAX_TRAIN_TIMESTEPS = 100_000  # the schedule tables are float64 arrays of this length
@@ -69,9 +69,30 @@ def _check_numbers(value: Any, where: str, depth: int) -> None:
     raise ValueError(f"{where} holds a {type(value).__name__}, which no scheduler config does")
 
 
-def finite(value: float, what: str) -> float:
-    """`value` as a float, or ValueError naming `what` when it is NaN or infinite."""
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{what} {value!r} is not a finite number")
-    return number
+def port(text: str, *, any_free: bool = False) -> int:
+    """A TCP port from a command line: 1..65535, or 0 (any free port, printed) where the server can say which it took.
+
+    ValueError names the range; argparse turns it into a one-line usage error (use `port_argument`).
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a port number") from None
+    low = 0 if any_free else 1
+    if not low <= value <= 65535:
+        zero = " (0: any free port)" if any_free else " (this server cannot report a port picked for it: name one)"
+        raise ValueError(f"port {value} is out of range {low}..65535{zero}")
+    return value
+
+
+def port_argument(*, any_free: bool = False) -> Callable[[str], int]:
+    """`port` as an argparse type: a bad value is a usage error naming the range, not a traceback."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            return port(text, any_free=any_free)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
