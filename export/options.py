@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.manifest import GUIDANCE_MODES
+from runtime.manifest import GUIDANCE_MODES, MAX_BATCH, MAX_IMAGE_SIDE
 
 from .tensorrt import BuilderSettings, builder_settings
 
@@ -48,8 +48,12 @@ class BuildOptions:
                 "(int8: the UNet calibrated to int8 QDQ, the other components fp32)"
             )
         self.check_int8()
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        # the runtime's own limits (runtime.manifest): a bundle past them would be refused at load, after minutes of export
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"--batch-size {self.batch_size} is out of range 1..{MAX_BATCH}, the batches the runtime loads")
+        for what, side in (("height", self.height), ("width", self.width)):
+            if side is not None and not 1 <= side <= MAX_IMAGE_SIDE:
+                raise ValueError(f"--{what} {side} is out of range 1..{MAX_IMAGE_SIDE} pixels, the image sides the runtime loads")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.guidance not in ("auto", *GUIDANCE_MODES):
