@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for image, path in zip(images, outputs(args.output, len(images))):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_with(path, lambda tmp, image=image: image.save(tmp, format="PNG"))  # a full disk leaves the old file whole
+            write_with(path, functools.partial(image.save, format="PNG"))  # a full disk leaves the old file whole
         except OSError as e:
             print(f"error: {e if isinstance(e, WriteError) else disk_error(path, e)}", file=sys.stderr)
             return 2
