@@ -64,9 +64,7 @@ class BuildOptions:
 
     def check_lora(self) -> None:
         """The adapter files exist and their scales are finite numbers; the slot rank is in range (before any model loads)."""
-        import math
-
-        from runtime.lora import parse_spec
+        from runtime.lora import MAX_SCALE, parse_spec
 
         from .lora import MAX_SLOT_RANK
 
@@ -74,8 +72,8 @@ class BuildOptions:
             path, scale = parse_spec(spec)
             if not path.is_file():
                 raise ValueError(f"--lora {spec}: {path} is not a file (pass FILE[:SCALE], e.g. --lora style.safetensors:0.8)")
-            if not math.isfinite(scale):
-                raise ValueError(f"--lora {spec}: the scale must be a finite number")
+            if not abs(scale) <= MAX_SCALE:  # NaN fails too
+                raise ValueError(f"--lora {spec}: the scale must be a number from -{MAX_SCALE:g} to {MAX_SCALE:g}")
         if not 0 <= self.lora_slots <= MAX_SLOT_RANK:
             raise ValueError(f"--lora-slots {self.lora_slots}: the slot rank must be 0 (no slots) to {MAX_SLOT_RANK}")
         if self.lora_slots and self.precision == "int8":

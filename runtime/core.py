@@ -19,6 +19,7 @@ from .errors import BundleError, Cancelled, NonFiniteError
 from .families import Family, open_family
 from .feed import check_finite
 from .guidance import Extra, guided
+from .lora import MAX_SCALE as MAX_LORA_SCALE
 from .lora import LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
 from .manifest import BundleState, Component, Manifest, read_bundle, rebuild_hint
 from .pinned import PinnedFolder
@@ -61,6 +62,7 @@ class Sampling(TypedDict, total=False):
 
 
 FEW_STEP_SAMPLERS = ("lcm", "tcd")
+MAX_GUIDANCE = 100.0  # classifier-free guidance past this only saturates: a typo (1e6), never a setting
 FEW_STEPS = 4
 
 
@@ -108,6 +110,13 @@ def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not np.isfinite(value):
             raise NonFiniteError(f"{name} is {value}: it must be a finite number (NaN/inf would turn every latent into NaN)")
+    if abs(options["guidance_scale"]) > MAX_GUIDANCE:
+        raise ValueError(
+            f"guidance_scale {options['guidance_scale']:g} is far outside what any model uses (|scale| <= {MAX_GUIDANCE:g}; "
+            "Stable Diffusion takes about 3 to 15): the latents would leave every range the UNet knows"
+        )
+    if not 0 <= options["guidance_rescale"] <= 1:
+        raise ValueError(f"guidance_rescale {options['guidance_rescale']:g} must be between 0 and 1 (Lin et al.: 0.7 is typical)")
     return options
 
 
@@ -425,7 +434,7 @@ class Core:
         hint = ""
         if e.fp16_overflow:
             hint = f"; rebuild in fp32 with `{rebuild_hint(self.bundle, self.manifest, precision='fp32')}`"
-        return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow)
+        return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow, upstream=e.upstream)
 
     def encode_image(self, image: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise."""
@@ -601,8 +610,8 @@ def _lora_list(adapters: LoraSpec, scale: float) -> list[tuple[Path, float]]:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path))):
             raise TypeError(f"set_lora takes None, a file, or a list of files and (file, scale) pairs; got {item!r:.80}")
         s = item[1]
-        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not np.isfinite(s):
-            raise ValueError(f"set_lora: the scale of {item[0]} must be a finite number, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not abs(s) <= MAX_LORA_SCALE:
+            raise ValueError(f"set_lora: the scale of {item[0]} must be a number from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, got {s!r}")
         out.append((Path(item[0]), float(s)))
     return out
 
