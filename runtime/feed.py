@@ -67,7 +67,8 @@ def check_finite(component: Component, feed: Mapping[str, np.ndarray], output: n
     head = f"the {component.name} engine ({component.precision}) produced NaN/inf{where}"
     bad = [n for n, v in feed.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
-        raise NonFiniteError(f"{head}: its input {', '.join(bad)} already held NaN/inf, so the cause is upstream of the engine", upstream=True)
+        cause = f"its input {', '.join(bad)} already held NaN/inf, so the cause is upstream of the engine"
+        raise NonFiniteError(f"{head}: {cause}", upstream=True)
     peaks = {n: float(np.abs(v).max(initial=0.0)) for n, v in feed.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
     extreme = {n: p for n, p in peaks.items() if p > EXTREME_INPUT}
     if extreme:  # not the engine's fault, and no precision fixes it: say where the values came from
