@@ -25,7 +25,9 @@ class WriteError(OSError):
 def disk_error(path: Path, e: OSError) -> WriteError:
     """`e` while writing `path` as one line: a full disk says so, anything else gives the OS's words."""
     cause = "the disk is full" if e.errno in NO_SPACE else (e.strerror or str(e))
-    return WriteError(e.errno or 0, f"could not write {path}: {cause}; nothing there was replaced (free space or choose another path)")
+    error = WriteError(f"could not write {path}: {cause}; nothing there was replaced (free space or choose another path)")
+    error.errno = e.errno  # kept for callers; the message alone is what str() shows (no "[Errno 28]")
+    return error
 
 
 @contextmanager
