@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,10 @@ def open_image(path: Path, what: str) -> Any:
     except UnidentifiedImageError:
         raise ValueError(f"{what} {path} is not an image file PIL can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        size = str(e).split(" exceeds", 1)[0].replace("Image size ", "")
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found[1]):,} pixels" if found else "too many pixels"
         raise ValueError(
-            f"{what} {path} is {size}, more than the {Image.MAX_IMAGE_PIXELS} pixels an image may have here (a decompression "
+            f"{what} {path} has {size}, more than the {Image.MAX_IMAGE_PIXELS:,} an image may have here (a decompression "
             "bomb, or a photo far larger than any bundle): resize it to the bundle's size first"
         ) from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated or corrupt data

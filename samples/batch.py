@@ -124,7 +124,8 @@ def csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, str]]]:
     except csv.Error as e:  # e.g. a cell over csv's field_size_limit (131,072 characters), an unclosed quote at the end
         limit = csv.field_size_limit()
         why = f"a cell is longer than {limit} characters (a prompt is cut to 77 tokens anyway)" if "field limit" in str(e) else str(e)
-        raise _common.SampleError(f"{path.name} line {reader.line_num}: {why}; fix that row") from None
+        line = reader.line_num + 1  # the row being read when it failed (line_num counts the rows finished)
+        raise _common.SampleError(f"{path.name} line {line}: {why}; fix that row") from None
     return rows
 
 
