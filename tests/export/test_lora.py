@@ -24,6 +24,7 @@ from runtime.errors import BundleError
 from runtime.lora import LoraError, read_adapter
 from runtime.pipeline import initial_latents
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.helpers.lora_adapters import make_adapter
 
 PROMPT = "a small red circle in the top left on a black background"
@@ -174,11 +175,12 @@ def test_switching_is_exact_and_zero_is_the_base_model(slotted, adapters, latent
     pipe.set_lora(adapters["a"])
     a2 = generate(pipe, latents)
     assert np.abs(a1 - b).max() > 0.05
-    assert np.array_equal(a1, a2), "A -> B -> A must give A's image bit for bit"
+    assert_same_image(a1, a2, "A -> B -> A must give A's image")
     pipe.set_lora(adapters["a"], 0.0)
-    assert np.array_equal(generate(pipe, latents), none)
+    assert_same_image(generate(pipe, latents), none, "scale 0 vs the base model")
     pipe.set_lora(None)
-    assert np.array_equal(generate(pipe, latents), none) and pipe.lora == ()
+    assert_same_image(generate(pipe, latents), none, "no adapters vs the base model")
+    assert pipe.lora == ()
 
 
 def test_set_lora_refusals_name_the_rebuild(slotted, fused, bundle_fp32, adapters, latents):
@@ -194,7 +196,7 @@ def test_set_lora_refusals_name_the_rebuild(slotted, fused, bundle_fp32, adapter
     outside = r"unet.time_embedding.linear_1.lora_A.weight names unet layer .*LoRA slots"
     with pytest.raises(LoraError, match=rf"{outside}.*fuse it at export instead: `python -m export.build .*--lora .*time.safetensors:1.0"):
         pipe.set_lora(adapters["outside"])
-    assert np.array_equal(generate(pipe, latents), a), "a refused set_lora changed the adapters in use"
+    assert_same_image(generate(pipe, latents), a, "a refused set_lora changed the adapters in use")
     with pytest.raises(BundleError, match=r"has no LoRA slots: it was built without --lora-slots.*--lora-slots 8"):
         runtime.Pipeline.load(bundle_fp32).set_lora(adapters["a"])
     with pytest.raises(BundleError, match=r"a.safetensors, b_kohya.safetensors are fused into its weights.*--lora-slots 8 --out"):
@@ -361,7 +363,7 @@ def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adap
     pipe = runtime.Pipeline.load(slotted)
     pipe.set_lora([(adapters["a"], 0.8), (adapters["b"], 1.0)])
     expected = pipe.txt2img("a red circle", steps=2, seed=3)[0]
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "ab.png")), np.asarray(expected))
+    assert_same_image(Image.open(tmp_path / "ab.png"), expected, "the CLI vs the API")
     done = cli(bundle_fp32, "--lora", str(adapters["a"]), "-o", str(tmp_path / "x.png"))
     assert done.returncode == 2 and done.stderr.startswith("error: bundle ") and "--lora-slots 8" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()

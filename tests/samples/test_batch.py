@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.samples.common import SAMPLES, files, one_error_line, png, run_sample
 
 CSV = """prompt,seed,steps,guidance,negative_prompt
@@ -56,7 +57,7 @@ def test_csv_rows_become_pngs_with_their_settings_and_bad_rows_are_reported(samp
         "Steps: 4, Sampler: ddim, CFG scale: 7.5, Seed: 103, Size: 64x64, Model: shapes-ldm"
     )
     expected = sample_pipe.txt2img(fourth["prompt"], "blurry", seed=103, steps=4, guidance_scale=7.5)[0]
-    assert np.array_equal(np.asarray(rows["0004"][0]), np.asarray(expected))
+    assert_same_image(rows["0004"][0], expected, "the batch's row 4 vs the runtime in this process")
 
 
 def test_a_rerun_skips_finished_rows_and_redraws_only_what_is_missing(sample_bundle, tmp_path):
@@ -79,7 +80,7 @@ def test_a_rerun_skips_finished_rows_and_redraws_only_what_is_missing(sample_bun
     assert [line.split()[0] for line in again.stdout.splitlines()[:3]] == ["skip", "skip", "wrote"]
     assert again.stdout.splitlines()[-1].startswith("1 written, 2 already there, 0 failed")
     assert {p: p.stat().st_mtime_ns for p in kept} == mtimes  # not rewritten
-    assert np.array_equal(np.asarray(png(removed)[0]), pixels)  # the same image again
+    assert_same_image(png(removed)[0], pixels, "the redrawn image")  # the same image again
     assert files(out) == sorted(p.name for p in written)  # the stale temporary file is gone
 
 

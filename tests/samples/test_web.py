@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.samples.common import SAMPLES, one_error_line, run_sample
 
 WAIT_MS = 60_000  # every browser wait is bounded by this
@@ -131,7 +132,7 @@ def test_the_page_shows_the_runtimes_image_pixel_for_pixel(page, server, sample_
     pixels = np.array(shown["rgba"], np.uint8).reshape(64, 64, 4)
     expected = np.asarray(sample_pipe.txt2img(prompt, negative, seed=5, steps=6, guidance_scale=guidance, scheduler="euler")[0])
     assert (pixels[..., 3] == 255).all()
-    assert np.array_equal(pixels[..., :3], expected)  # PNG is lossless: exactly the runtime's uint8 pixels
+    assert_same_image(pixels[..., :3], expected, "the page's PNG vs the runtime in this process")  # PNG is lossless
 
     # the file behind it carries the settings, and the strip of recent images starts with it
     src = page.get_attribute("#result", "src")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from runtime.triton.handler import Handler, Limits, draws_noise
+from tests.helpers.close import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_mixed_batch_gives_every_request_the_runtimes_own_image(pipe, handler: H
     for i, (answer, images) in enumerate(zip(answers, expected)):
         assert answer.error is None, f"request {i}: {answer.error}"
         assert answer.images is not None and answer.images.dtype == np.uint8 and answer.images.shape == (len(images), 64, 64, 3)
-        np.testing.assert_array_equal(answer.images, np.stack(images), err_msg=f"request {i}")
+        assert_same_image(answer.images, np.stack(images), f"request {i}")  # batched with others vs alone
     assert answers[5].seeds is not None and answers[5].seeds.tolist() == [[16], [17]]
 
 
@@ -106,7 +107,7 @@ def test_a_bad_request_is_refused_by_name_and_its_batch_mates_are_served(pipe, h
     bad, served = handler.handle([request_inputs, good])
     assert bad.error is not None and message in bad.error, bad.error
     assert served.error is None and served.images is not None
-    np.testing.assert_array_equal(served.images[0], own(pipe, "a red circle", 21, 2))
+    assert_same_image(served.images[0], own(pipe, "a red circle", 21, 2), "served vs its own run")
 
 
 def test_a_failed_run_answers_its_own_requests_and_the_next_batch_is_served(pipe, handler: Handler, monkeypatch) -> None:
@@ -123,4 +124,4 @@ def test_a_failed_run_answers_its_own_requests_and_the_next_batch_is_served(pipe
     first, second = handler.handle([ask("a red circle", 1, steps=2), ask("a blue circle", 2, steps=3)])
     assert first.error == "generation failed: RuntimeError: the engine fell over"
     assert second.error is None
-    np.testing.assert_array_equal(second.images[0], own(pipe, "a blue circle", 2, 3))
+    assert_same_image(second.images[0], own(pipe, "a blue circle", 2, 3), "served vs its own run")
