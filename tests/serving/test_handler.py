@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from runtime.errors import NonFiniteError
 from runtime.triton.handler import Handler, Limits, draws_noise
 from tests.helpers.close import assert_same_image
 
@@ -97,6 +98,7 @@ def test_draws_noise_is_asked_of_the_samplers(pipe) -> None:
         (ask("a red circle", 1, steps=21), "input 'steps' is 21"),
         (ask("a red circle", -3), "input 'seed' is -3"),
         (ask("a red circle", 1, guidance_scale=float("nan")), "input 'guidance_scale' is nan"),
+        (ask("a red circle", 1, guidance_scale=1e6), "input 'guidance_scale' is 1e+06: it must be a number from 0 to 100"),
         (ask("a red circle", 1, scheduler="warp"), "input 'scheduler' is 'warp', which this server does not know; choose one of: ddim"),
         ({"prompt": np.array([[b"\xff\xfe"]], dtype=object)}, "input 'prompt' is not valid UTF-8"),
         ({"prompt": np.array([[b"a"]], dtype=object), "steps": np.array([[3], [4]], np.int32)}, "input 'steps' has shape [2, 1]"),
@@ -125,3 +127,23 @@ def test_a_failed_run_answers_its_own_requests_and_the_next_batch_is_served(pipe
     assert first.error == "generation failed: RuntimeError: the engine fell over"
     assert second.error is None
     assert_same_image(second.images[0], own(pipe, "a blue circle", 2, 3), "served vs its own run")
+
+
+@pytest.mark.parametrize(
+    ("error", "answer"),
+    [
+        (NonFiniteError("the unet engine produced NaN/inf: its input sample reaches 1e+30", upstream=True), "bad request: "),
+        (ValueError("guidance_rescale 5 must be between 0 and 1"), "bad request: "),
+        (NonFiniteError("fp16 overflow; rebuild in fp32 with `python -m export.build --out /srv/models/b --force`", fp16_overflow=True),
+         "generation failed: NonFiniteError: "),
+        (RuntimeError("could not open /srv/models/tiny/1/bundle/unet/model.onnx"), "generation failed: RuntimeError: "),
+    ],
+)
+def test_failures_are_400_when_the_request_caused_them_and_never_show_server_paths(handler: Handler, monkeypatch, error, answer) -> None:
+    def fail(items):
+        raise error
+
+    monkeypatch.setattr(handler, "run", fail)
+    (got,) = handler.handle([ask("a red circle", 1, steps=2)])
+    assert got.error is not None and got.error.startswith(answer), got.error  # runtime/triton/model.py: "bad request" is 400
+    assert "/srv" not in got.error and "python -m" not in got.error, got.error
