@@ -23,7 +23,7 @@ from runtime.errors import BundleError
 from runtime.manifest import Component, Manifest, TensorRTInfo, TensorSpec, load_manifest, sha256_file
 
 from .bundle import ENGINES, Log, check_target, default_name, now, staging, write_manifest
-from .gates import TOLERANCE, describe, error_figures
+from .gates import TOLERANCE, describe, differs, error_figures
 from .inputs import fixed_inputs
 from .lora import suffix as lora_suffix
 from .onnx_export import onnx_files
@@ -222,7 +222,7 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
     )
     if not figures["passed"] and not job.force:
         raise VerificationFailed(
-            f"{name}: the {precision.name} engine fails its gate against its ONNX, {describe(figures)} (relative to the output "
+            f"{name}: the {precision.name} engine {differs(figures, 'its ONNX')} (relative to the output "
             f"range; the gate is {figures['tolerance']:g}); nothing was written. Try a higher precision "
             f"(--precision fp32), or pass --force to keep it anyway (the manifest records the failure)"
         )

@@ -60,5 +60,12 @@ def describe(figures: Mapping[str, Any]) -> str:
     return "no error measurable (" + "; ".join(parts) + ")"
 
 
+def differs(figures: Mapping[str, Any], reference: str) -> str:
+    """How a failed gate's file differs from `reference`, for its error: by how much, or where NaN/inf made it unmeasurable."""
+    if figures["rel_err"] is not None:
+        return f"differs from {reference} by {figures['rel_err']:.3g}"
+    return f"fails its gate against {reference}: {describe(figures)}"
+
+
 def _nonfinite(a: np.ndarray) -> int:
     return int(a.size - np.count_nonzero(np.isfinite(a)))

@@ -11,7 +11,7 @@ from runtime.manifest import Component, Manifest
 
 from . import calibration, int8, lora, onnx_export
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
-from .gates import describe
+from .gates import describe, differs
 from .inputs import fixed_inputs
 from .manifest_writer import manifest_for
 from .model import REFERENCE_MODEL, ModelError, SourceModel, open_model, write_tokenizer
@@ -146,7 +146,7 @@ def export_component(
     )
     if not figures["passed"]:
         raise VerificationError(
-            f"{spec.name}: the {chosen} ONNX fails its gate against the fp32 torch module, {describe(figures)} "
+            f"{spec.name}: the {chosen} ONNX {differs(figures, 'the fp32 torch module')} "
             f"(relative to its output range; the gate is {figures['tolerance']:g}); nothing was written. "
             + _gate_fix(figures, chosen)
         )
