@@ -158,8 +158,10 @@ def test_a_crash_right_after_the_exchange_leaves_the_new_bundle(old_bundle, tiny
         main(["--model", str(tiny_model), "--out", str(old_bundle), "--force", "--precision", "fp32", "--backend", "onnxruntime"])
     assert swapped == [True]
     load_manifest(old_bundle, verify_files=True)  # complete: every file present and matching its hash
-    (staged,) = old_bundle.parent.glob(f".{old_bundle.name}.partial-*")
-    assert json.loads((staged / MANIFEST).read_text())["created"] == old_created  # the old one, left to remove
+    # the old bundle, now in the staging folder: removed on the way out (a kill -9 would leave it for the next build)
+    for staged in old_bundle.parent.glob(f".{old_bundle.name}.partial-*"):
+        assert json.loads((staged / MANIFEST).read_text())["created"] == old_created
+    assert json.loads((old_bundle / MANIFEST).read_text())["created"] != old_created
 
 
 def test_a_crash_before_the_exchange_leaves_the_old_bundle(tmp_path, monkeypatch):

@@ -370,11 +370,11 @@ def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adap
 
 
 def test_manifest_lora_round_trip_and_altered_slots(slotted, fused, tmp_path):
-    from runtime.manifest import Manifest
+    from runtime.manifest import Manifest, sealed
 
     for bundle in (slotted, fused):
         raw = json.loads((bundle / "manifest.json").read_text())
-        assert Manifest.from_json(raw).to_json() == raw
+        assert sealed(Manifest.from_json(raw).to_json()) == raw
     raw = json.loads((slotted / "manifest.json").read_text())
     raw["lora"]["slots"]["targets"][0]["a"] = "lora_a_9_9"
     with pytest.raises(BundleError, match=r"malformed manifest .*names input 'lora_a_9_9', which unet lacks"):
