@@ -5,7 +5,7 @@ folder. A directory handle keeps naming the folder it opened, wherever it is ren
 hashing the files and opening the engines through it sees one build, however often the path is swapped in
 between. (Once the old folder is deleted its files are gone: a read then fails, and the loader starts over.)
 Linux reaches a folder by handle as /proc/self/fd/N; elsewhere the path is read and the loader's identity
-checks (runtime.manifest.BundleState) are what guard it.
+checks (runtime.bundle.BundleState) are what guard it.
 """
 
 from __future__ import annotations

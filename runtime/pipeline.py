@@ -1,4 +1,4 @@
-"""runtime.Pipeline: the core (runtime.core) with the four tasks (runtime.tasks) as its methods."""
+"""runtime.Pipeline: a loaded bundle (runtime.session) with the four tasks (runtime.tasks) as its methods."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from . import tasks
-from .core import Core, Images, Progress, Prompt, Sampling, initial_latents, start_step
+from .handoff import start_step
+from .options import Progress, Prompt, Sampling
+from .session import Images, Session, initial_latents
 
 __all__ = ["Pipeline", "Images", "Progress", "Prompt", "Sampling", "initial_latents", "start_step"]
 
@@ -21,17 +23,17 @@ def _one_generation(task: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(task)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         pipe = args[0]
-        assert isinstance(pipe, Core)
+        assert isinstance(pipe, Session)
         with pipe.generation():
             return task(*args, **kwargs)
 
     return run
 
 
-class Pipeline(Core):
+class Pipeline(Session):
     """A loaded bundle ready to generate: `Pipeline.load(bundle)`, then txt2img / img2img / inpaint / upscale.
 
-    Each task's keywords beyond its own are the shared sampling options (runtime.core.Sampling):
+    Each task's keywords beyond its own are the shared sampling options (runtime.options.Sampling):
     steps, guidance_scale, guidance_rescale, seed, scheduler, eta, callback.
     """
 

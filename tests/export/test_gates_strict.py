@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from export import int8_gate
+from export.int8 import gate as int8_gate
 from export.build import main
 from export.gates import describe, error_figures
 from runtime.lora import LoraError, read_adapter
@@ -64,8 +64,8 @@ def test_the_int8_gate_fails_on_nan_in_either_run_with_its_figures():
 def test_the_manifest_writer_refuses_nan(tmp_path, bundle_fp32):
     from dataclasses import replace
 
-    from export.bundle import write_manifest
-    from runtime.manifest import load_manifest
+    from export.staging import write_manifest
+    from runtime.bundle import load_manifest
 
     manifest = load_manifest(bundle_fp32)
     unet = replace(manifest.components["unet"], verification={"rel_err": float("nan")})
@@ -76,7 +76,7 @@ def test_the_manifest_writer_refuses_nan(tmp_path, bundle_fp32):
 
 @pytest.fixture
 def no_export(monkeypatch):
-    monkeypatch.setattr("export.onnx_bundle.open_model", lambda *a, **k: pytest.fail("the model was loaded: the refusal came too late"))
+    monkeypatch.setattr("export.from_model.open_model", lambda *a, **k: pytest.fail("the model was loaded: the refusal came too late"))
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_sizes_past_the_runtimes_limits_are_refused_before_export(tmp_path, caps
 
 def test_sizes_are_the_runtimes_own_limits():
     from export import options
-    from runtime import manifest
+    from runtime.bundle import manifest
 
     assert (options.MAX_IMAGE_SIDE, options.MAX_BATCH) == (manifest.MAX_IMAGE_SIDE, manifest.MAX_BATCH)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from export import bundle
+from export import staging as bundle
 from export.build import build, main
-from export.bundle import TargetError, exchange, publish, staging
-from runtime.manifest import MANIFEST, SCHEMA, load_manifest
+from export.staging import TargetError, exchange, publish, staging
+from runtime.bundle import MANIFEST, SCHEMA, load_manifest
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -30,7 +30,7 @@ def no_export(monkeypatch):
     def loaded(*_a, **_k):
         raise AssertionError("the model was loaded: the refusal came too late")
 
-    monkeypatch.setattr("export.onnx_bundle.open_model", loaded)
+    monkeypatch.setattr("export.from_model.open_model", loaded)
 
 
 @pytest.fixture
@@ -206,9 +206,9 @@ def test_a_second_build_of_one_out_waits_then_replaces_it_whole(old_bundle, tiny
     """The race of two `--force` builds, made deterministic: the first is held inside its staging (before its tokenizer
     is written) until the second has said it waits for the lock. The second then replaces the first's complete bundle
     with its own complete one; neither deletes the other's work or publishes a partial bundle."""
-    import export.onnx_bundle
+    import export.from_model
 
-    real_write_tokenizer = export.onnx_bundle.write_tokenizer
+    real_write_tokenizer = export.from_model.write_tokenizer
     first_inside, second_waits = threading.Event(), threading.Event()
     calls: list[int] = []
 
@@ -219,7 +219,7 @@ def test_a_second_build_of_one_out_waits_then_replaces_it_whole(old_bundle, tiny
             assert second_waits.wait(600), "the second build never waited for the lock"  # a hang guard, not a timing test
         return real_write_tokenizer(*a, **k)
 
-    monkeypatch.setattr(export.onnx_bundle, "write_tokenizer", held_write_tokenizer)
+    monkeypatch.setattr(export.from_model, "write_tokenizer", held_write_tokenizer)
     logs: dict[str, list[str]] = {"first": [], "second": []}
     errors: list[BaseException] = []
 
@@ -319,7 +319,7 @@ def interrupt(*_a, **_k):
 
 
 def test_ctrl_c_writes_nothing(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("export.onnx_bundle.export_component", interrupt)
+    monkeypatch.setattr("export.from_model.export_component", interrupt)
     out = tmp_path / "b"
     code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(out), "--precision", "fp32", "--backend", "onnxruntime")
     assert code == 130 and err == "error: interrupted; nothing was written\n"
@@ -328,7 +328,7 @@ def test_ctrl_c_writes_nothing(tiny_model, tmp_path, capsys, monkeypatch):
 
 def test_ctrl_c_during_a_rebuild_keeps_the_old_bundle(old_bundle, tiny_model, tmp_path, capsys, monkeypatch):
     before = (old_bundle / MANIFEST).read_bytes()
-    monkeypatch.setattr("export.onnx_bundle.write_tokenizer", interrupt)
+    monkeypatch.setattr("export.from_model.write_tokenizer", interrupt)
     code, err = run_cli(
         capsys, "--model", str(tiny_model), "--out", str(old_bundle), "--force", "--precision", "fp32", "--backend", "onnxruntime"
     )

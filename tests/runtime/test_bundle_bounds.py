@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import runtime
-import runtime.core
+import runtime.session
 from runtime.errors import BundleError, NonFiniteError
-from runtime.manifest import DIGEST, sealed
+from runtime.bundle import DIGEST, sealed
 
 PROMPT = "a blue square"
 pytestmark = pytest.mark.reliability
@@ -44,7 +44,7 @@ def rewrite(bundle, edit, seal=True):
     ids=["timesteps-1e9", "timesteps-0", "offset", "beta", "betas-list", "solver-order", "huge-number", "deep"],
 )
 def test_scheduler_config_is_bounded_before_any_allocation(bundle_copy, monkeypatch, edit, message):
-    monkeypatch.setattr(runtime.core, "noise_schedule", lambda *a: pytest.fail("the schedule was computed"))
+    monkeypatch.setattr(runtime.session, "noise_schedule", lambda *a: pytest.fail("the schedule was computed"))
     rewrite(bundle_copy, lambda m: edit(m["scheduler"]["config"]))
     with pytest.raises(BundleError, match=r"malformed manifest .*" + message):
         runtime.Pipeline.load(bundle_copy)
@@ -101,7 +101,7 @@ def test_nan_from_extreme_inputs_is_blamed_on_them_not_on_fp16(request, fixture)
 
 
 def test_set_lora_scale_is_bounded(bundle_fp32, tmp_path):
-    from runtime.core import _lora_list
+    from runtime.slots import _lora_list
 
     for scale in (1e6, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"the scale of a.safetensors must be a number from -100 to 100"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime import atomic
-from runtime.manifest import load_manifest
+from runtime.bundle import load_manifest
 from tests.helpers import REPO
 from tests.helpers.small_disk import fill, small_disk
 
