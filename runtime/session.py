@@ -83,8 +83,9 @@ class Session:
                 manifest, state = read_bundle(bundle, verify_files=verify, root=pinned.root)
                 session = cls._open(bundle, manifest, device, cuda_graph, pinned)
             except (BundleError, OSError, ValueError):
+                changed = pinned.moved() or (state is not None and not state.current())  # asked before the handle closes
                 pinned.close()
-                if not pinned.moved() and (state is None or state.current()):
+                if not changed:
                     raise
                 continue  # the bundle was swapped or deleted under the load (a rebuild replaced it): read it again
             if not verify or state.current():  # no file was altered in place while the engines opened

@@ -12,7 +12,6 @@ from .component import Component, TensorSpec
 from .hints import rebuild_command, rebuild_hint
 from .integrity import BundleState, check_bundle_paths, declared_schema, load_manifest, read_bundle, sha256_file, verify_bundle_files
 from .manifest import Manifest
-from .sealing import DIGEST, dumps, parse_manifest, sealed, strict_json
 from .records import (
     DTYPES,
     FORMATS,
@@ -34,6 +33,7 @@ from .records import (
     UpscaleInfo,
     VaeInfo,
 )
+from .sealing import DIGEST, dumps, parse_manifest, sealed, strict_json
 
 __all__ = [
     "DTYPES", "FORMATS", "GUIDANCE_MODES", "MANIFEST", "READABLE_VERSIONS", "SCHEMA", "SCHEMA_VERSION",

@@ -23,9 +23,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:40]} is past float's range")
+    return value
+
+
 def strict_json(data: bytes) -> Any:
-    """JSON as RFC 8259 has it: NaN, Infinity and -Infinity are refused (Python's json reads them by default)."""
-    return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    """JSON as RFC 8259 has it: NaN, Infinity and -Infinity are refused (Python's json reads them by default), and so is
+    a number that only parses to infinity (1e400)."""
+    return json.loads(data.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def dumps(doc: Any, **options: Any) -> str:

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from export.int8 import gate as int8_gate
 from export.build import main
 from export.gates import describe, error_figures
+from export.int8 import gate as int8_gate
 from runtime.lora import LoraError, read_adapter
 
 pytestmark = pytest.mark.reliability

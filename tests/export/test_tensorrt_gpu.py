@@ -24,10 +24,9 @@ from export.gates import TOLERANCE, error_figures
 from export.inputs import fixed_inputs
 from export.tensorrt.from_onnx import build_from_onnx, onnx_component
 from runtime.backends.tensorrt import tensorrt_available
-from runtime.bundle import load_manifest
+from runtime.bundle import load_manifest, sealed
 from runtime.dispatch import load_engine
 from runtime.errors import BundleError
-from runtime.bundle import sealed
 from runtime.pipeline import initial_latents
 from tests.helpers import REPO
 

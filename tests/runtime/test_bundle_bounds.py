@@ -11,8 +11,8 @@ import pytest
 
 import runtime
 import runtime.session
-from runtime.errors import BundleError, NonFiniteError
 from runtime.bundle import DIGEST, sealed
+from runtime.errors import BundleError, NonFiniteError
 
 PROMPT = "a blue square"
 pytestmark = pytest.mark.reliability
@@ -55,6 +55,13 @@ def test_a_manifest_with_nan_or_infinity_is_not_json(bundle_copy, constant):
     text = (bundle_copy / "manifest.json").read_text()
     (bundle_copy / "manifest.json").write_text(text.replace('"scaling_factor": ', f'"scaling_factor": {constant}, "was": ', 1))
     with pytest.raises(BundleError, match=rf"manifest.json is not valid JSON \({constant} is not a number JSON allows\)"):
+        runtime.Pipeline.load(bundle_copy)
+
+
+def test_a_number_past_floats_range_is_not_json(bundle_copy):
+    text = (bundle_copy / "manifest.json").read_text()
+    (bundle_copy / "manifest.json").write_text(text.replace('"scaling_factor": ', '"scaling_factor": 1e400, "was": ', 1))
+    with pytest.raises(BundleError, match=r"manifest.json is not valid JSON \(1e400 is past float's range\)"):
         runtime.Pipeline.load(bundle_copy)
 
 

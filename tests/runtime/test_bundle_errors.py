@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.bundle import SCHEMA_VERSION, Manifest
+from runtime.bundle import SCHEMA_VERSION, Manifest, sealed
 from runtime.errors import BundleError, Cancelled, FeedError
-from runtime.bundle import sealed
 from runtime.tokenizer import PromptTruncatedWarning
 
 PROMPT = "a blue square"
