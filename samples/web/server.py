@@ -39,6 +39,7 @@ from PIL import Image  # noqa: E402
 
 import runtime  # noqa: E402
 from runtime.bounds import port_argument  # noqa: E402
+from runtime.bundle import strict_json  # noqa: E402
 from runtime.sampling import SAMPLERS, default_sampler  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -172,17 +173,8 @@ def parse_body(body: bytes) -> Any:
     if deepest > MAX_DEPTH:
         raise ValueError(f"the JSON is nested {deepest} levels deep; a request is one flat object")
 
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not a number: send finite numbers")
-
-    def finite_float(text: str) -> float:
-        x = float(text)
-        if x in (float("inf"), float("-inf")):
-            raise ValueError(f"{text[:40]} is too large a number")
-        return x
-
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=no_constant, parse_float=finite_float)
+        return strict_json(body)  # the bundle reader's own: NaN, Infinity and 1e400 refused
     except UnicodeDecodeError:
         raise ValueError("the request is not UTF-8 text") from None
 
