@@ -10,6 +10,7 @@ import numpy as np
 
 from .bundle import SchedulerInfo
 from .errors import NonFiniteError
+from .families.sdxl import SdxlConditioning
 from .sampling import default_sampler
 
 if TYPE_CHECKING:
@@ -42,20 +43,6 @@ class Sampling(TypedDict, total=False):
 FEW_STEP_SAMPLERS = ("lcm", "tcd")
 MAX_GUIDANCE = 100.0  # classifier-free guidance past this only saturates: a typo (1e6), never a setting
 FEW_STEPS = 4
-
-
-class SdxlConditioning(TypedDict, total=False):
-    """The SDXL family's conditioning keywords (runtime.families.sdxl.KEYWORDS), typed for the tasks' signatures;
-    an SD bundle refuses them by name."""
-
-    original_size: tuple[int, int]
-    crops_coords_top_left: tuple[int, int]
-    target_size: tuple[int, int]
-    negative_original_size: tuple[int, int]
-    negative_crops_coords_top_left: tuple[int, int]
-    negative_target_size: tuple[int, int]
-    aesthetic_score: float
-    negative_aesthetic_score: float
 
 
 class TaskOptions(Sampling, SdxlConditioning, total=False):
@@ -128,8 +115,7 @@ def task_options(
     conditioning = {k: v for k, v in given.items() if k in keywords}
     rest = {k: v for k, v in given.items() if k not in keywords}
     options = sampling_options(task, rest, tuple(keywords), **{**step_defaults(scheduler, rest.get("scheduler")), **task_defaults})
-    family.conditioning(conditioning)
-    return options, conditioning
+    return options, family.conditioning(conditioning)
 
 
 def batch_prompts(prompt: Prompt, what: str, batch_size: int) -> list[str]:
