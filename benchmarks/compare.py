@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime import atomic
+
 from .footprint import DIFFUSERS_TORCH, RUNTIME, footprint
 from .runtime_bench import STAGE_LABELS, STAGES, add_run_options, fmt_seconds, machine, machine_line, summarise
 from .systems import SYSTEMS
@@ -306,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = machine()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"compare-{args.model.resolve().name}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+    atomic.write_json(args.out / f"{stem}.json", result, indent=2)
+    atomic.write_text(args.out / f"{stem}.md", markdown(result))
     print(markdown(result))
     say(f"wrote {args.out / stem}.json and .md")
     if result["agreement"] and not result["agreement"]["all_agree"]:

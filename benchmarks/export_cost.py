@@ -7,13 +7,14 @@ child's peak resident memory from the kernel (wait4's rusage) when it exits.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from runtime import atomic
 
 from .runtime_bench import bundle_size, machine
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(figures, indent=2) + "\n")
+    atomic.write_json(args.results, figures, indent=2)
     print(
         f"export {figures['export_s']:.0f} s, peak RSS {figures['peak_rss_bytes'] / 2**30:.2f} GiB, "
         f"bundle {figures['bundle_bytes'] / 2**30:.2f} GiB -> {args.results}"

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime import atomic
+
 
 def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], float_convs: int, placement: str) -> dict[str, Any]:
     """Calibration pass + QDQ rewrite; run in a child process (--child), so its peak RSS is this step's alone."""
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"int8-unet-{args.bundle.name}" + ("" if len(names) == 1 else "-" + "-".join(placements))
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(args.out / f"{stem}.json", result, indent=2)
     table = "\n".join([f"# benchmarks.int8_unet: {args.bundle.name}", "", *table_rows(args.calls, med, sizes, names), ""])
     notes = []
     for pl, name in names.items():
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         f"this CPU {'has' if result['machine']['vnni'] else 'lacks'} VNNI"
     )
     table += "\n".join([*notes, "", machine_line(result["machine"])])
-    (args.out / f"{stem}.md").write_text(table + "\n")
+    atomic.write_text(args.out / f"{stem}.md", table + "\n")
     print(table)
     return 0
 

@@ -12,7 +12,6 @@ reference.evaluate's job; this adds what only a same-seed comparison shows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime import atomic
 
 
 class TimedUnet:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     name = Path(args.bundles[0]).name.split("-64x64")[0].split("-512x512")[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"precisions-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(args.out / f"precisions-{name}.json", result, indent=2)
     lines = [
         f"# benchmarks.precisions: {name}, {args.n} images, {args.steps} steps, guidance {args.guidance_scale:g}, same seeds",
         "",
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['precision']} | {r['pixel_mae_vs_first']:.4f} | {r['pixel_max_abs_vs_first']:.3f} | {r['seconds_per_image']:.3f} | "
             f"{r['unet_call_median_s'] * 1e3:.2f} ms | {r['unet_bytes'] / 2**20:.2f} MiB | {r['bundle_bytes'] / 2**20:.1f} MiB |"
         )
-    (args.out / f"precisions-{name}.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(args.out / f"precisions-{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -11,7 +11,6 @@ it runs on a Jetson with only the runtime installed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime import atomic
 from runtime.sampling import SAMPLERS
 
 DEFAULT_BUNDLE = Path("engines") / "shapes-ldm-64x64-b1-fp32-onnxruntime"
@@ -344,8 +344,8 @@ def write_results(result: Mapping[str, Any], out: Path, stem: str) -> tuple[Path
     """STEM.json (everything) and STEM.md (the report) under OUT."""
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
+    atomic.write_json(json_path, result, indent=2)
+    atomic.write_text(md_path, markdown(result))
     return json_path, md_path
 
 
@@ -353,8 +353,8 @@ def publish(result: Mapping[str, Any], text: str, out: Path, stem: str) -> None:
     """A benchmark's report printed, and written with its figures as STEM.md and STEM.json under OUT."""
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
+    atomic.write_json(out / f"{stem}.json", result, indent=2)
+    atomic.write_text(out / f"{stem}.md", text)
     print(f"wrote {out / stem}.json and .md", file=sys.stderr)
 
 

@@ -13,7 +13,6 @@ memory (the kernel's, from wait4) and the bundle's size per file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any
 
 from benchmarks import sd15
 from reference.architecture import CLIP_DIR
+from runtime import atomic
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "models-generated" / "sdxl-random"
@@ -254,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         timed = stage_times(args.stage_times)
         if args.export_results:
             args.export_results.parent.mkdir(parents=True, exist_ok=True)
-            args.export_results.write_text(json.dumps(timed, indent=2) + "\n")
+            atomic.write_json(args.export_results, timed, indent=2)
         return 0
     figures = estimate(parameter_counts(build_pipeline(args.seed, args.quick, meta=True)), ram())
     print(report(figures))
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(figures, indent=2) + "\n")
+        atomic.write_json(args.results, figures, indent=2)
     if args.estimate:
         return 0
     if not (args.export_to and (args.out / "model_index.json").exists()):
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<32} {size / gib:6.2f} GiB")
         if args.export_results:
             args.export_results.parent.mkdir(parents=True, exist_ok=True)
-            args.export_results.write_text(json.dumps(measured, indent=2) + "\n")
+            atomic.write_json(args.export_results, measured, indent=2)
     return 0
 
 

@@ -9,13 +9,13 @@ asserted (a shared machine's allocator noise is not a leak). Torch-free, like th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from runtime import atomic
 from runtime.sampling import SAMPLERS
 
 DEFAULT_OUT = Path("out") / "bench"  # results/bench/ only when asked (--out results/bench)
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "soak.md").write_text(markdown(result))
+    atomic.write_json(args.out / "soak.json", result, indent=2)
+    atomic.write_text(args.out / "soak.md", markdown(result))
     print(markdown(result))
     return 0
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime import atomic
+
 PROMPTS = (
     "a large red circle on a white background",
     "a small blue square in the top left corner",
@@ -364,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         serve = re.sub(r"[^A-Za-z0-9]+", "-", args.serve_args).strip("-")  # '--instances 2' -> 'instances-2'
         stem = args.out / f"triton-load-{args.bundle.name}-{args.clients}x{args.requests}-{args.steps}steps{'-' + serve if serve else ''}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        atomic.write_json(stem.with_suffix(".json"), report, indent=1, default=str)
         if "direct" in report:
-            stem.with_suffix(".md").write_text(table(report) + "\n")
+            atomic.write_text(stem.with_suffix(".md"), table(report) + "\n")
     ok = served["answered"] == served["sent"] and (args.no_direct or served["images_equal"] == served["sent"])
     return 0 if ok else 1
 

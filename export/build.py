@@ -9,12 +9,14 @@ Two roads leave from here: export.from_model (a model folder -> an ONNX Runtime 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from runtime.atomic import NO_SPACE
 from runtime.backends.libraries import TENSORRT, TENSORRT_RTX, require
 from runtime.backends.tensorrt import require_tensorrt, tensorrt_available
 from runtime.bundle import GUIDANCE_MODES
@@ -323,12 +325,27 @@ def build_from_args(args: argparse.Namespace) -> Path:
     return build_bundle(args.model, args.out, options_from_args(args))
 
 
+def disk_message(e: OSError) -> str:
+    """An OSError during a build as one line: what happened, where, and that nothing was published."""
+    cause = "the disk is full" if e.errno in NO_SPACE else (e.strerror or str(e))
+    where = f" writing {e.filename}" if e.filename else ""
+    return f"{cause}{where}; nothing was published and an existing bundle is as it was: free space (or fix the folder) and build again"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         build_from_args(args)
     except (ModelError, FileExistsError, VerificationError, InvalidOnnxError, BundleError, EngineBuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder: staging removed the partial bundle, an existing one is untouched
+        print(f"error: {disk_message(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "No space left on device" not in str(e):  # torch and onnx wrap a failed write in their own errors
+            raise
+        print(f"error: {disk_message(OSError(errno.ENOSPC, 'No space left on device'))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # staging removed the partial bundle; an existing one was left as it was
         print("error: interrupted; nothing was written", file=sys.stderr)

@@ -11,6 +11,7 @@ from runtime.bundle import Component, Manifest
 from runtime.bundle.levers import DeepCacheInfo, Levers
 
 from . import deepcache, lora, onnx_export, preview_map, textual_inversion, tiny_vae
+from .gates import describe, differs
 from .inputs import fixed_inputs
 from .int8 import calibration
 from .int8 import unet as int8
@@ -52,7 +53,7 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     t0 = time.perf_counter()
     choices = int8_choices(model, options, pipelines) if precision == "int8" else None
     chunks = prompt_chunks(model, options.max_prompt_tokens)
-    with staging(out, options.force, model.source) as work:
+    with staging(out, options.force, model.source, log) as work:
         lora.fuse(model, adapters, log)
         added = textual_inversion.apply(model, options.textual_inversion, options.allow_pickle, log)
         specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance, chunks=chunks)
@@ -176,16 +177,27 @@ def export_component(
     figures = compare(component, work, reference, feed)
     size = sum(f.stat().st_size for f in onnx_export.onnx_files(target)) / 2**20
     log(
-        f"  {spec.name:<14} {chosen}  {size:8.1f} MiB  error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})"
+        f"  {spec.name:<14} {chosen}  {size:8.1f} MiB  {describe(figures)} (gate {figures['tolerance']:.0e})"
         + (f"  [{note}]" if note else "")
     )
     if not figures["passed"]:
         raise VerificationError(
-            f"{spec.name}: the {chosen} ONNX differs from the fp32 torch module by {figures['rel_err']:.3g} "
+            f"{spec.name}: the {chosen} ONNX {differs(figures, 'the fp32 torch module')} "
             f"(relative to its output range; the gate is {figures['tolerance']:g}); nothing was written. "
-            + ("Try --precision fp32." if chosen == "fp16" else "This is an export bug: please report it with the model's config.")
+            + _gate_fix(figures, chosen)
         )
     return replace(component, verification=figures)
+
+
+def _gate_fix(figures: dict[str, Any], chosen: str) -> str:
+    if any(figures["outputs"][n]["nonfinite_values"]["reference"] for n in figures["nonfinite"]):
+        return (
+            "The fp32 torch module itself gives NaN/inf on the fixed inputs: the weights are broken or a fused LoRA's scale "
+            "or alpha is far too large; check the model and any --lora FILE:SCALE."
+        )
+    if chosen == "fp16":
+        return "Try --precision fp32."
+    return "This is an export bug: please report it with the model's config."
 
 
 def component_precision(asked: str, family_note: str, peak: float) -> tuple[str, str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from runtime.bundle import GUIDANCE_MODES
+from runtime.bundle.manifest import MAX_BATCH, MAX_IMAGE_SIDE
 
 from .tensorrt.builder import BuilderSettings, builder_settings, compute_capabilities
 
@@ -55,8 +56,12 @@ class BuildOptions:
                 "(int8: the UNet calibrated to int8 QDQ, the other components fp32)"
             )
         self.check_int8()
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        # the runtime's own limits (runtime.bundle.manifest): a bundle past them would be refused at load, after minutes of export
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"--batch-size {self.batch_size} is out of range 1..{MAX_BATCH}, the batches the runtime loads")
+        for what, side in (("height", self.height), ("width", self.width)):
+            if side is not None and not 1 <= side <= MAX_IMAGE_SIDE:
+                raise ValueError(f"--{what} {side} is out of range 1..{MAX_IMAGE_SIDE} pixels, the image sides the runtime loads")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.guidance not in ("auto", *GUIDANCE_MODES):
@@ -73,9 +78,7 @@ class BuildOptions:
 
     def check_lora(self) -> None:
         """The adapter files exist and their scales are finite numbers; the slot rank is in range (before any model loads)."""
-        import math
-
-        from runtime.lora import parse_spec
+        from runtime.lora import MAX_SCALE, parse_spec
 
         from .lora import MAX_SLOT_RANK
 
@@ -83,8 +86,8 @@ class BuildOptions:
             path, scale = parse_spec(spec)
             if not path.is_file():
                 raise ValueError(f"--lora {spec}: {path} is not a file (pass FILE[:SCALE], e.g. --lora style.safetensors:0.8)")
-            if not math.isfinite(scale):
-                raise ValueError(f"--lora {spec}: the scale must be a finite number")
+            if not abs(scale) <= MAX_SCALE:  # NaN fails too
+                raise ValueError(f"--lora {spec}: the scale must be a number from -{MAX_SCALE:g} to {MAX_SCALE:g}")
         if not 0 <= self.lora_slots <= MAX_SLOT_RANK:
             raise ValueError(f"--lora-slots {self.lora_slots}: the slot rank must be 0 (no slots) to {MAX_SLOT_RANK}")
         if self.lora_slots and self.precision == "int8":

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
+import glob
 import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runtime.bundle import MANIFEST, SCHEMA, Manifest, declared_schema, sha256_file
+from runtime import atomic
+from runtime.atomic import exclusive
+from runtime.bundle import MANIFEST, SCHEMA, Manifest, declared_schema, dumps, parse_manifest, sealed, sha256_file
 
 # The checkout's engines/ folder, wherever the command runs from (as --model's default, the shipped model, is)
 ENGINES = Path(__file__).resolve().parent.parent / "engines"
@@ -78,22 +81,26 @@ def not_a_bundle(folder: Path) -> str:
 
 
 @contextmanager
-def staging(out: Path, force: bool, source: Path | None = None) -> Iterator[Path]:
-    """Yield a hidden work folder; on success it replaces `out`, on failure (Ctrl-C included) it is removed.
+def staging(out: Path, force: bool, source: Path | None = None, log: Log = print) -> Iterator[Path]:
+    """Yield a work folder of this build's own; on success it replaces `out`, on failure (Ctrl-C included) it is removed.
 
     A bundle is either complete (manifest written last, then published at once) or absent: never half-written.
+    Two builds of one `out` take turns: the second waits for the first's lock (said in one line), then checks
+    `out` again (a bundle is there now: --force replaces it whole, else it is refused). Each build stages in its
+    own folder, so neither can delete or publish the other's work.
     """
     check_target(out, force, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        yield work
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    publish(work, out)
+    with exclusive(out, log):
+        check_target(out, force, source)  # what the build that held the lock left there
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.partial*"):  # killed builds' (we hold the lock: none is live)
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            yield work
+            publish(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
 
 
 def publish(work: Path, out: Path) -> None:
@@ -149,7 +156,9 @@ def file_hashes(bundle: Path) -> dict[str, str]:
 
 
 def write_manifest(bundle: Path, manifest: Manifest) -> None:
-    """Written last, with the sha256 of every other file; read back through the runtime's parser before it counts."""
-    doc = manifest.with_files(file_hashes(bundle)).to_json()
-    Manifest.from_json(json.loads(json.dumps(doc)), str(bundle / MANIFEST))
-    (bundle / MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    """Written last, with the sha256 of every other file and its own digest, as strict JSON (a NaN or infinity is a
+    ValueError here, never a manifest strict parsers refuse); read back through the runtime's reader before it counts."""
+    doc = sealed(manifest.with_files(file_hashes(bundle)).to_json())
+    text = dumps(doc, indent=2, sort_keys=False) + "\n"
+    Manifest.from_json(parse_manifest(text.encode(), bundle / MANIFEST), str(bundle / MANIFEST))
+    atomic.write_text(bundle / MANIFEST, text)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from reference.dataset import (
     make_dataset,
     sample_attributes,
 )
+from runtime import atomic
 from runtime.sampling import SAMPLERS
 
 # Held-out real images for FID, apart from the classifier's training and held-out seeds.
@@ -274,13 +274,13 @@ def evaluate(
 
 def write_results(out: Path, rows: list[tuple[Setting, dict[str, float]]], n: int, seed: int, baseline: float) -> None:
     """results.md (the table) and results.json (the same numbers, machine-readable) under ``out``."""
-    (out / "results.md").write_text(markdown_table(rows, n, baseline))
+    atomic.write_text(out / "results.md", markdown_table(rows, n, baseline))
     records = [
         {"scheduler": s.scheduler, "steps": s.steps, "guidance": s.guidance, "decoder": s.decoder, "cache_interval": s.cache_interval, **m}
         for s, m in rows
     ]
     summary = {"n": n, "seed": seed, "real_baseline_fid": baseline, "results": records}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(out / "results.json", summary, indent=2)
 
 
 def _positive_int(text: str) -> int:

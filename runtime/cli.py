@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -174,23 +175,6 @@ def outputs(path: Path, n: int) -> list[Path]:
     return [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
-def open_image(path: Path, what: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"{what} {path} is a folder, not an image file") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{what} {path} is not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated or corrupt data
-        raise ValueError(f"{what} {path} could not be read ({e}); is the file complete?") from None
-
-
 def check_output(path: Path) -> None:
     """Refuse an output path that cannot be written, before any work: a folder, or a place without write access."""
     target = outputs(path, 1)[0]
@@ -210,6 +194,7 @@ def check_output(path: Path) -> None:
 
 def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     """Load the bundle and run the asked task with the CLI's options; PIL images back."""
+    from .image_files import open_image
     from .pipeline import Pipeline, Sampling
 
     image = open_image(args.image, "--image") if command != "txt2img" else None  # read before the bundle: cheap checks first
@@ -259,8 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, FeedError, ValueError, TypeError, FileNotFoundError, FloatingPointError, Cancelled) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .atomic import WriteError, disk_error, write_with
+
     for image, path in zip(images, outputs(args.output, len(images))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_with(path, functools.partial(image.save, format="PNG"))  # a full disk leaves the old file whole
+        except OSError as e:
+            print(f"error: {e if isinstance(e, WriteError) else disk_error(path, e)}", file=sys.stderr)
+            return 2
         print(f"wrote {path} (seed {seed})")
     return 0

@@ -17,7 +17,9 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,14 @@ class Layer:
 
 
 Layers = Mapping[str, Mapping[str, Layer]]  # component -> module name -> layer
+FLOAT_DTYPES = ("F16", "F32", "F64")  # safetensors' names; BF16 is named by numpy's refusal with its fix
+# Bounds on what an adapter may do to a weight (Stable Diffusion's weights are of order 0.01-1): alpha / rank is
+# 0.5-2 in practice, a layer's update a fraction of the weight. Far past these is a damaged file, not a style.
+MAX_ALPHA_PER_RANK = 1000.0
+MAX_UPDATE = 1e4
+MAX_SCALE = 100.0  # an adapter's scale (set_lora, --lora FILE:SCALE); 0-2 in practice
 Shapes = Mapping[tuple[str, str], tuple[int, ...]]  # (component, input name) -> the slot input's shape
+Feeds = dict[str, dict[str, np.ndarray]]  # component -> its slot inputs
 
 
 @dataclass(frozen=True)
@@ -112,39 +121,70 @@ def parse_spec(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
-    """A .safetensors file's tensors (float32), its metadata and sha256; pickles, truncated and foreign files refused."""
+def read_header(path: Path) -> dict[str, Any]:
+    """A .safetensors file's header (key -> dtype, shape, offsets; "__metadata__"), read without a byte of its tensors.
+
+    Pickles, truncated and foreign files are refused here: what a key names can then be checked before any tensor is read.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA file {path} does not exist (or is not a file)")
-    data = path.read_bytes()
+    size = path.stat().st_size
     what = f"LoRA file {path}"
-    header = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
-    fits = 0 <= header <= min(MAX_HEADER, len(data) - 8) and data[8:9] == b"{"
-    # pickle protocol 2+ opens with 0x80 and the protocol number, torch.save's zip with PK\x03\x04 (a safetensors
-    # header length can start with 0x80 too: the header decides first)
-    pickled = (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04"
-    if path.suffix.lower() in PICKLE_SUFFIXES or (pickled and not fits):
-        raise LoraError(
-            f"{what} is a pickle (torch.save) file, which can run code when loaded: adapters are read from .safetensors "
-            "only. Convert it where you trust it (safetensors.torch.save_file(torch.load(f), 'adapter.safetensors'))"
-        )
-    if not fits:
-        raise LoraError(f"{what} is not a safetensors file, or is truncated: its header does not fit the file ({len(data)} bytes)")
+    with open(path, "rb") as f:
+        head = f.read(9)
+        length = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
+        fits = 0 <= length <= min(MAX_HEADER, size - 8) and head[8:9] == b"{"
+        # pickle protocol 2+ opens with 0x80 and the protocol number, torch.save's zip with PK\x03\x04 (a safetensors
+        # header length can start with 0x80 too: the header decides first)
+        pickled = (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
+        if path.suffix.lower() in PICKLE_SUFFIXES or (pickled and not fits):
+            raise LoraError(
+                f"{what} is a pickle (torch.save) file, which can run code when loaded: adapters are read from .safetensors "
+                "only. Convert it where you trust it (safetensors.torch.save_file(torch.load(f), 'adapter.safetensors'))"
+            )
+        if not fits:
+            raise LoraError(f"{what} is not a safetensors file, or is truncated: its header does not fit the file ({size} bytes)")
+        f.seek(8)
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise LoraError(f"{what} cannot be read as safetensors: its header is not a JSON object of tensors (truncated or damaged?)")
+    return header
+
+
+def read_tensors(
+    path: Path, check_keys: Callable[[Sequence[str]], None] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """A .safetensors file's tensors (float32), its metadata and sha256; pickles, truncated and foreign files refused.
+
+    check_keys: called with the tensor names from the header, before any tensor is read (a 256 MB adapter with a
+    wrong key is refused having read only its header).
+    """
+    path = Path(path)
+    header = read_header(path)
+    what = f"LoRA file {path}"
+    names = sorted(k for k in header if k != "__metadata__")
+    bad = next((k for k in names if str(header[k].get("dtype", "")) not in FLOAT_DTYPES), None)
+    if bad is not None and str(header[bad].get("dtype")) != "BF16":
+        raise LoraError(f"{what}: tensor {bad} is {header[bad].get('dtype')}, not a floating-point LoRA weight")
+    if check_keys is not None:
+        check_keys(names)
     try:
         from safetensors.numpy import load
     except ImportError:
         raise LoraError("reading LoRA adapters needs the safetensors package (no torch): `pip install safetensors`") from None
+    data = path.read_bytes()
     try:
         tensors = load(data)
-        meta = json.loads(data[8 : 8 + header]).get("__metadata__") or {}
     except Exception as e:  # safetensors raises its own SafetensorError (and others for bf16 in numpy)
         detail = " ".join(str(e).split())[:200]
         hint = " (bfloat16 tensors: save the adapter in float16 or float32)" if "bf16" in detail.lower() else " (truncated or damaged?)"
         raise LoraError(f"{what} cannot be read as safetensors: {detail}{hint}") from None
-    bad = next((k for k, v in sorted(tensors.items()) if not np.issubdtype(v.dtype, np.floating)), None)
-    if bad is not None:
-        raise LoraError(f"{what}: tensor {bad} is {tensors[bad].dtype}, not a floating-point LoRA weight")
+    meta = header.get("__metadata__") or {}
     floats = {k: v.astype(np.float32) for k, v in tensors.items()}
     return floats, {str(k): str(v) for k, v in meta.items()}, hashlib.sha256(data).hexdigest()
 
@@ -223,23 +263,31 @@ def read_adapter(path: str | Path, layers: Layers, *, where: str = "this model",
     for a key that names no layer of `layers` (e.g. the command that fuses the adapter at export instead).
     """
     path = Path(path)
-    tensors, meta, digest = read_tensors(path)
-    if not tensors:
-        raise LoraError(f"LoRA file {path} holds no tensors")
     kohya = kohya_names(layers)
-    meta_alpha = _metadata_alphas(meta, path)
-    grouped: dict[tuple[str, str], dict[str, tuple[str, np.ndarray]]] = {}
-    for key in sorted(tensors):
+
+    def placed(key: str) -> tuple[str, str, str]:
         try:
             component, module, role, name = _place(key, kohya, layers)
         except LoraError as e:
             raise LoraError(f"LoRA file {path}: {e}") from None
         if module is None or module not in layers.get(component, {}):
-            shown = module or name
             raise LoraError(
-                f"LoRA file {path}: key {key} names {component} layer {shown!r}, which {where} does not have "
+                f"LoRA file {path}: key {key} names {component} layer {module or name!r}, which {where} does not have "
                 f"(an adapter for another base model, or a layer without a slot){fix}"
             )
+        return component, module, role
+
+    def check_keys(names: Sequence[str]) -> None:
+        if not names:
+            raise LoraError(f"LoRA file {path} holds no tensors")
+        for key in names:
+            placed(key)
+
+    tensors, meta, digest = read_tensors(path, check_keys)  # every key placed from the header, before the tensors are read
+    meta_alpha = _metadata_alphas(meta, path)
+    grouped: dict[tuple[str, str], dict[str, tuple[str, np.ndarray]]] = {}
+    for key in sorted(tensors):
+        component, module, role = placed(key)
         grouped.setdefault((component, module), {})[role] = (key, tensors[key])
     updates = tuple(
         _update(path, component, module, parts, layers[component][module], meta_alpha) for (component, module), parts in grouped.items()
@@ -282,6 +330,14 @@ def _update(
         alpha = alphas[component]
     if not np.isfinite(alpha) or not (np.isfinite(down).all() and np.isfinite(up).all()):
         raise LoraError(f"LoRA file {path}: {down_key} (or its up matrix or alpha) holds NaN/inf")
+    # |alpha / rank * up @ down| <= |alpha| * max|up| * max|down|: a weight update past MAX_UPDATE is no trained adapter
+    reach = abs(alpha) * float(np.abs(up).max(initial=0.0)) * float(np.abs(down).max(initial=0.0))
+    if abs(alpha) / rank > MAX_ALPHA_PER_RANK or reach > MAX_UPDATE:
+        raise LoraError(
+            f"LoRA file {path}: {component} layer {module} has alpha {alpha:g} (rank {rank}), so its weight update can reach "
+            f"{reach:.3g}; trained adapters stay far below {MAX_UPDATE:g} (alpha / rank <= {MAX_ALPHA_PER_RANK:g}): "
+            "the file is damaged or its alpha is wrong"
+        )
     return Update(component, module, np.ascontiguousarray(down), np.ascontiguousarray(up), alpha, down_key)
 
 
@@ -342,19 +398,49 @@ def file_rank(path: Path) -> int:
     return max((int(v.shape[0]) for k, v in tensors.items() if k.endswith(downs) and v.ndim >= 2), default=0)
 
 
+Setting = tuple[Feeds, tuple[tuple["Adapter", float], ...]]  # the slot inputs and the adapters they were made from
+
+
 class SlotState:
-    """The slot inputs a slotted bundle's engines are fed on every call: zeros (the base model) until set."""
+    """The slot inputs a slotted bundle's engines are fed on every call: zeros (the base model) until set.
+
+    A generation runs inside `pinned()`: every engine call of it is fed the adapters current when it began, whatever
+    set() does meanwhile (from another thread), so an image is never half one adapter and half another. set() never
+    waits: it takes effect from the next generation.
+    """
 
     def __init__(self, targets: Sequence[LoraTarget], rank: int, shapes: Shapes):
         self.targets, self.rank, self.shapes = tuple(targets), rank, dict(shapes)
         self.layers = slot_layers(self.targets)
-        self.active: tuple[tuple[Adapter, float], ...] = ()
-        self.feeds = slot_feeds(self.targets, rank, self.shapes, ())
+        # (feeds, active), replaced whole: a reader sees one setting or the next, never half of each
+        self._current: Setting = (slot_feeds(self.targets, rank, self.shapes, ()), ())
+        self._pinned: ContextVar[Setting | None] = ContextVar(f"lora_slots_{id(self)}", default=None)
 
     def set(self, adapters: Sequence[tuple[Adapter, float]]) -> None:
         """New feeds built from scratch (never updated in place: A -> B -> A feeds A's very arrays again)."""
-        self.feeds = slot_feeds(self.targets, self.rank, self.shapes, adapters)
-        self.active = tuple(adapters)
+        self._current = (slot_feeds(self.targets, self.rank, self.shapes, adapters), tuple(adapters))
+
+    def _seen(self) -> Setting:
+        return self._pinned.get() or self._current
+
+    @property
+    def feeds(self) -> Feeds:
+        """The slot inputs this call gets: its generation's, or the current ones outside a generation."""
+        return self._seen()[0]
+
+    @property
+    def active(self) -> tuple[tuple[Adapter, float], ...]:
+        return self._seen()[1]
+
+    @contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Run a generation on the adapters set now (a nested generation keeps its outer one's)."""
+        token = self._pinned.set(self._current) if self._pinned.get() is None else None
+        try:
+            yield
+        finally:
+            if token is not None:
+                self._pinned.reset(token)
 
 
 class SlotFed:

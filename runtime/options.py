@@ -55,6 +55,7 @@ class Sampling(TypedDict, total=False):
 
 
 FEW_STEP_SAMPLERS = ("lcm", "tcd")
+MAX_GUIDANCE = 100.0  # classifier-free guidance past this only saturates: a typo (1e6), never a setting
 FEW_STEPS = 4
 
 
@@ -101,6 +102,13 @@ def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence
     check_every(options["preview_every"])
     if options["preview"] is not None and not callable(options["preview"]):
         raise TypeError(f"preview must be a callable preview(step, total, images), got {type(options['preview']).__name__}")
+    if abs(options["guidance_scale"]) > MAX_GUIDANCE:
+        raise ValueError(
+            f"guidance_scale {options['guidance_scale']:g} is far outside what any model uses (|scale| <= {MAX_GUIDANCE:g}; "
+            "Stable Diffusion takes about 3 to 15): the latents would leave every range the UNet knows"
+        )
+    if not 0 <= options["guidance_rescale"] <= 1:
+        raise ValueError(f"guidance_rescale {options['guidance_rescale']:g} must be between 0 and 1 (Lin et al.: 0.7 is typical)")
     return options
 
 

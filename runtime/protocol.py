@@ -60,6 +60,9 @@ def cast_feed(component: Component, feed: Mapping[str, np.ndarray]) -> dict[str,
     return out
 
 
+EXTREME_INPUT = 1e5  # |value| no engine input reaches in use (latents ~ sigma_max 15-160, timesteps < 1000, embeddings ~ 30)
+
+
 def check_finite(component: Component, feed: Mapping[str, np.ndarray], output: np.ndarray, where: str = "") -> None:
     """One reduction over an engine's output; if it holds NaN/inf, a NonFiniteError naming the engine, its precision
     and the likely cause: an input that was already not finite, else fp16 overflow (fp16 engines), else the engine."""
@@ -68,7 +71,17 @@ def check_finite(component: Component, feed: Mapping[str, np.ndarray], output: n
     head = f"the {component.name} engine ({component.precision}) produced NaN/inf{where}"
     bad = [n for n, v in feed.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
-        raise NonFiniteError(f"{head}: its input {', '.join(bad)} already held NaN/inf, so the cause is upstream of the engine")
+        cause = f"its input {', '.join(bad)} already held NaN/inf, so the cause is upstream of the engine"
+        raise NonFiniteError(f"{head}: {cause}", upstream=True)
+    peaks = {n: float(np.abs(v).max(initial=0.0)) for n, v in feed.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+    extreme = {n: p for n, p in peaks.items() if p > EXTREME_INPUT}
+    if extreme:  # not the engine's fault, and no precision fixes it: say where the values came from
+        name, peak = max(extreme.items(), key=lambda kv: kv[1])
+        raise NonFiniteError(
+            f"{head}: its input {name} reaches {peak:.3g}, far outside anything the model was trained on; an extreme setting "
+            "upstream made it (a guidance scale, a LoRA scale or alpha, a caller's latents): lower it, rebuilding will not help",
+            upstream=True,
+        )
     if component.precision == "fp16":
         raise NonFiniteError(f"{head} from finite inputs: fp16 overflow", fp16_overflow=True)
     raise NonFiniteError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from .families import Family, open_family
 from .guidance import Extra, guided
 from .handoff import Stopped
 from .options import Progress, Prompt, Sampling, batch_prompts
+from .pinned import PinnedFolder
 from .preview import Recorder, linear_preview
 from .protocol import Engine, cast_feed, check_finite
 from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule, sampler_grid
@@ -53,14 +55,19 @@ def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
 class Session:
     """A loaded bundle: its manifest, engines and model family, ready to generate."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None):
+    def __init__(
+        self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None,
+        pinned: PinnedFolder | None = None,
+    ):  # fmt: skip
         self.bundle, self.manifest = bundle, manifest
+        self._pinned = pinned  # the folder this session's files are read from (lazily opened engines included)
+        self._root = pinned.root if pinned is not None else bundle
         self.height, self.width, self.batch_size = manifest.height, manifest.width, manifest.batch_size  # static shapes
         self._options = dict(options or {})
         self._state: BundleState | None = None  # what Session.load read, to check lazily opened engines against
         self._slots = Slots(bundle, manifest, self.rebuild)
         self.engines = {name: self._slots.fed(e) for name, e in engines.items()}
-        self.family: Family = open_family(bundle, manifest, self.engine)
+        self.family: Family = open_family(bundle, manifest, self.engine, root=self._root)
         class_name = manifest.scheduler.class_name
         self.schedule = noise_schedule(dict(manifest.scheduler.config), class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
 
@@ -74,14 +81,18 @@ class Session:
         """
         bundle = Path(bundle)
         for _ in range(LOAD_ATTEMPTS):
-            manifest, state = read_bundle(bundle, verify_files=verify)
+            pinned = PinnedFolder(bundle)  # every read of this attempt goes to the folder opened here: one build
+            state: BundleState | None = None
             try:
-                session = cls._open(bundle, manifest, device, cuda_graph)
+                manifest, state = read_bundle(bundle, verify_files=verify, root=pinned.root)
+                session = cls._open(bundle, manifest, device, cuda_graph, pinned)
             except (BundleError, OSError, ValueError):
-                if state.current():
+                changed = pinned.moved() or (state is not None and not state.current())  # asked before the handle closes
+                pinned.close()
+                if not changed:
                     raise
-                continue  # the bundle changed under the load: a rebuild replaced it; read it again
-            if not verify or state.current():
+                continue  # the bundle was swapped or deleted under the load (a rebuild replaced it): read it again
+            if not verify or state.current():  # no file was altered in place while the engines opened
                 session._state = state
                 return session
             session.close()
@@ -91,7 +102,7 @@ class Session:
         )
 
     @classmethod
-    def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool) -> Self:
+    def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool, pinned: PinnedFolder) -> Self:
         options: dict[str, Any] = {"device": device} if device else {}
         components = manifest.components
         # the text encoders are the family's to open; a bundle with only the tiny VAE decoder decodes with it
@@ -104,12 +115,17 @@ class Session:
                 f"build them with `python -m export.build --from-onnx {bundle}`"
             )
         graph: dict[str, Any] = {"cuda_graph": True} if cuda_graph else {}
-        engines = {
-            name: load_engine(c, bundle, **_engine_options(c, options), **(graph if name == "unet" else {}))
-            for name, c in manifest.components.items()
-            if name in NEEDED or (name == TINY_DECODER and "vae_decoder" not in components)
-        }
-        return cls(bundle, manifest, engines, options)
+        engines: dict[str, Engine] = {}
+        try:
+            wanted = [n for n in components if n in NEEDED or (n == TINY_DECODER and "vae_decoder" not in components)]
+            for name in wanted:
+                c = components[name]
+                engines[name] = load_engine(c, pinned.root, **_engine_options(c, options), **(graph if name == "unet" else {}))
+            return cls(bundle, manifest, engines, options, pinned)
+        except BaseException:
+            for engine in engines.values():
+                getattr(engine, "close", lambda: None)()
+            raise
 
     def engine(self, name: str) -> Engine:
         """A component's engine, opened on first use."""
@@ -117,13 +133,18 @@ class Session:
             if name not in self.manifest.components:
                 raise BundleError(f"bundle {self.bundle} has no {name}; rebuild it with `{rebuild_hint(self.bundle, self.manifest)}`")
             component = self.manifest.components[name]
-            engine = load_engine(component, self.bundle, **_engine_options(component, self._options))
+            rebuilt = BundleError(
+                f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; load the bundle again"
+            )
+            try:
+                engine = load_engine(component, self._root, **_engine_options(component, self._options))
+            except (BundleError, OSError):
+                if self._state is not None and self._state.files and not self._state.current():
+                    raise rebuilt from None  # the loaded build's folder was deleted by the rebuild
+                raise
             if self._state is not None and self._state.files and not self._state.current():
                 getattr(engine, "close", lambda: None)()
-                raise BundleError(
-                    f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; "
-                    "load the bundle again"
-                )
+                raise rebuilt
             self.engines[name] = self._slots.fed(engine)
         return self.engines[name]
 
@@ -133,8 +154,15 @@ class Session:
         adapters: None (the base model), a .safetensors file (at `scale`), or a list of files and (file, scale) pairs,
         e.g. [("style.safetensors", 0.8), ("detail.safetensors", 0.5)]. Needs a bundle built with --lora-slots RANK;
         the adapters' ranks per layer must sum to at most RANK. Every adapter is checked before any takes effect.
+
+        Atomic per generation: a generation uses the adapters set when it began, to its end. set_lora called meanwhile
+        (from another thread) does not wait; it applies from the next generation.
         """
         self._slots.set(adapters, scale)
+
+    def generation(self) -> AbstractContextManager[None]:
+        """One generation's scope: its engine calls all see the LoRA adapters set when it began (see set_lora)."""
+        return self._slots.pinned()
 
     @property
     def lora(self) -> tuple[tuple[str, float], ...]:
@@ -179,6 +207,8 @@ class Session:
         """Release the engines' device memory and streams (TensorRT); safe to call twice."""
         for engine in self.engines.values():
             getattr(engine, "close", lambda: None)()
+        if self._pinned is not None:
+            self._pinned.close()
 
     def __enter__(self) -> Self:
         return self
@@ -244,7 +274,7 @@ class Session:
         hint = ""
         if e.fp16_overflow:
             hint = f"; rebuild in fp32 with `{rebuild_hint(self.bundle, self.manifest, precision='fp32')}`"
-        return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow)
+        return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow, upstream=e.upstream)
 
     def encode_image(self, image: np.ndarray, noise: np.ndarray, decoder: str | None = None) -> np.ndarray:
         """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise; with

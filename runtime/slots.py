@@ -6,6 +6,7 @@ The slot inputs (runtime.lora.SlotState) are fed with every call of a slotted co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from .bundle import Manifest
 from .errors import BundleError
-from .lora import LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
+from .lora import MAX_SCALE, LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
 from .protocol import Engine
 
 # set_lora's adapters: None, a file, or a list of files and (file, scale) pairs
@@ -26,6 +27,10 @@ class Slots:
     def __init__(self, bundle: Path, manifest: Manifest, rebuild: Callable[..., str]):
         self.bundle, self.manifest, self.rebuild = bundle, manifest, rebuild
         self._slots = _slot_state(manifest)  # LoRA slot inputs, fed with every UNet and text encoder call
+
+    def pinned(self) -> AbstractContextManager[None]:
+        """One generation's scope: its calls are fed the adapters set when it began (runtime.lora.SlotState.pinned)."""
+        return self._slots.pinned() if self._slots is not None else nullcontext()
 
     def fed(self, engine: Engine) -> Engine:
         """A slotted component's engine gets the current LoRA slot inputs with every call."""
@@ -95,7 +100,7 @@ def _lora_list(adapters: LoraSpec, scale: float) -> list[tuple[Path, float]]:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (str, Path))):
             raise TypeError(f"set_lora takes None, a file, or a list of files and (file, scale) pairs; got {item!r:.80}")
         s = item[1]
-        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not np.isfinite(s):
-            raise ValueError(f"set_lora: the scale of {item[0]} must be a finite number, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)) or not abs(s) <= MAX_SCALE:
+            raise ValueError(f"set_lora: the scale of {item[0]} must be a number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got {s!r}")
         out.append((Path(item[0]), float(s)))
     return out

@@ -31,6 +31,9 @@ TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
 ADDED_TOKENS = "added_tokens.json"
 
 
+EXCERPT_TOKENS, EXCERPT_CHARS = 24, 160  # what a truncation warning quotes of the dropped text, at most
+
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder's context and lost its tail."""
 
@@ -225,10 +228,12 @@ class ClipTokenizer:
         if len(tokens) <= self.max_length:
             return tokens
         dropped = tokens[self.max_length - 1 : -1]
-        text = self.decode(dropped)
+        # a short excerpt: a 10 MB prompt must not become a 10 MB warning (only these tokens are decoded)
+        text = self.decode(dropped[:EXCERPT_TOKENS])
+        more = f" ... ({len(dropped) - EXCERPT_TOKENS} more tokens)" if len(dropped) > EXCERPT_TOKENS else ""
         warnings.warn(
             f"{len(dropped)} prompt tokens were dropped: CLIP can only handle sequences up to {self.max_length} "
-            f"tokens, so the following part of the input was truncated: {text!r}",
+            f"tokens, so the following part of the input was truncated: {text[:EXCERPT_CHARS]!r}{more}",
             PromptTruncatedWarning,
             stacklevel=3,
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import re
 import sys
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 import runtime  # noqa: E402  (after the path fix above)
+from runtime import atomic  # noqa: E402
 
 # `python -m export.build` with no arguments builds exactly this: the reference model, fp16, ONNX Runtime.
 DEFAULT_BUNDLE = REPO / "engines" / "shapes-ldm-64x64-b1-fp16-onnxruntime"
@@ -140,6 +140,13 @@ def parameters_text(s: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_out_folder(folder: Path) -> None:
+    """--out must be a folder or a place one can be made: a file there (or above it) is refused before any work."""
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise SampleError(f"--out {folder}: {blocking} is a file, not a folder; choose another --out")
+
+
 def save_png(image: Any, path: Path, settings: Mapping[str, Any]) -> None:
     """Write `image` as a PNG with its settings in text chunks, atomically.
 
@@ -156,15 +163,7 @@ def save_png(image: Any, path: Path, settings: Mapping[str, Any]) -> None:
         info.add_text(key, str(value))
     info.add_text("Software", "ldm-deploy runtime (samples/)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # one writer per file at a time in these samples
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_with(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))  # OSError: atomic.WriteError, one line
 
 
 def slug(text: str, limit: int = 40) -> str:

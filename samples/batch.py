@@ -114,12 +114,18 @@ def csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, str]]]:
         raise _common.SampleError(f"{path.name}: unknown column {unknown[0]!r} (columns: {', '.join(COLUMNS)})")
     reader.fieldnames = header
     rows = []
-    for cells in reader:
-        where = f"{path.name} line {reader.line_num}"
-        if None in cells:  # more cells than the header has names
-            rows.append((where, {"error": f"{len(header) + len(cells[None])} cells for {len(header)} columns"}))
-        elif any((v or "").strip() for v in cells.values()):  # skip blank rows
-            rows.append((where, {k: (v or "").strip() for k, v in cells.items()}))
+    try:
+        for cells in reader:
+            where = f"{path.name} line {reader.line_num}"
+            if None in cells:  # more cells than the header has names
+                rows.append((where, {"error": f"{len(header) + len(cells[None])} cells for {len(header)} columns"}))
+            elif any((v or "").strip() for v in cells.values()):  # skip blank rows
+                rows.append((where, {k: (v or "").strip() for k, v in cells.items()}))
+    except csv.Error as e:  # e.g. a cell over csv's field_size_limit (131,072 characters), an unclosed quote at the end
+        limit = csv.field_size_limit()
+        why = f"a cell is longer than {limit} characters (a prompt is cut to 77 tokens anyway)" if "field limit" in str(e) else str(e)
+        line = reader.line_num + 1  # the row being read when it failed (line_num counts the rows finished)
+        raise _common.SampleError(f"{path.name} line {line}: {why}; fix that row") from None
     return rows
 
 
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
+        _common.check_out_folder(args.out)  # before any work: a file there would only be found after the first image
         rows = read_rows(args.prompts, Defaults(args.negative_prompt, args.seed, args.steps, args.guidance, args.sampler))
         bundle = _common.bundle(args.bundle)
         pipe = runtime.Pipeline.load(bundle)
@@ -186,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {row.where}: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            _common.save_png(images[0], path, _common.settings(pipe, row.prompt, negative_prompt=row.negative_prompt, **options))
+            try:
+                _common.save_png(images[0], path, _common.settings(pipe, row.prompt, negative_prompt=row.negative_prompt, **options))
+            except OSError as e:  # a full disk stays full: stop, with what was done (every written image is whole)
+                print(f"error: {e}; {written} new images were written, run the same command again to finish", file=sys.stderr)
+                return 2
             print(f"wrote {_common.shown(path)}", flush=True)
             written += 1
     except KeyboardInterrupt:

@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 import _common  # the samples' plumbing: finds (or builds) the reference bundle, saves PNGs with their settings
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 import runtime
+from runtime import image_files
 
 INPUT_PROMPT = "a large red circle in the center on a black background"  # for the input drawn without --image
 EDIT_PROMPT = "a large blue square in the center on a black background"
@@ -58,12 +59,10 @@ def rectangle_mask(rect: Rect, size: tuple[int, int]) -> Image.Image:
 
 def open_image(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # PNG with alpha, palette, grayscale...: the VAE takes RGB
-    except FileNotFoundError:
-        raise _common.SampleError(f"--image {path} does not exist") from None
-    except (UnidentifiedImageError, IsADirectoryError):
-        raise _common.SampleError(f"--image {path} is not an image file PIL can read") from None
+        image: Image.Image = image_files.open_image(path, "--image").convert("RGB")  # alpha, palette, grayscale: the VAE takes RGB
+    except (ValueError, FileNotFoundError) as e:
+        raise _common.SampleError(str(e)) from None
+    return image
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,13 +14,17 @@ returns first for the same options: what the runtime gives in one process, whate
 from __future__ import annotations
 
 import math
+import re
 import secrets
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from runtime.errors import NonFiniteError
+from runtime.options import MAX_GUIDANCE
 from runtime.pipeline import Pipeline
 from runtime.sampling import SAMPLERS, default_sampler, draws_noise
 from runtime.session import initial_latents
@@ -132,9 +136,17 @@ def _steps(value: Any, limits: Limits) -> int:
 
 def _guidance(value: Any) -> float:
     scale = float(value)
-    if not math.isfinite(scale) or scale < 0:
-        raise RequestError(f"input 'guidance_scale' is {scale}: it must be a finite number >= 0 (<= 1 turns guidance off)")
+    if not math.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE:
+        raise RequestError(
+            f"input 'guidance_scale' is {scale:g}: it must be a number from 0 to {MAX_GUIDANCE:g} (<= 1 turns guidance off)"
+        )
     return scale
+
+
+def public(error: BaseException) -> str:
+    """An error as a client may read it: commands and absolute paths of the server's files are left out (the log has them)."""
+    text = re.sub(r"`[^`]*`", "(the command is in the server's log)", str(error))
+    return re.sub(r"(?<![\w.])/[^\s:;,'\")]+", "<server path>", text)
 
 
 def _scheduler(value: Any) -> str:
@@ -169,9 +181,18 @@ class Handler:
             try:
                 for k, image in zip(chunk, self.run([items[k][2] for k in chunk])):
                     images[items[k][:2]] = image
-            except Exception as e:  # a failed run answers its own requests, and the instance keeps serving
+            except (ValueError, NonFiniteError) as e:
+                if isinstance(e, NonFiniteError) and not e.upstream:  # the bundle's fault: 500, the log has the rebuild line
+                    print(f"generation failed: {e}", file=sys.stderr, flush=True)
+                    message = f"generation failed: {type(e).__name__}: {public(e)}"
+                else:  # what the request asked for: refused (400), not a server fault
+                    message = f"bad request: {public(e)}"
                 for k in chunk:
-                    answers[items[k][0]] = Answer(error=f"generation failed: {type(e).__name__}: {e}")
+                    answers[items[k][0]] = Answer(error=message)
+            except Exception as e:  # a failed run answers its own requests, and the instance keeps serving
+                print(f"generation failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                for k in chunk:
+                    answers[items[k][0]] = Answer(error=f"generation failed: {type(e).__name__}: {public(e)}")
         for r in range(len(requests)):
             if answers[r] is None:
                 mine = sorted(((row, item) for (rr, row, item) in items if rr == r), key=lambda m: m[0])

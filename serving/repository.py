@@ -54,6 +54,12 @@ def write_repository(bundle: str | Path, out: str | Path, options: RepositoryOpt
     """Write the repository for `bundle` at `out` (a new or empty folder) and return `out`; nothing is left on failure."""
     bundle, out = Path(bundle).resolve(), Path(out)
     check_options(options)
+    dest = out.resolve()
+    if dest == bundle or bundle in dest.parents:  # the copy would copy itself, folder in folder, until the path is too long
+        raise FileExistsError(
+            f"{out} is inside the bundle {bundle}: the repository holds a copy of the bundle, so it cannot be written into it; "
+            "choose an --out outside the bundle"
+        )
     manifest = load_manifest(bundle)  # every file's sha256 checked: a repository never serves a damaged bundle
     if "txt2img" not in manifest.pipelines:
         raise BundleError(f"bundle {bundle} runs {', '.join(manifest.pipelines)} only; the Triton model serves txt2img (text to image)")

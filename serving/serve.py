@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from runtime.bounds import port_argument
 from runtime.errors import BundleError
 
 from .repository import RepositoryOptions, write_repository
@@ -290,9 +291,10 @@ def parser() -> argparse.ArgumentParser:
     defaults = RepositoryOptions()
     p.add_argument("bundle", type=Path, metavar="BUNDLE", help="engine bundle folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default %(default)s)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default %(default)s)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default %(default)s)")
+    port = port_argument()  # 1..65535: Triton binds the port it is given and cannot report one picked for it
+    p.add_argument("--http-port", type=port, default=8000, help="HTTP port, 1..65535 (default %(default)s)")
+    p.add_argument("--grpc-port", type=port, default=8001, help="gRPC port (default %(default)s)")
+    p.add_argument("--metrics-port", type=port, default=8002, help="Prometheus metrics port (default %(default)s)")
     p.add_argument("--name", default=defaults.name, help="model name (default %(default)s)")
     p.add_argument("--instances", type=int, default=defaults.instances, help="model instances (default %(default)s)")
     p.add_argument(
@@ -304,7 +306,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    if len(set(ports.values())) < len(ports):
+        p.error(f"the three ports must differ: {', '.join(f'{k} {v}' for k, v in ports.items())}")
     try:
         return serve(args)
     except (ServeError, BundleError, FileExistsError, ValueError, OSError) as e:

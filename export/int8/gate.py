@@ -48,28 +48,33 @@ def unet_figures(got: Sequence[np.ndarray], ref: Sequence[np.ndarray], timesteps
         err[b] += float(np.sum((g.astype(np.float64) - r64) ** 2))
         norm[b] += float(np.sum(r64**2))
         count[b] += 1
-    per = {
+    per: dict[str, dict[str, Any]] = {
         bucket_name(b, train_steps): {"rel_l2": float(np.sqrt(err[b] / max(norm[b], 1e-30))), "calls": int(count[b])}
         for b in range(BUCKETS)
         if count[b]
     }
+    nonfinite = {"int8": sum(not np.isfinite(g).all() for g in got), "fp32": sum(not np.isfinite(r).all() for r in ref)}
+    if any(nonfinite.values()):  # no error can be measured: the gate fails, the figures say where (null, not NaN: strict JSON)
+        per = {k: {"rel_l2": None, "calls": v["calls"]} for k, v in per.items()}
+        return {"rel_l2": None, "worst_bucket_rel_l2": None, "buckets": per, "nonfinite_calls": nonfinite}
     overall = float(np.sqrt(err.sum() / max(norm.sum(), 1e-30)))
-    worst = max((v["rel_l2"] for v in per.values()), default=float("inf"))
-    if not all(np.isfinite(g).all() for g in got):
-        worst = overall = float("inf")
+    worst = max((v["rel_l2"] for v in per.values()), default=None)
     return {"rel_l2": overall, "worst_bucket_rel_l2": worst, "buckets": per}
 
 
 def gate(unet: dict[str, Any], images_int8: np.ndarray, images_fp32: np.ndarray, generations: int) -> dict[str, Any]:
     """The gate's record: its figures, limits and verdict (the manifest's verification entry)."""
     diff = np.abs(images_int8.astype(np.float64) - images_fp32)
-    mae = float(diff.mean()) if np.isfinite(diff).all() else float("inf")
-    passed = unet["worst_bucket_rel_l2"] <= MAX_UNET_REL_L2 and mae <= MAX_PIXEL_MAE
+    finite = bool(np.isfinite(diff).all())  # NaN/inf in either run's images: nothing to compare, the gate fails
+    mae = float(diff.mean()) if finite else None
+    worst = unet["worst_bucket_rel_l2"]
+    passed = worst is not None and mae is not None and worst <= MAX_UNET_REL_L2 and mae <= MAX_PIXEL_MAE
     return {
         "gate": "int8 trajectory + image",
         "unet": unet,
         "pixel_mae": mae,
-        "pixel_max_abs": float(diff.max()) if np.isfinite(diff).all() else float("inf"),
+        "pixel_max_abs": float(diff.max()) if finite else None,
+        "images_finite": {"int8": bool(np.isfinite(images_int8).all()), "fp32": bool(np.isfinite(images_fp32).all())},
         "generations": generations,
         "limits": {"worst_bucket_rel_l2": MAX_UNET_REL_L2, "pixel_mae": MAX_PIXEL_MAE},
         "passed": bool(passed),
@@ -78,10 +83,18 @@ def gate(unet: dict[str, Any], images_int8: np.ndarray, images_fp32: np.ndarray,
 
 def summary(figures: dict[str, Any]) -> str:
     """One line of figures: worst bucket, per bucket, pixel MAE, against the limits."""
-    buckets = ", ".join(f"{k} {v['rel_l2']:.3f}" for k, v in figures["unet"]["buckets"].items())
     limits = figures["limits"]
+    unet = figures["unet"]
+    if unet["worst_bucket_rel_l2"] is None or figures["pixel_mae"] is None:
+        calls = unet.get("nonfinite_calls", {})
+        return (
+            f"NaN/inf in the UNet outputs ({calls.get('int8', 0)} int8 calls, {calls.get('fp32', 0)} fp32 reference calls) "
+            f"or the images (finite: {figures['images_finite']}) over {figures['generations']} generations: no error can be "
+            "measured, the gate fails"
+        )
+    buckets = ", ".join(f"{k} {v['rel_l2']:.3f}" for k, v in unet["buckets"].items())
     return (
-        f"UNet relative L2 worst bucket {figures['unet']['worst_bucket_rel_l2']:.3f} (limit {limits['worst_bucket_rel_l2']:g}; "
+        f"UNet relative L2 worst bucket {unet['worst_bucket_rel_l2']:.3f} (limit {limits['worst_bucket_rel_l2']:g}; "
         f"{buckets}), same-seed pixel MAE vs fp32 {figures['pixel_mae']:.4f} (limit {limits['pixel_mae']:g}) "
         f"over {figures['generations']} generations"
     )

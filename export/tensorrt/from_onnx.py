@@ -30,7 +30,7 @@ from runtime.dispatch import load_engine
 from runtime.errors import BundleError
 from runtime.protocol import Engine
 
-from ..gates import TOLERANCE, error_figures
+from ..gates import TOLERANCE, describe, differs, error_figures
 from ..inputs import fixed_inputs
 from ..lora import suffix as lora_suffix
 from ..onnx_export import onnx_files
@@ -200,7 +200,7 @@ def build_from_onnx(
     if build is build_engine:
         build = partial(build_engine, library=library, targets=targets)
     t0 = time.perf_counter()
-    with staging(out, force) as work:
+    with staging(out, force, log=log) as work:
         verify = open_engine is not None or engines_can_run(library)
         # TensorRT for RTX builds without timing kernels on a GPU: no timing cache to keep
         cache = None if library.ahead_of_time else timing_cache_path(device, timing_cache_root)
@@ -279,12 +279,12 @@ def _build_component(job: _Job, src: Component, precision: Precision) -> Compone
     figures = engine_figures(component, src, work, job.manifest.vae.scaling_factor, job.open_engine)
     job.log(
         f"  {name:<13} {precision.name}  {len(plan) / 2**20:8.1f} MiB  "
-        f"error {figures['rel_err']:.2e} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
+        f"{describe(figures)} (gate {figures['tolerance']:.0e})  {seconds:.1f} s"
         + ("" if figures["passed"] else "  OVER THE GATE")
     )
     if not figures["passed"] and not job.force:
         raise VerificationFailed(
-            f"{name}: the {precision.name} engine differs from its ONNX by {figures['rel_err']:.3g} (relative to the output "
+            f"{name}: the {precision.name} engine {differs(figures, 'its ONNX')} (relative to the output "
             f"range; the gate is {figures['tolerance']:g}); nothing was written. Try a higher precision "
             f"(--precision fp32), or pass --force to keep it anyway (the manifest records the failure)"
         )

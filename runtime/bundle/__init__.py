@@ -3,6 +3,7 @@
 - manifest: manifest.json as the typed Manifest, its checked read (schema, version, every value's bounds) and its write;
 - records: the manifest's sections, each with from_json / to_json (component: one engine file's record);
 - integrity: paths kept inside the bundle, every file hashed, what one load read (BundleState);
+- sealing: strict JSON (no NaN/Infinity) and the manifest's own digest;
 - hints: the command that rebuilds a bundle, for every refusal that says "rebuild";
 - fit: whether a TensorRT bundle fits this machine (TensorRT version, GPU, compute capability).
 """
@@ -32,11 +33,12 @@ from .records import (
     UpscaleInfo,
     VaeInfo,
 )
+from .sealing import DIGEST, dumps, parse_manifest, sealed, strict_json
 
 __all__ = [
     "DTYPES", "FORMATS", "GUIDANCE_MODES", "MANIFEST", "READABLE_VERSIONS", "SCHEMA", "SCHEMA_VERSION",
     "BundleState", "Component", "GuidanceInfo", "LoraAdapter", "LoraInfo", "LoraTarget", "Manifest", "ModelInfo",
     "SchedulerInfo", "SdxlInfo", "TensorRTInfo", "TensorSpec", "TextEncoderInfo", "TokenizerInfo", "UpscaleInfo", "VaeInfo",
     "check_bundle_paths", "declared_schema", "load_manifest", "read_bundle", "rebuild_command",
-    "rebuild_hint", "sha256_file", "verify_bundle_files",
+    "rebuild_hint", "sha256_file", "verify_bundle_files", "DIGEST", "dumps", "parse_manifest", "sealed", "strict_json",
 ]  # fmt: skip

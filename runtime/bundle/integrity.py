@@ -16,6 +16,7 @@ from ..errors import BundleError
 from .hints import file_rebuild_hint
 from .manifest import Manifest
 from .records import MANIFEST
+from .sealing import parse_manifest
 
 # Size limits per file role, checked by stat before a byte is hashed: a file over its role's limit cannot be a
 # file of that role, so hashing it would only spend time. An ONNX graph cannot exceed protobuf's 2 GiB (bigger
@@ -69,14 +70,17 @@ def load_manifest(bundle: str | Path, *, verify_files: bool = True) -> Manifest:
     return read_bundle(bundle, verify_files=verify_files)[0]
 
 
-def read_bundle(bundle: str | Path, *, verify_files: bool = True) -> tuple[Manifest, BundleState]:
+def read_bundle(bundle: str | Path, *, verify_files: bool = True, root: Path | None = None) -> tuple[Manifest, BundleState]:
     """load_manifest, plus what it read (BundleState), so a loader can check that nothing changed while it opened engines.
 
     Every path the manifest names is checked to stay inside the bundle before any file is opened.
+    root: where the files are read (runtime.pinned's handle on the folder, so that one load reads one build);
+    messages name `bundle`.
     """
     bundle = Path(bundle)
-    path = bundle / MANIFEST
-    if not bundle.is_dir():
+    root = root or bundle
+    path = root / MANIFEST
+    if not root.is_dir():
         raise BundleError(f"no engine bundle at {bundle}: the folder does not exist; build one with `python -m export.build`")
     if not path.is_file():
         raise BundleError(
@@ -84,20 +88,13 @@ def read_bundle(bundle: str | Path, *, verify_files: bool = True) -> tuple[Manif
             "rebuild it with `python -m export.build --force`"
         )
     data = path.read_bytes()
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}); rebuild the bundle") from None
-    except RecursionError:
-        raise BundleError(
-            f"{path}: malformed manifest (nested too deeply to read); rebuild the bundle with `python -m export.build --force`"
-        ) from None
-    manifest = Manifest.from_json(raw, str(path))
-    check_bundle_paths(bundle, manifest)
+    shown = bundle / MANIFEST
+    manifest = Manifest.from_json(parse_manifest(data, shown), str(shown))  # strict JSON, its digest checked first
+    check_bundle_paths(bundle, manifest, root)
     files: Mapping[str, Identity] = {}
     if verify_files:
-        files = verify_bundle_files(bundle, manifest)
-    return manifest, BundleState(bundle, data, files)
+        files = verify_bundle_files(bundle, manifest, root)
+    return manifest, BundleState(root, data, files)
 
 
 def _entries(manifest: Manifest) -> list[tuple[str, str]]:
@@ -109,12 +106,13 @@ def _entries(manifest: Manifest) -> list[tuple[str, str]]:
     return out
 
 
-def check_bundle_paths(bundle: Path, manifest: Manifest) -> None:
+def check_bundle_paths(bundle: Path, manifest: Manifest, folder: Path | None = None) -> None:
     """The bundle is a boundary: every path the manifest names must resolve inside the bundle folder.
 
     Refused, naming the entry: absolute paths, '..', a NUL, and symlinks that lead out of the folder.
     """
-    root = bundle.resolve()
+    folder = folder or bundle  # where the files are read (default: `bundle`, which the messages name)
+    root = folder.resolve()
     for what, rel in _entries(manifest):
         pure = PurePosixPath(rel)
         if not rel or "\x00" in rel or pure.is_absolute() or PureWindowsPath(rel).anchor or ".." in pure.parts:
@@ -123,7 +121,7 @@ def check_bundle_paths(bundle: Path, manifest: Manifest) -> None:
                 "a manifest may name only its own bundle's files: this manifest was altered, rebuild the bundle"
             )
         try:
-            resolved = (bundle / rel).resolve()
+            resolved = (folder / rel).resolve()
         except (OSError, RuntimeError) as e:
             raise BundleError(f"bundle {bundle}: {what} {rel!r} cannot be resolved ({e}); rebuild the bundle") from None
         if not resolved.is_relative_to(root):
@@ -174,7 +172,7 @@ def _size_limit(manifest: Manifest, rel: str) -> tuple[int, str]:
     return MAX_WEIGHTS_FILE, "a bundle file"
 
 
-def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]:
+def verify_bundle_files(bundle: Path, manifest: Manifest, root: Path | None = None) -> dict[str, Identity]:
     """Every listed file must exist with the recorded sha256: a bundle is content-addressed.
 
     First, without reading a byte: every file a component or the tokenizer reads must be listed (else it is
@@ -182,7 +180,8 @@ def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]
     Then each file is hashed through one handle; what that handle was (inode, size, mtime) is returned.
     The paths were checked to stay inside the bundle by read_bundle (check_bundle_paths) first.
     """
-    gap = _uncovered(bundle, manifest)
+    root = root or bundle  # where the files are read; messages name `bundle`
+    gap = _uncovered(root, manifest)
     if gap is not None:
         who, rel = gap
         raise BundleError(
@@ -190,7 +189,7 @@ def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]
             f"must all be listed in its manifest: remove the file or rebuild with `{file_rebuild_hint(bundle, manifest, rel)}`"
         )
     for rel in manifest.files:
-        f = bundle / rel
+        f = root / rel
         if not f.is_file():
             raise BundleError(f"bundle {bundle} is missing {rel}; rebuild it with `{file_rebuild_hint(bundle, manifest, rel)}`")
         limit, role = _size_limit(manifest, rel)
@@ -202,7 +201,7 @@ def verify_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Identity]
             )
     seen: dict[str, Identity] = {}
     for rel, digest in manifest.files.items():
-        f = bundle / rel
+        f = root / rel
         try:
             actual, seen[rel] = _hash_one(f)
         except OSError as e:

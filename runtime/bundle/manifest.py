@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..bounds import MAX_TRAIN_TIMESTEPS, check_scheduler_config
 from ..errors import BundleError
 from .component import Component
 from .levers import Levers
@@ -205,6 +206,10 @@ def check_values(m: Manifest) -> None:
         bounded("guidance.embedding_dim", m.guidance_info.embedding_dim, 1, MAX_DIM)
     bounded("tokenizer.max_length", m.tokenizer.max_length, 2, MAX_CONTEXT)
     bounded("tokenizer.max_chunks", m.tokenizer.max_chunks, 1, MAX_CHUNKS)
+    check_scheduler_config(m.scheduler.config, "scheduler.config")
+    if m.upscale is not None:
+        check_scheduler_config(m.upscale.low_res_scheduler.config, "upscale.low_res_scheduler.config")
+        bounded("upscale.max_noise_level", m.upscale.max_noise_level, 0, MAX_TRAIN_TIMESTEPS)
     if m.sdxl is not None:
         for e in m.sdxl.encoders:
             bounded(f"sdxl encoder {e.component} max_length", e.max_length, 2, MAX_CONTEXT)

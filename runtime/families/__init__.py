@@ -18,8 +18,9 @@ __all__ = ["Conditioning", "Family", "FAMILIES", "open_family"]
 FAMILIES = {"sd": (".sd", "StableDiffusion"), "sdxl": (".sdxl", "StableDiffusionXL")}
 
 
-def open_family(bundle: Path, manifest: Manifest, engine: OpenEngine) -> Family:
-    """The bundle's family, its text encoders opened through `engine`."""
+def open_family(bundle: Path, manifest: Manifest, engine: OpenEngine, *, root: Path | None = None) -> Family:
+    """The bundle's family, its text encoders opened through `engine`; its tokenizer files read from `root` (default: the
+    bundle; the loader passes its handle on the folder, runtime.pinned)."""
     family = manifest.model.family
     if family not in FAMILIES:
         raise BundleError(
@@ -28,5 +29,5 @@ def open_family(bundle: Path, manifest: Manifest, engine: OpenEngine) -> Family:
         )
     module, name = FAMILIES[family]
     loader = getattr(importlib.import_module(module, __name__), name)
-    opened: Family = loader.load(bundle, manifest, engine)
+    opened: Family = loader.load(bundle, manifest, engine, root=root or bundle)
     return opened

@@ -26,8 +26,8 @@ class StableDiffusion:
         engine("text_encoder")  # opened now, so a broken engine fails at load, not at the first prompt
 
     @classmethod
-    def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine) -> StableDiffusion:
-        tokenizer = ClipTokenizer.from_dir(bundle / manifest.tokenizer.dir)
+    def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine, *, root: Path) -> StableDiffusion:
+        tokenizer = ClipTokenizer.from_dir(root / manifest.tokenizer.dir)
         return cls(tokenizer, engine, manifest.tokenizer.max_chunks, prompt_tokens_hint(bundle, manifest))
 
     def conditioning(self, given: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -61,11 +61,11 @@ class StableDiffusionXL:
             engine(e.component)  # opened now, so a missing or broken encoder fails at load, not at the first prompt
 
     @classmethod
-    def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine) -> StableDiffusionXL:
+    def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine, *, root: Path) -> StableDiffusionXL:
         if manifest.sdxl is None:
             hint = rebuild_hint(bundle, manifest)
             raise BundleError(f"bundle {bundle} is of family 'sdxl' but its manifest has no 'sdxl' section; rebuild it with `{hint}`")
-        tokenizers = {e.component: ClipTokenizer.from_dir(bundle / e.tokenizer) for e in manifest.sdxl.encoders}
+        tokenizers = {e.component: ClipTokenizer.from_dir(root / e.tokenizer) for e in manifest.sdxl.encoders}
         hint = rebuild_hint(bundle, manifest)
         size = (manifest.height, manifest.width)
         return cls(manifest.sdxl, tokenizers, engine, size, hint, manifest.tokenizer.max_chunks, prompt_tokens_hint(bundle, manifest))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import re
 import secrets
@@ -41,12 +42,17 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import runtime  # noqa: E402
+from runtime.bounds import port_argument  # noqa: E402
+from runtime.bundle import strict_json  # noqa: E402
 from runtime.sampling import SAMPLERS, default_sampler  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 IMAGE_NAME = re.compile(r"[A-Za-z0-9][\w.-]*\.png")  # what /images/ serves: our own file names, never a path
 MAX_STEPS, MAX_GUIDANCE, MAX_PROMPT, MAX_BODY = 500, 50.0, 2000, 64 * 1024
+MAX_DEPTH = 4  # the request is one flat object: anything nested deeper is refused before it is parsed
+SOCKET_TIMEOUT = 30.0  # seconds a connection may stall (a slow client's thread is freed, not kept forever)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 KEPT_JOBS, RECENT = 100, 12
 SHOWN_SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "sampler")  # what the strip reads back
 
@@ -148,7 +154,10 @@ def checked(request: Any) -> dict[str, Any]:
     """The page's form -> txt2img's arguments, checked here so a bad field is a message, not a stack trace."""
     if not isinstance(request, dict):
         raise ValueError("expected a JSON object")
-    prompt, negative = str(request.get("prompt", "")).strip(), str(request.get("negative_prompt", "")).strip()
+    for key in ("prompt", "negative_prompt", "sampler"):
+        if request.get(key) is not None and not isinstance(request[key], str):
+            raise ValueError(f"{key} must be a string, got {type(request[key]).__name__}")
+    prompt, negative = str(request.get("prompt") or "").strip(), str(request.get("negative_prompt") or "").strip()
     if not prompt:
         raise ValueError("the prompt is empty: describe the image to generate")
     if len(prompt) > MAX_PROMPT or len(negative) > MAX_PROMPT:
@@ -162,22 +171,100 @@ def checked(request: Any) -> dict[str, Any]:
     return {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance_scale": guidance, "scheduler": sampler}
 
 
+def parse_body(body: bytes) -> Any:
+    """The request's JSON: nesting bounded before parsing, NaN/Infinity and numbers past float's range refused."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:  # a 64 KiB scan; json's own recursion limit would answer 30,000 levels with a traceback
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    if deepest > MAX_DEPTH:
+        raise ValueError(f"the JSON is nested {deepest} levels deep; a request is one flat object")
+
+    try:
+        return strict_json(body)  # the bundle reader's own: NaN, Infinity and 1e400 refused
+    except UnicodeDecodeError:
+        raise ValueError("the request is not UTF-8 text") from None
+
+
+def content_length(value: str | None) -> tuple[int, int] | int:
+    """The body's length from its header, or the (status, ...) to refuse it with: 411 missing, 400 malformed, 413 large."""
+    if value is None:
+        return (411, 0)
+    if not value.strip().isdigit():  # int() would take "-1", " +5" and "1_000"
+        return (400, 0)
+    length = int(value)
+    return (413, 0) if length > MAX_BODY else length
+
+
+def allowed_host(header: str | None, served: str, names: tuple[str, ...]) -> bool:
+    """Whether a request's Host names this server: the address it listens on, a loopback name when it listens on
+    loopback, any IP address when it listens on all of them, or a name given with --allow-host. A DNS-rebinding page
+    reaches the server under its own domain name, which none of these is."""
+    if not header:
+        return False
+    host = header.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host, _, port_text = host.partition(":")
+        if not port_text.isdigit():
+            return False
+    served = served.lower()
+    if host in names or host == served:
+        return True
+    if served in LOOPBACK_NAMES or served.startswith("127."):
+        return host in LOOPBACK_NAMES
+    if served not in ("0.0.0.0", "::", ""):
+        return False
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def number(value: Any, kind: type[int] | type[float], name: str, low: float, high: float, default: float) -> Any:
     if value is None or value == "":
         return default
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
     try:
         x = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} {value!r} is not {'a whole number' if kind is int else 'a number'}") from None
-    if not low <= x <= high:
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} {value!r:.40} is not {'a whole number' if kind is int else 'a finite number'}") from None
+    if not low <= x <= high:  # NaN fails this too
         raise ValueError(f"{name} must be between {low:g} and {high:g}, got {x:g}")
     return x
 
 
 class Handler(BaseHTTPRequestHandler):
     studio: Studio  # set on the subclass that serve() makes
+    served_host = "127.0.0.1"  # the address it listens on, and the extra names --allow-host gives
+    host_names: tuple[str, ...] = ()
+    timeout = SOCKET_TIMEOUT  # StreamRequestHandler sets it on the socket: a stalled client gets no thread forever
+
+    def host_refused(self) -> bool:
+        """Answer 403 to a request whose Host is not this server's (DNS rebinding), and say so."""
+        if allowed_host(self.headers.get("Host"), self.served_host, self.host_names):
+            return False
+        self.send_json(
+            {"error": f"Host {self.headers.get('Host')!r:.80} is not an address this server answers to; open it by its address, "
+             "or start it with --allow-host NAME"}, 403)  # fmt: skip
+        return True
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.host_refused():
+            return
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             return self.send_file(STATIC / "index.html")
@@ -199,16 +286,28 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json({"error": "not found"}, 404)
 
     def do_POST(self) -> None:  # noqa: N802
+        if self.host_refused():
+            return
         if self.path != "/api/generate":
             return self.send_json({"error": "not found"}, 404)
         # JSON only: a form on another site cannot send it without a CORS preflight, which this server never grants.
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
             return self.send_json({"error": "send the settings as application/json"}, 415)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            return self.send_json({"error": "request too large"}, 413)
+        self.close_connection = True  # a refused body may be left unread: the connection cannot carry another request
+        if self.headers.get("Transfer-Encoding"):
+            return self.send_json({"error": "send the body with a Content-Length, not chunked"}, 411)
+        length = content_length(self.headers.get("Content-Length"))
+        if isinstance(length, tuple):
+            message = {411: "a Content-Length header is required", 400: "Content-Length must be a whole number of bytes"}
+            return self.send_json({"error": message.get(length[0], f"request too large (at most {MAX_BODY} bytes)")}, length[0])
         try:
-            job = self.studio.start(json.loads(self.rfile.read(length) or b"null"))
+            body = self.rfile.read(length)
+        except TimeoutError:
+            return self.send_json({"error": f"the request body did not arrive within {self.timeout:g} s"}, 408)
+        if len(body) < length:
+            return self.send_json({"error": f"the body ended after {len(body)} of its {length} bytes"}, 400)
+        try:
+            job = self.studio.start(parse_body(body) if body else None)
         except Busy as e:
             return self.send_json({"error": str(e)}, 409)
         except ValueError as e:  # also json.JSONDecodeError
@@ -235,9 +334,17 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-def serve(studio: Studio, host: str, port: int) -> ThreadingHTTPServer:
-    """Bind the server (port 0: any free one); the caller runs serve_forever()."""
-    handler = type("StudioHandler", (Handler,), {"studio": studio})
+def serve(
+    studio: Studio, host: str, port: int, allow_hosts: tuple[str, ...] = (), timeout: float = SOCKET_TIMEOUT
+) -> ThreadingHTTPServer:
+    """Bind the server (port 0: any free one); the caller runs serve_forever().
+
+    allow_hosts: names besides its address that requests may give as their Host (a DNS name of this machine).
+    timeout: seconds a connection may stall before it is answered 408 or closed.
+    """
+    names = tuple(h.lower() for h in allow_hosts)
+    attributes = {"studio": studio, "served_host": host, "host_names": names, "timeout": timeout}
+    handler = type("StudioHandler", (Handler,), attributes)
     server_class = ThreadingHTTPServer
     if ":" in host:  # an IPv6 address such as ::1
         server_class = type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
@@ -249,13 +356,20 @@ def serve(studio: Studio, host: str, port: int) -> ThreadingHTTPServer:
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser("python samples/web/server.py", __doc__)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    p.add_argument("--port", type=port_argument(any_free=True), default=8000, help="port, 0..65535 (default %(default)s; 0: any free port)")
+    p.add_argument(
+        "--allow-host", action="append", default=[], metavar="NAME",
+        help="a name the page may be opened by besides its address (repeatable); other Host headers get 403 (DNS rebinding)",
+    )  # fmt: skip
+    p.add_argument("--socket-timeout", type=float, default=SOCKET_TIMEOUT, help="seconds a connection may stall (default %(default)s)")
     _common.add_bundle_and_out(p, out=_common.OUT / "web")
     args = p.parse_args(argv)
+    if not 0 < args.socket_timeout < 3600:
+        p.error(f"--socket-timeout {args.socket_timeout}: give seconds between 0 and 3600")
 
     try:
         pipe = runtime.Pipeline.load(_common.bundle(args.bundle))
-        server = serve(Studio(pipe, args.out), args.host, args.port)
+        server = serve(Studio(pipe, args.out), args.host, args.port, tuple(args.allow_host), args.socket_timeout)
     except _common.USER_ERRORS as e:
         return _common.fail(e)
     except OSError as e:  # the port is taken, the address is not this machine's...

@@ -4,8 +4,10 @@ Ctrl-C leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +159,10 @@ def test_a_crash_right_after_the_exchange_leaves_the_new_bundle(old_bundle, tiny
         main(["--model", str(tiny_model), "--out", str(old_bundle), "--force", "--precision", "fp32", "--backend", "onnxruntime"])
     assert swapped == [True]
     load_manifest(old_bundle, verify_files=True)  # complete: every file present and matching its hash
-    staged = old_bundle.with_name(f".{old_bundle.name}.partial")
-    assert json.loads((staged / MANIFEST).read_text())["created"] == old_created  # the old one, left to remove
+    # the old bundle, now in the staging folder: removed on the way out (a kill -9 would leave it for the next build)
+    for staged in old_bundle.parent.glob(f".{old_bundle.name}.partial-*"):
+        assert json.loads((staged / MANIFEST).read_text())["created"] == old_created
+    assert json.loads((old_bundle / MANIFEST).read_text())["created"] != old_created
 
 
 def test_a_crash_before_the_exchange_leaves_the_old_bundle(tmp_path, monkeypatch):
@@ -194,6 +198,80 @@ def test_without_the_exchange_two_renames_still_publish(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         publish(work, out)
     assert tag(tmp_path / ".out.old") == "new" and tag(work) == "newer"
+
+
+# 2b. two builds of one --out
+
+
+def test_a_second_build_of_one_out_waits_then_replaces_it_whole(old_bundle, tiny_model, monkeypatch):
+    """The race of two `--force` builds, made deterministic: the first is held inside its staging (before its tokenizer
+    is written) until the second has said it waits for the lock. The second then replaces the first's complete bundle
+    with its own complete one; neither deletes the other's work or publishes a partial bundle."""
+    import export.from_model
+
+    real_write_tokenizer = export.from_model.write_tokenizer
+    first_inside, second_waits = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def held_write_tokenizer(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            first_inside.set()
+            assert second_waits.wait(600), "the second build never waited for the lock"  # a hang guard, not a timing test
+        return real_write_tokenizer(*a, **k)
+
+    monkeypatch.setattr(export.from_model, "write_tokenizer", held_write_tokenizer)
+    logs: dict[str, list[str]] = {"first": [], "second": []}
+    errors: list[BaseException] = []
+
+    def run(name: str, log) -> None:
+        try:
+            build(tiny_model, old_bundle, force=True, precision="fp32", backend="onnxruntime", log=log)
+        except BaseException as e:  # noqa: BLE001 (reported by the test thread)
+            errors.append(e)
+
+    def second_log(line: str) -> None:
+        logs["second"].append(line)
+        if "waiting for it to finish" in line:
+            assert list(old_bundle.parent.glob(f".{old_bundle.name}.partial-*")), "the first build's staging folder is gone"
+            load_manifest(old_bundle, verify_files=True)  # still the old bundle, whole
+            second_waits.set()
+
+    first = threading.Thread(target=run, args=("first", logs["first"].append))
+    first.start()
+    assert first_inside.wait(600)
+    second = threading.Thread(target=run, args=("second", second_log))
+    second.start()
+    first.join()
+    second.join()
+    assert not errors, errors
+    assert [line for line in logs["second"] if "waiting" in line] == [
+        f"another process (pid {os.getpid()}) is writing {old_bundle}; waiting for it to finish"
+    ]
+    assert logs["first"][-1].startswith("done") and logs["second"][-1].startswith("done")
+    load_manifest(old_bundle, verify_files=True)
+    assert {"unet", "text_encoder", "vae_decoder"} <= {p.name for p in old_bundle.iterdir()}
+    assert not list(old_bundle.parent.glob(f".{old_bundle.name}.*"))  # no staging folder, no lock file left
+
+
+def test_a_locked_out_is_refused_by_message_when_not_waiting(tmp_path):
+    from runtime.atomic import exclusive
+
+    out = tmp_path / "bundle"
+    with exclusive(out, print), pytest.raises(BlockingIOError, match=rf"another process \(pid {os.getpid()}\) is writing {out}; wait"):
+        with exclusive(out, print, wait=False):
+            pass
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_killed_builds_staging_folder_is_removed_by_the_next(tmp_path):
+    out = fake_bundle(tmp_path / "out", "old")
+    stale = tmp_path / ".out.partial-deadbeef"
+    stale.mkdir()
+    with staging(out, force=True) as work:
+        assert work.name.startswith(".out.partial-") and work != stale and not stale.exists()
+        (work / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "tag": "new"}))
+    assert tag(out) == "new" and listing(tmp_path) == ["out", "out/manifest.json"]
 
 
 # 3. strict weight loading
@@ -267,7 +345,7 @@ def test_ctrl_c_during_a_rebuild_keeps_the_old_bundle(old_bundle, tiny_model, tm
     )
     assert code == 130 and err == "error: interrupted; nothing was written\n"
     assert (old_bundle / MANIFEST).read_bytes() == before and load_manifest(old_bundle, verify_files=True)
-    assert not old_bundle.with_name(f".{old_bundle.name}.partial").exists()
+    assert not list(old_bundle.parent.glob(f".{old_bundle.name}.*"))  # no staging folder, no lock file
 
 
 def test_an_out_under_a_file_is_named(tiny_model, tmp_path, capsys):

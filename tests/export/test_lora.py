@@ -13,6 +13,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -23,6 +24,7 @@ from runtime.errors import BundleError
 from runtime.lora import LoraError, read_adapter
 from runtime.pipeline import initial_latents
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.helpers.lora_adapters import make_adapter
 from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
 
@@ -174,11 +176,12 @@ def test_switching_is_exact_and_zero_is_the_base_model(slotted, adapters, latent
     pipe.set_lora(adapters["a"])
     a2 = generate(pipe, latents)
     assert np.abs(a1 - b).max() > 0.05
-    assert np.array_equal(a1, a2), "A -> B -> A must give A's image bit for bit"
+    assert_same_image(a1, a2, "A -> B -> A must give A's image")
     pipe.set_lora(adapters["a"], 0.0)
-    assert np.array_equal(generate(pipe, latents), none)
+    assert_same_image(generate(pipe, latents), none, "scale 0 vs the base model")
     pipe.set_lora(None)
-    assert np.array_equal(generate(pipe, latents), none) and pipe.lora == ()
+    assert_same_image(generate(pipe, latents), none, "no adapters vs the base model")
+    assert pipe.lora == ()
 
 
 def test_set_lora_refusals_name_the_rebuild(slotted, fused, bundle_fp32, adapters, latents):
@@ -194,7 +197,7 @@ def test_set_lora_refusals_name_the_rebuild(slotted, fused, bundle_fp32, adapter
     outside = r"unet.time_embedding.linear_1.lora_A.weight names unet layer .*LoRA slots"
     with pytest.raises(LoraError, match=rf"{outside}.*fuse it at export instead: `python -m export.build .*--lora .*time.safetensors:1.0"):
         pipe.set_lora(adapters["outside"])
-    assert np.array_equal(generate(pipe, latents), a), "a refused set_lora changed the adapters in use"
+    assert_same_image(generate(pipe, latents), a, "a refused set_lora changed the adapters in use")
     with pytest.raises(BundleError, match=r"has no LoRA slots: it was built without --lora-slots.*--lora-slots 8"):
         runtime.Pipeline.load(bundle_fp32).set_lora(adapters["a"])
     with pytest.raises(BundleError, match=r"a.safetensors, b_kohya.safetensors are fused into its weights.*--lora-slots 8 --out"):
@@ -374,18 +377,18 @@ def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adap
     pipe = runtime.Pipeline.load(slotted)
     pipe.set_lora([(adapters["a"], 0.8), (adapters["b"], 1.0)])
     expected = pipe.txt2img("a red circle", steps=2, seed=3)[0]
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "ab.png")), np.asarray(expected))
+    assert_same_image(Image.open(tmp_path / "ab.png"), expected, "the CLI vs the API")
     done = cli(bundle_fp32, "--lora", str(adapters["a"]), "-o", str(tmp_path / "x.png"))
     assert done.returncode == 2 and done.stderr.startswith("error: bundle ") and "--lora-slots 8" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
 
 
 def test_manifest_lora_round_trip_and_altered_slots(slotted, fused, tmp_path):
-    from runtime.bundle import Manifest
+    from runtime.bundle import Manifest, sealed
 
     for bundle in (slotted, fused):
         raw = json.loads((bundle / "manifest.json").read_text())
-        assert Manifest.from_json(raw).to_json() == raw
+        assert sealed(Manifest.from_json(raw).to_json()) == raw
     raw = json.loads((slotted / "manifest.json").read_text())
     raw["lora"]["slots"]["targets"][0]["a"] = "lora_a_9_9"
     with pytest.raises(BundleError, match=r"malformed manifest .*names input 'lora_a_9_9', which unet lacks"):
@@ -394,3 +397,27 @@ def test_manifest_lora_round_trip_and_altered_slots(slotted, fused, tmp_path):
     raw["lora"]["fused"][0]["sha256"] = "abc"
     with pytest.raises(BundleError, match="malformed manifest .*needs a sha256"):
         Manifest.from_json(raw)
+
+
+def test_set_lora_from_another_thread_mid_generation_applies_from_the_next(slotted, adapters, latents):
+    """A real thread switches A -> B after the first step of a generation with A: that image is A's throughout (each
+    UNet call once read whatever slots were current), and the next generation is B's. set_lora does not wait."""
+    pipe = runtime.Pipeline.load(slotted)
+    pipe.set_lora(adapters["b"])
+    only_b = generate(pipe, latents)
+    pipe.set_lora(adapters["a"])
+    only_a = generate(pipe, latents)
+    switched = []
+
+    def switch_to_b(step, total, t):
+        if step == 1:
+            thread = threading.Thread(target=lambda: switched.append(pipe.set_lora(adapters["b"]) or pipe.lora))
+            thread.start()
+            thread.join()  # returns at once: set_lora does not wait for the generation
+
+    mid = pipe.txt2img(PROMPT, steps=STEPS, guidance_scale=GUIDANCE, latents=latents, output_type="np", callback=switch_to_b)
+    assert switched == [(("b_kohya.safetensors", 1.0),)] and pipe.lora == (("b_kohya.safetensors", 1.0),)
+    # the same computation as only_a on this machine; 1e-6 leaves room for nothing but reordering, A and B differ by > 0.05
+    assert np.abs(only_a - only_b).max() > 0.05
+    assert np.abs(mid - only_a).max() <= 1e-6, "the generation changed adapters midway"
+    assert np.abs(generate(pipe, latents) - only_b).max() <= 1e-6  # the next generation: B

@@ -24,7 +24,7 @@ from export.gates import TOLERANCE, error_figures
 from export.inputs import fixed_inputs
 from export.tensorrt.from_onnx import build_from_onnx, onnx_component
 from runtime.backends.tensorrt import tensorrt_available
-from runtime.bundle import load_manifest
+from runtime.bundle import load_manifest, sealed
 from runtime.dispatch import load_engine
 from runtime.errors import BundleError
 from runtime.pipeline import initial_latents
@@ -118,8 +118,8 @@ def test_bundle_for_another_gpu_is_refused_and_its_rebuild_command_works(trt_bun
     moved = shutil.copytree(trt_bundle, tmp_path / "from-elsewhere")
     manifest = json.loads((moved / "manifest.json").read_text())
     for c in manifest["components"].values():
-        c["build"]["tensorrt"] = "9.0.0.1"  # manifest.json itself is not hashed: this is what another machine's bundle looks like
-    (moved / "manifest.json").write_text(json.dumps(manifest))
+        c["build"]["tensorrt"] = "9.0.0.1"  # what another machine's bundle looks like
+    (moved / "manifest.json").write_text(json.dumps(sealed(manifest)))  # a consistent edit: the manifest digest recomputed
     with pytest.raises(BundleError, match="TensorRT 9.0.0.1 built it, this machine has TensorRT") as e:
         runtime.Pipeline.load(moved)
     command = re.search(r"`(python -m export\.build --from-onnx [^`]+)`", str(e.value))[1]

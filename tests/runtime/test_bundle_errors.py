@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.bundle import SCHEMA_VERSION, Manifest
+from runtime.bundle import SCHEMA_VERSION, Manifest, sealed
 from runtime.errors import BundleError, Cancelled, FeedError
 from runtime.tokenizer import PromptTruncatedWarning
 
@@ -47,7 +47,7 @@ def test_missing_manifest_means_unfinished(bundle_copy):
 def test_newer_schema_is_refused(bundle_copy):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["schema_version"] = 99
-    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    (bundle_copy / "manifest.json").write_text(json.dumps(sealed(m)))  # a consistent edit: the manifest digest recomputed
     with pytest.raises(BundleError, match="schema_version 99 but this runtime reads versions 1, 2; rebuild the bundle"):
         runtime.Pipeline.load(bundle_copy)
 
@@ -55,7 +55,7 @@ def test_newer_schema_is_refused(bundle_copy):
 def test_manifest_round_trips_through_the_schema(bundle_fp32):
     raw = json.loads((bundle_fp32 / "manifest.json").read_text())
     manifest = Manifest.from_json(raw)
-    assert manifest.to_json() == raw
+    assert sealed(manifest.to_json()) == raw
     assert manifest.model.family == "sd" and raw["schema_version"] == SCHEMA_VERSION
 
 
@@ -64,7 +64,7 @@ def test_version_1_manifest_still_loads(bundle_copy):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["schema_version"] = 1
     architecture = m["model"]["family"] = m["model"].pop("architecture")
-    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    (bundle_copy / "manifest.json").write_text(json.dumps(sealed(m)))  # a consistent edit: the manifest digest recomputed
     pipe = runtime.Pipeline.load(bundle_copy)
     assert (pipe.manifest.model.family, pipe.manifest.model.architecture) == ("sd", architecture)
     assert pipe.txt2img(PROMPT, steps=2, seed=0, output_type="np").shape == (1, pipe.height, pipe.width, 3)
@@ -82,7 +82,7 @@ def test_version_1_manifest_still_loads(bundle_copy):
 def test_malformed_manifest_is_named(bundle_copy, edit, message):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     edit(m)
-    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    (bundle_copy / "manifest.json").write_text(json.dumps(sealed(m)))  # a consistent edit: the manifest digest recomputed
     with pytest.raises(BundleError, match=message):
         runtime.Pipeline.load(bundle_copy)
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 import runtime
 from runtime.errors import BundleError
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.helpers.tiny_models import make_tiny_sd
 
 PROMPT = "a large blue square in the center on a white background"
@@ -112,7 +113,7 @@ def test_img2img_strength_sets_how_far_from_the_image(bundle_fp32):
     original = np.asarray(IMAGE, dtype=np.float32) / 255
     assert np.abs(start[0] - original).mean() < np.abs(far[0] - original).mean()
     again = pipe.img2img(PROMPT, IMAGE, strength=0.1, steps=STEPS, seed=3, output_type="np")
-    np.testing.assert_array_equal(start, again)
+    assert_same_image(start, again, "the same img2img twice")
 
 
 @pytest.mark.parametrize("strength, sampler", [(1.0, "ddim"), (0.6, "ddim"), (1.0, "euler")])
@@ -169,7 +170,7 @@ def test_soft_masks_are_thresholded_at_half(bundle_fp32):
     soft[:, :8] = 0.45  # below half: keep
     a = pipe.inpaint(PROMPT, IMAGE, soft, steps=3, seed=5, output_type="np")
     b = pipe.inpaint(PROMPT, IMAGE, MASK, steps=3, seed=5, output_type="np")
-    np.testing.assert_array_equal(a, b)
+    assert_same_image(a, b, "a soft mask vs its binary twin")
 
 
 def test_degenerate_masks_warn_and_do_the_sensible_thing(bundle_fp32):
@@ -270,7 +271,7 @@ def test_cli_img2img_and_inpaint_write_images(bundle_fp32, tmp_path):
     out, keep = np.asarray(Image.open(tmp_path / "b.png")), np.asarray(MASK) < 128
     np.testing.assert_array_equal(out[keep], np.asarray(IMAGE)[keep])
     api = runtime.Pipeline.load(bundle_fp32).inpaint(PROMPT, IMAGE, MASK, steps=4, seed=3)[0]
-    np.testing.assert_array_equal(out, np.asarray(api))  # the CLI is the API with the same seed
+    assert_same_image(out, api, "the CLI vs the API with the same seed")  # another process
 
 
 def test_cli_edit_errors_are_one_line_messages(bundle_fp32, tmp_path):

@@ -9,15 +9,15 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 
 import runtime
 import runtime.bundle.integrity
+import runtime.pinned
 import runtime.session
+from runtime.bundle import sealed
 from runtime.errors import BundleError, NonFiniteError
 from runtime.tokenizer import ClipTokenizer
 
@@ -33,7 +33,7 @@ def bundle_copy(bundle_fp32, tmp_path):
 def edit_manifest(bundle, edit):
     m = json.loads((bundle / "manifest.json").read_text())
     edit(m)
-    (bundle / "manifest.json").write_text(json.dumps(m))
+    (bundle / "manifest.json").write_text(json.dumps(sealed(m)))  # a consistent edit: the manifest digest recomputed
 
 
 # 1. The bundle as a boundary
@@ -86,7 +86,7 @@ def test_files_not_covered_by_the_hashes_are_refused(bundle_copy):
     [
         (lambda m: m["image"].update(height=10**9), r"image.height 1000000000 is out of range 1..16384"),
         (lambda m: m["image"].update(batch_size=0), r"image.batch_size 0 is out of range 1..64"),
-        (lambda m: m["image"].update(width=1e400), r"OverflowError"),
+        (lambda m: m["image"].update(width=10**400), r"image.width \d{401} is out of range 1..16384"),
         (lambda m: m["vae"].update(latent_channels=-4), r"vae.latent_channels -4"),
         (lambda m: m["vae"].update(downscale_factor=0), r"vae.downscale_factor 0"),
         (lambda m: m["components"]["unet"]["inputs"][0].update(shape=[2, -4, 8, 8]), r"every dimension must be"),
@@ -169,34 +169,72 @@ def test_rebuild_between_hashing_and_opening_is_not_mixed(bundle_fp32, bundle_fp
     _consistent(pipe, opened)
 
 
-def test_loads_racing_a_rebuild_loop_see_one_build(bundle_fp32, bundle_fp16, tmp_path, monkeypatch):
+def _swap_before_every_read(monkeypatch, target, other):
+    """Before every file the load opens (manifest, hashes, tokenizer, engines), swap `target` with another build by
+    RENAME_EXCHANGE, as export publishes: the most hostile schedule a concurrent rebuild loop can produce."""
+    import builtins
+    import io
+
+    import onnxruntime
+
+    from export.staging import exchange
+
+    swaps = []
+    real_open, real_session = io.open, onnxruntime.InferenceSession
+    opened: dict[str, str] = {}
+
+    def ours(file):
+        return isinstance(file, (str, os.PathLike)) and (str(file).startswith(("/proc/self/fd/", str(target))))
+
+    def swap():
+        if not exchange(target, other):
+            pytest.skip("this filesystem has no RENAME_EXCHANGE")
+        swaps.append(1)
+
+    def opening(file, *a, **k):
+        if ours(file):
+            swap()
+        return real_open(file, *a, **k)
+
+    def session(path, *a, **k):
+        swap()
+        with real_open(path, "rb") as f:  # the spy reads what ONNX Runtime is about to read: no swap in between
+            opened[os.path.basename(os.path.dirname(path))] = hashlib.sha256(f.read()).hexdigest()
+        return real_session(path, *a, **k)
+
+    monkeypatch.setattr(io, "open", opening)
+    monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    return opened, swaps
+
+
+def test_swapping_the_bundle_between_every_two_reads_loads_one_build(bundle_fp32, bundle_fp16, tmp_path, monkeypatch):
     target = shutil.copytree(bundle_fp32, tmp_path / "bundle")
-    stop = threading.Event()
+    other = shutil.copytree(bundle_fp16, tmp_path / "other")
+    opened, swaps = _swap_before_every_read(monkeypatch, target, other)
+    pipe = runtime.Pipeline.load(target)
+    monkeypatch.undo()
+    assert len(swaps) >= len(pipe.manifest.files), "the hooks did not see the reads"
+    assert pipe.manifest.precision == "fp32"  # the build the path named when the load began, read whole through its handle
+    _consistent(pipe, opened)
+    encoder = pipe.engine("vae_encoder")  # opened lazily, after more swaps: still the loaded build
+    assert opened.get("vae_encoder", pipe.manifest.files["vae_encoder/model.onnx"]) == pipe.manifest.files["vae_encoder/model.onnx"]
+    assert encoder.component.precision == pipe.manifest.components["vae_encoder"].precision
 
-    def rebuild_loop():
-        n = 0
-        while not stop.is_set() and n < 40:
-            _swap(target, (bundle_fp16, bundle_fp32)[n % 2], tmp_path)
-            n += 1
 
-    opened = _spy_sessions(monkeypatch)
-    thread = threading.Thread(target=rebuild_loop)
-    thread.start()
-    loads, deadline = 0, time.monotonic() + 20
+def test_without_a_folder_handle_a_racing_load_is_refused_not_mixed(bundle_fp32, bundle_fp16, tmp_path, monkeypatch):
+    """Where the OS cannot read a folder by handle, the identity checks must refuse what the swaps would mix."""
+    monkeypatch.setattr(runtime.pinned, "PROC_FD", tmp_path / "no-proc")
+    target = shutil.copytree(bundle_fp32, tmp_path / "bundle")
+    other = shutil.copytree(bundle_fp16, tmp_path / "other")
+    opened, swaps = _swap_before_every_read(monkeypatch, target, other)
     try:
-        while thread.is_alive() and loads < 15 and time.monotonic() < deadline:
-            opened.clear()
-            try:
-                pipe = runtime.Pipeline.load(target)
-            except BundleError as e:  # a named refusal (the folder vanished mid-read) is allowed; a mixed load is not
-                assert "bundle" in str(e)
-                continue
-            finally:
-                loads += 1
-            _consistent(pipe, opened)
-    finally:
-        stop.set()
-        thread.join()
+        pipe = runtime.Pipeline.load(target)
+    except BundleError as e:
+        assert "changed while loading" in str(e) or "was altered" in str(e) or "sha256" in str(e)
+    else:
+        _consistent(pipe, opened)
+    assert swaps
 
 
 # 3. Non-finite values caught where they arise

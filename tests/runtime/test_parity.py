@@ -7,6 +7,7 @@ import pytest
 
 import runtime
 from runtime.pipeline import initial_latents
+from tests.helpers.close import assert_same_image
 
 PROMPT = "a small red circle in the top left on a black background"
 
@@ -73,7 +74,8 @@ def test_seed_contract(bundle_fp32):
     c = pipe.txt2img(PROMPT, steps=3, seed=43, output_type="np")
     seeded = np.random.default_rng(42).standard_normal((1, 4, 8, 8), dtype=np.float32)
     explicit = pipe.txt2img(PROMPT, steps=3, output_type="np", latents=seeded)
-    assert np.array_equal(a, b) and np.array_equal(a, explicit)
+    assert_same_image(a, b, "the same seed twice")
+    assert_same_image(a, explicit, "seed vs its latents")
     assert np.abs(a - c).max() > 0.01
 
 

@@ -339,6 +339,14 @@ def test_truncation_keeps_bos_and_eos_and_warns_what_was_cut(ours):
     assert ids[0] == 49406 and ids[-1] == 49407 and (ids[1:-1] == 2368).all()
 
 
+def test_truncation_warning_quotes_a_short_excerpt_of_a_huge_prompt(ours):
+    prompt = "cat " * 75 + "on a red sofa " + "blue " * 200_000  # a megabyte of prompt
+    with pytest.warns(PromptTruncatedWarning) as record:
+        ours(prompt)
+    message = str(record[0].message)
+    assert len(message) < 400 and "'on a red sofa blue blue" in message and "more tokens)" in message
+
+
 def test_truncation_warns_once_per_long_prompt(ours):
     with pytest.warns(PromptTruncatedWarning) as record:
         ours(["short", "dog " * 80, "fine", "猫" * 100])

@@ -14,6 +14,7 @@ import pytest
 import runtime
 from runtime.errors import BundleError
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.helpers.tiny_models import MAX_NOISE_LEVEL, make_tiny_sd
 
 PROMPT = "a small red circle in the top left on a black background"
@@ -104,7 +105,7 @@ def test_seed_draws_image_noise_then_latents(pipe, low_res):
     lat = swapped_rng.standard_normal((1, 4, LOW, LOW), dtype=np.float32)
     img = swapped_rng.standard_normal((1, 3, LOW, LOW), dtype=np.float32)
     swapped = pipe.upscale(PROMPT, low_res, steps=2, image_noise=img, latents=lat, output_type="np")
-    assert np.array_equal(seeded, explicit)
+    assert_same_image(seeded, explicit, "seeded vs explicit noise")
     assert np.abs(seeded - swapped).max() > 1e-2
 
 
@@ -172,6 +173,6 @@ def test_cli_upscale_writes_the_api_image(upscaler_bundle, pipe, low_res, tmp_pa
     done = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     api = pipe.upscale(PROMPT, low_res, steps=3, noise_level=40, seed=2)[0]
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "up.png")), np.asarray(api))
+    assert_same_image(Image.open(tmp_path / "up.png"), api, "the CLI vs the API")
     done = subprocess.run(cmd + ["--noise-level", "351"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "error: noise_level must be a whole number from 0 to 350" in done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from tests.helpers.close import assert_same_image
 from tests.samples.common import one_error_line, png, run_sample
 
 
@@ -33,7 +34,7 @@ def test_with_no_image_it_draws_one_then_edits_it_both_ways(sample_bundle, sampl
     assert np.array_equal(after[~inside], before[~inside]) and not np.array_equal(after[inside], before[inside])
     # img2img is the runtime's own on the same input
     expected = sample_pipe.img2img(redrawn_text["prompt"], source, strength=0.75, steps=4, seed=0)[0]
-    assert np.array_equal(np.asarray(redrawn), np.asarray(expected))
+    assert_same_image(redrawn, expected, "the sample vs the runtime in this process")
 
 
 def test_a_users_image_inpainted_in_a_given_rectangle(sample_bundle, tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 import sys
 
-import numpy as np
 import pytest
 
+from tests.helpers.close import assert_same_image
 from tests.samples.common import SAMPLES, one_error_line, png, run_sample
 
 SCRIPTS = ["minimal.py", "progress_and_cancel.py", "batch.py", "edit.py", "web/server.py"]
@@ -30,7 +30,7 @@ def test_minimal_writes_the_runtimes_image_with_its_settings(sample_bundle, samp
         "Steps: 4, Sampler: ddim, CFG scale: 7.5, Seed: 3, Size: 64x64, Model: shapes-ldm"
     )
     expected = sample_pipe.txt2img("a small (blue:1.2) square in the top left on a [white] background", seed=3, steps=4)[0]
-    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    assert_same_image(image, expected, "the sample vs the runtime in this process")
 
 
 def test_a_missing_bundle_is_one_line_with_the_build_command(tmp_path):

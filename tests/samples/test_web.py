@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.samples.common import SAMPLES, one_error_line, run_sample
 
 WAIT_MS = 60_000  # every browser wait is bounded by this
@@ -43,6 +44,7 @@ def server(sample_bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
     out, log = tmp / "images", tmp / "server.log"
     cmd = [sys.executable, str(SAMPLES / "web" / "server.py"), "--bundle", str(sample_bundle), "--port", "0", "--out", str(out)]
+    cmd += ["--socket-timeout", "2"]  # a stalled connection is answered after 2 s (test_a_stalled_body_is_answered_408)
     with open(tmp / "stdout", "w") as stdout, open(log, "w") as stderr:  # files: a pipe nobody reads would fill and block it
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=stderr, text=True)
     try:
@@ -132,7 +134,7 @@ def test_the_page_shows_the_runtimes_image_pixel_for_pixel(page, server, sample_
     pixels = np.array(shown["rgba"], np.uint8).reshape(64, 64, 4)
     expected = np.asarray(sample_pipe.txt2img(prompt, negative, seed=5, steps=6, guidance_scale=guidance, scheduler="euler")[0])
     assert (pixels[..., 3] == 255).all()
-    assert np.array_equal(pixels[..., :3], expected)  # PNG is lossless: exactly the runtime's uint8 pixels
+    assert_same_image(pixels[..., :3], expected, "the page's PNG vs the runtime in this process")  # PNG is lossless
 
     # the file behind it carries the settings, and the strip of recent images starts with it
     src = page.get_attribute("#result", "src")
@@ -203,3 +205,94 @@ def test_bad_startup_is_one_line(sample_bundle, tmp_path):
         port = taken.getsockname()[1]
         line = one_error_line(run_sample("web/server.py", "--bundle", sample_bundle, "--port", port, "--out", tmp_path, timeout=60))
     assert line == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def raw(server: Server, request: bytes) -> tuple[int, str]:
+    """Send `request` as written (urllib would fix its headers) and read the status line and body of the answer."""
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:  # 60 s: a hang guard, the answer comes at once
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def request(body: bytes, headers: str = "", host: str = "127.0.0.1") -> bytes:
+    return (
+        f"POST /api/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{headers}Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "message"),
+    [
+        ("", 411, "a Content-Length header is required"),
+        ("Content-Length: -1\r\n", 400, "Content-Length must be a whole number of bytes"),
+        ("Content-Length: abc\r\n", 400, "Content-Length must be a whole number of bytes"),
+        ("Content-Length: 300000000\r\n", 413, "request too large (at most 65536 bytes)"),
+        ("Transfer-Encoding: chunked\r\n", 411, "send the body with a Content-Length, not chunked"),
+    ],
+    ids=["missing", "negative", "not-a-number", "too-large", "chunked"],
+)
+def test_content_length_is_checked_before_any_body_is_read(server, headers, status, message):
+    assert raw(server, request(b'{"prompt": "x"}', headers)) == (status, json.dumps({"error": message}))
+    assert "Traceback" not in server.log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 30_000 + b"]" * 30_000, "the JSON is nested 30000 levels deep; a request is one flat object"),
+        (b'{"prompt": "x", "seed": Infinity}', "Infinity is not a number JSON allows"),
+        (b'{"prompt": "x", "guidance": NaN}', "NaN is not a number JSON allows"),
+        (b'{"prompt": "x", "seed": 1e400}', "1e400 is past float's range"),
+        (b'{"prompt": "x", "sampler": ["ddim"]}', "sampler must be a string, got list"),
+        (b'{"prompt": {"text": "x"}}', "prompt must be a string, got dict"),
+        (b'{"prompt": "x", "steps": true}', "steps must be a number, got bool"),
+        (b'{"prompt": "x", "seed": [1]}', "seed must be a number, got list"),
+        (b'{"prompt": "x", "seed": 1e300}', "seed must be between 0 and 4.29497e+09, got 1e+300"),
+        (b'{"prompt": "x"', "Expecting ',' delimiter: line 1 column 15 (char 14)"),
+        (b"\xff\xfe", "the request is not UTF-8 text"),
+    ],
+    ids=["deep", "infinity", "nan", "overflow", "list-sampler", "dict-prompt", "bool-steps", "list-seed", "huge-seed", "cut", "bytes"],
+)
+def test_every_bad_body_is_a_400_with_its_reason(server, body, message):
+    status, answer = raw(server, request(body, f"Content-Length: {len(body)}\r\n"))
+    assert (status, json.loads(answer)["error"]) == (400, message)
+    assert "Traceback" not in server.log.read_text()
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example", ""])
+def test_another_hosts_name_is_refused_dns_rebinding(server, host):
+    get_recent = f"GET /api/recent HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    for req in (get_recent, request(b"{}", "Content-Length: 2\r\n", host)):
+        status, answer = raw(server, req)
+        assert status == 403 and "is not an address this server answers to" in json.loads(answer)["error"]
+    port = server.url.rstrip("/").rsplit(":", 1)[1]
+    for ok in ("127.0.0.1", f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert raw(server, f"GET /api/recent HTTP/1.1\r\nHost: {ok}\r\nConnection: close\r\n\r\n".encode())[0] == 200
+
+
+def test_the_host_rule(monkeypatch):
+    sys.path.insert(0, str(SAMPLES / "web"))
+    monkeypatch.syspath_prepend(str(SAMPLES))
+    from server import allowed_host  # samples/web/server.py
+
+    assert allowed_host("192.168.1.5:8000", "0.0.0.0", ()) and allowed_host("[::1]:80", "::", ())
+    assert not allowed_host("evil.example", "0.0.0.0", ()) and allowed_host("studio.lan", "0.0.0.0", ("studio.lan",))
+    assert allowed_host("10.0.0.2", "10.0.0.2", ()) and not allowed_host("10.0.0.3", "10.0.0.2", ())
+    assert not allowed_host("localhost:x", "127.0.0.1", ()) and not allowed_host(None, "127.0.0.1", ())
+
+
+def test_a_stalled_body_is_answered_408_and_frees_its_thread(server):
+    """The client sends headers that promise a body and then nothing: after the socket timeout (2 s here) it gets 408."""
+    status, answer = raw(server, request(b"{", "Content-Length: 100\r\n"))
+    assert (status, json.loads(answer)["error"]) == (408, "the request body did not arrive within 2 s")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_out_of_range_is_one_line(sample_bundle, port):
+    line = one_error_line(run_sample("web/server.py", "--bundle", sample_bundle, "--port", port, timeout=60))
+    assert "--port" in line and ("out of range 0..65535" in line or "is not a port number" in line)

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from runtime.errors import NonFiniteError
 from serving.handler import Handler, Limits
+from tests.helpers.close import assert_same_image
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_mixed_batch_gives_every_request_the_runtimes_own_image(pipe, handler: H
     for i, (answer, images) in enumerate(zip(answers, expected)):
         assert answer.error is None, f"request {i}: {answer.error}"
         assert answer.images is not None and answer.images.dtype == np.uint8 and answer.images.shape == (len(images), 64, 64, 3)
-        np.testing.assert_array_equal(answer.images, np.stack(images), err_msg=f"request {i}")
+        assert_same_image(answer.images, np.stack(images), f"request {i}")  # batched with others vs alone
     assert answers[5].seeds is not None and answers[5].seeds.tolist() == [[16], [17]]
 
 
@@ -98,6 +100,7 @@ def test_the_samplers_that_draw_noise_run_apart(handler: Handler) -> None:
         (ask("a red circle", 1, steps=21), "input 'steps' is 21"),
         (ask("a red circle", -3), "input 'seed' is -3"),
         (ask("a red circle", 1, guidance_scale=float("nan")), "input 'guidance_scale' is nan"),
+        (ask("a red circle", 1, guidance_scale=1e6), "input 'guidance_scale' is 1e+06: it must be a number from 0 to 100"),
         (ask("a red circle", 1, scheduler="warp"), "input 'scheduler' is 'warp', which this server does not know; choose one of: ddim"),
         ({"prompt": np.array([[b"\xff\xfe"]], dtype=object)}, "input 'prompt' is not valid UTF-8"),
         ({"prompt": np.array([[b"a"]], dtype=object), "steps": np.array([[3], [4]], np.int32)}, "input 'steps' has shape [2, 1]"),
@@ -108,7 +111,7 @@ def test_a_bad_request_is_refused_by_name_and_its_batch_mates_are_served(pipe, h
     bad, served = handler.handle([request_inputs, good])
     assert bad.error is not None and message in bad.error, bad.error
     assert served.error is None and served.images is not None
-    np.testing.assert_array_equal(served.images[0], own(pipe, "a red circle", 21, 2))
+    assert_same_image(served.images[0], own(pipe, "a red circle", 21, 2), "served vs its own run")
 
 
 def test_a_failed_run_answers_its_own_requests_and_the_next_batch_is_served(pipe, handler: Handler, monkeypatch) -> None:
@@ -125,4 +128,24 @@ def test_a_failed_run_answers_its_own_requests_and_the_next_batch_is_served(pipe
     first, second = handler.handle([ask("a red circle", 1, steps=2), ask("a blue circle", 2, steps=3)])
     assert first.error == "generation failed: RuntimeError: the engine fell over"
     assert second.error is None
-    np.testing.assert_array_equal(second.images[0], own(pipe, "a blue circle", 2, 3))
+    assert_same_image(second.images[0], own(pipe, "a blue circle", 2, 3), "served vs its own run")
+
+
+@pytest.mark.parametrize(
+    ("error", "answer"),
+    [
+        (NonFiniteError("the unet engine produced NaN/inf: its input sample reaches 1e+30", upstream=True), "bad request: "),
+        (ValueError("guidance_rescale 5 must be between 0 and 1"), "bad request: "),
+        (NonFiniteError("fp16 overflow; rebuild in fp32 with `python -m export.build --out /srv/models/b --force`", fp16_overflow=True),
+         "generation failed: NonFiniteError: "),
+        (RuntimeError("could not open /srv/models/tiny/1/bundle/unet/model.onnx"), "generation failed: RuntimeError: "),
+    ],
+)
+def test_failures_are_400_when_the_request_caused_them_and_never_show_server_paths(handler: Handler, monkeypatch, error, answer) -> None:
+    def fail(items):
+        raise error
+
+    monkeypatch.setattr(handler, "run", fail)
+    (got,) = handler.handle([ask("a red circle", 1, steps=2)])
+    assert got.error is not None and got.error.startswith(answer), got.error  # runtime/triton/model.py: "bad request" is 400
+    assert "/srv" not in got.error and "python -m" not in got.error, got.error

@@ -111,6 +111,18 @@ def test_an_existing_folder_is_refused_and_left_as_it_was(bundle_batch2: Path, t
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no staging folder left beside it
 
 
+@pytest.mark.parametrize("inside", ["repo", "unet/repo", "."])
+def test_an_out_inside_the_bundle_is_refused_in_one_line(bundle_batch2: Path, tmp_path: Path, inside: str) -> None:
+    import shutil
+
+    bundle = shutil.copytree(bundle_batch2, tmp_path / "bundle")
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    done = export_triton(str(bundle), "--out", str(bundle / inside))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "is inside the bundle" in done.stderr and "choose an --out outside the bundle" in done.stderr
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
+
+
 def test_a_damaged_bundle_is_refused(bundle_batch2: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.serving.common import alive, cmdline, descendants, free_port, listening, request, send, serving_python
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,7 @@ def test_images_equal_the_runtimes_own(served: Served, pipe, protocol: str, tmp_
     assert errors == [None] * len(asks)
     for i, (prompt, seed, options) in enumerate(asks):
         assert images[i].shape == (64, 64, 3) and images[i].dtype == np.uint8
-        np.testing.assert_array_equal(images[i], runtime_image(pipe, prompt, seed, **options), err_msg=f"{protocol} request {i}")
+        assert_same_image(images[i], runtime_image(pipe, prompt, seed, **options), f"{protocol} request {i}")  # another process
 
 
 def test_concurrent_mixed_requests_share_batches_and_stay_exact(served: Served, pipe, tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_concurrent_mixed_requests_share_batches_and_stay_exact(served: Served, 
     )
     assert errors == [None] * len(asks)
     for i, (prompt, seed, steps) in enumerate(asks):
-        np.testing.assert_array_equal(images[i], runtime_image(pipe, prompt, seed, steps), err_msg=f"request {i}")
+        assert_same_image(images[i], runtime_image(pipe, prompt, seed, steps), f"request {i}")
     batched = {int(b): n for b, n in report["batches"].items() if int(b) >= 2}
     assert batched, f"Triton never batched requests together: executions by batch size {report['batches']}"
 
@@ -139,7 +140,7 @@ def test_bad_requests_get_errors_naming_the_input_and_the_server_keeps_serving(s
         for (_, expected), error in zip(bad, errors):
             assert error is not None and expected in error, f"{protocol}: expected an error with {expected!r}, got {error!r}"
         assert errors[-1] is None and set(images) == {len(bad)}
-        np.testing.assert_array_equal(images[len(bad)], runtime_image(pipe, "a green circle", 5))
+        assert_same_image(images[len(bad)], runtime_image(pipe, "a green circle", 5), "the good request")
 
 
 def test_load_benchmark_quick_run(served: Served, bundle_batch2: Path, tmp_path: Path) -> None:
