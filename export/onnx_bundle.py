@@ -9,7 +9,7 @@ from typing import Any
 
 from runtime.manifest import Component, Manifest
 
-from . import calibration, int8, lora, onnx_export
+from . import calibration, controlnet, int8, lora, onnx_export
 from .bundle import ENGINES, Log, check_target, default_name, staging, write_manifest
 from .inputs import fixed_inputs
 from .manifest_writer import manifest_for
@@ -41,6 +41,7 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     adapters = lora.read_adapters(model, options.lora)  # checked against the model before anything is exported
     targets = lora.slot_targets(model, options.lora_slots) if options.lora_slots else ()
     info = lora.lora_info(lora.records(adapters), options.lora_slots, targets)
+    nets = controlnet.load_controlnets(options.controlnets, model.unet, model.vae_factor, options.allow_pickle)
     out = out or ENGINES / (default_name(model.name, height, width, batch, precision, BACKEND, guidance) + lora.suffix(info))
     check_target(out, options.force, model.source)
     what = f"{height}x{width}, batch {batch}, {precision}, {BACKEND}, guidance {guidance}; {', '.join(pipelines)}"
@@ -51,17 +52,25 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     choices = int8_choices(model, options, pipelines) if precision == "int8" else None
     with staging(out, options.force, model.source) as work:
         lora.fuse(model, adapters, log)
-        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance)
+        f, rows = model.vae_factor, 2 * batch if guidance == "cfg" else batch
+        residuals = controlnet.residual_specs(nets[0], rows, height // f, width // f) if nets else ()
+        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance, residuals=residuals)
+        unet_spec = next(s for s in specs if s.name == "unet")
+        specs += [controlnet.controlnet_spec(i, net, unet_spec, residuals, f) for i, net in enumerate(nets)]
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
         specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
         exported = "fp32" if precision == "int8" else precision  # int8: the UNet is quantized from its fp32 export
         needed = needed_components(pipelines, tuple(s.name for s in specs if s.name.startswith("text_encoder")))
+        needed |= {s.name for s in specs if s.name.startswith("controlnet_")}
         needed_specs = [s for s in specs if s.name in needed]
         shared = shared_weights(needed_specs)
         components = {}
         for s in needed_specs:
             low_memory = options.low_memory and s.name not in shared
             components[s.name] = export_component(s, model, work, exported, log, low_memory=low_memory)
+        for i, net in enumerate(nets):  # where each ControlNet came from, for the manifest and its rebuild command
+            c = components[controlnet.COMPONENT.format(i)]
+            components[c.name] = replace(c, build={**c.build, "controlnet": net.record()})
         for dest, src in model.family.tokenizers(model).items():
             write_tokenizer(src, work / dest)
 

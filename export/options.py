@@ -35,6 +35,7 @@ class BuildOptions:
     device_preset: str | None = None
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
+    controlnets: tuple[str, ...] = ()  # diffusers ControlNetModel folders: a controlnet_<i> component each
     # int8 (the UNet as calibrated QDQ): prompts file (None: the reference captions or the shipped set), generations
     # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
     calibration_prompts: Path | None = None
@@ -56,6 +57,9 @@ class BuildOptions:
             raise ValueError(f"unknown guidance mode {self.guidance!r}: choose one of auto, {', '.join(GUIDANCE_MODES)}")
         object.__setattr__(self, "lora", tuple(self.lora))  # argparse's append gives a list
         self.check_lora()
+        object.__setattr__(self, "controlnets", tuple(str(c) for c in self.controlnets))
+        if self.controlnets and self.precision == "int8":  # calibration samples without control images
+            raise ValueError("--controlnet with --precision int8 is not supported yet: build ControlNet bundles in fp16 or fp32")
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
 
     def check_lora(self) -> None:

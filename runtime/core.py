@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
+from . import control as ctl
 from . import images as img
 from .engine import Engine, cast_feed, load_engine
 from .errors import BundleError, Cancelled, NonFiniteError
@@ -76,8 +77,8 @@ class SdxlConditioning(TypedDict, total=False):
     negative_aesthetic_score: float
 
 
-class TaskOptions(Sampling, SdxlConditioning, total=False):
-    """Every keyword a task takes beyond its own arguments: the sampling options and a family's conditioning."""
+class TaskOptions(Sampling, SdxlConditioning, ctl.ControlOptions, total=False):
+    """Every keyword a task takes beyond its own arguments: the sampling options, a family's conditioning, ControlNet's."""
 
 
 DEFAULTS: Sampling = {
@@ -296,10 +297,13 @@ class Core:
         both checked before any work; a keyword that is neither is a TypeError naming both lists."""
         keywords = self.family.keywords
         conditioning = {k: v for k, v in given.items() if k in keywords}
-        rest = {k: v for k, v in given.items() if k not in keywords}
-        options = sampling_options(task, rest, tuple(keywords), **{**self.step_defaults(rest.get("scheduler")), **task_defaults})
+        control = ctl.task_options(task, given)  # checked when the run's UNet is made
+        rest = {k: v for k, v in given.items() if k not in keywords and k not in ctl.KEYWORDS}
+        options = sampling_options(
+            task, rest, (*keywords, *ctl.KEYWORDS), **{**self.step_defaults(rest.get("scheduler")), **task_defaults}
+        )
         self.family.conditioning(conditioning)
-        return options, conditioning
+        return options, {**conditioning, **control}
 
     def require(self, pipeline: str) -> None:
         """Refuse a pipeline the bundle was not built for, saying why and what builds it."""
@@ -366,13 +370,16 @@ class Core:
         """The UNet wrapped for the bundle's guidance mode, conditioned on the prompts by the model's family.
 
         image: per-image UNet conditioning beyond latents and text (see guidance.unet_call), batch B.
-        conditioning: the family's keywords, as Core.options split them off.
+        conditioning: the family's keywords and ControlNet's (runtime.control), as Core.options split them off.
         """
         prompts = self.prompts(prompt, "prompt")  # checked before the negatives: an empty prompt is the likelier mistake
         negatives = self.prompts(negative_prompt, "negative_prompt")
+        family = {k: v for k, v in (conditioning or {}).items() if k not in ctl.KEYWORDS}
+        control = {k: v for k, v in (conditioning or {}).items() if k in ctl.KEYWORDS}
+        unet = ctl.controlled_unet(self.engines["unet"], self.engine, self.manifest, control, self.timesteps(options), self.rebuild())
         return guided(
-            self.engines["unet"], self.family, self.manifest.guidance_info, prompts, negatives,
-            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, conditioning,
+            unet, self.family, self.manifest.guidance_info, prompts, negatives,
+            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, family,
         )  # fmt: skip
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

@@ -592,6 +592,8 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
         words += [flag, value]
     for spec in fused:
         words += ["--lora", spec]
+    for name in sorted((n for n in manifest.components if n.startswith("controlnet_")), key=lambda n: int(n.rsplit("_", 1)[1])):
+        words += ["--controlnet", str(manifest.components[name].build.get("controlnet", {}).get("source", "CONTROLNET_FOLDER"))]
     return shlex.join([*words, "--out", str(bundle), "--force"])
 
 
