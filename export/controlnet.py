@@ -49,7 +49,9 @@ def load_controlnets(paths: tuple[str, ...], unet: Any, vae_factor: int, allow_p
             raise ModelError(f"--controlnet {given}: {config} not found; pass a diffusers ControlNetModel folder (save_pretrained)")
         cls = read_json_object(config).get("_class_name")
         if cls != "ControlNetModel":
-            raise ModelError(f"--controlnet {given}: its config names {cls!r}, not ControlNetModel; pass a diffusers ControlNetModel folder")
+            raise ModelError(
+                f"--controlnet {given}: its config names {cls!r}, not ControlNetModel; pass a diffusers ControlNetModel folder"
+            )
         weights = component_weights(path.parent, path.name, allow_pickle, None)
         from diffusers import ControlNetModel
 
@@ -100,7 +102,9 @@ def residual_specs(net: ControlNet, rows: int, h: int, w: int) -> tuple[TensorSp
     )
 
 
-def controlnet_spec(index: int, net: ControlNet, unet_spec: ComponentSpec, residuals: tuple[TensorSpec, ...], vae_factor: int) -> ComponentSpec:
+def controlnet_spec(
+    index: int, net: ControlNet, unet_spec: ComponentSpec, residuals: tuple[TensorSpec, ...], vae_factor: int
+) -> ComponentSpec:
     """One ControlNet with the UNet's batch and text inputs; its outputs are the UNet's residual inputs."""
     cfg = net.module.config
     by_name = {t.name: t for t in unet_spec.inputs}

@@ -42,7 +42,8 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     targets = lora.slot_targets(model, options.lora_slots) if options.lora_slots else ()
     info = lora.lora_info(lora.records(adapters), options.lora_slots, targets)
     nets = controlnet.load_controlnets(options.controlnets, model.unet, model.vae_factor, options.allow_pickle)
-    out = out or ENGINES / (default_name(model.name, height, width, batch, precision, BACKEND, guidance) + lora.suffix(info))
+    nets_suffix = "".join(f"-{net.path.resolve().name}" for net in nets)
+    out = out or ENGINES / (default_name(model.name, height, width, batch, precision, BACKEND, guidance) + lora.suffix(info) + nets_suffix)
     check_target(out, options.force, model.source)
     what = f"{height}x{width}, batch {batch}, {precision}, {BACKEND}, guidance {guidance}; {', '.join(pipelines)}"
     log(f"building {out} from {model.source} ({what})")

@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> None:
 def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[str]) -> dict:
     """Train on generated control data and save the ControlNet (safetensors) and its log into ``out``."""
     import diffusers
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
@@ -152,7 +151,8 @@ def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[s
     # alone, so the best prediction for each input is unchanged; the placement is just learnt sooner.
     weight = 1.0 + (OBJECT_WEIGHT - 1.0) * F.avg_pool2d(cond[:, :1], images.shape[1] // mean.shape[-1])
     abar = DDIMScheduler.from_pretrained(base / "scheduler").alphas_cumprod.float()
-    say(f"[data] {len(images)} images, {len(distinct) - 1} captions, latents {tuple(mean.shape[1:])} in {time.perf_counter() - started:.0f}s")
+    seconds = time.perf_counter() - started
+    say(f"[data] {len(images)} images, {len(distinct) - 1} captions, latents {tuple(mean.shape[1:])} in {seconds:.0f}s")
 
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS).train()
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=recipe.lr, weight_decay=0.01)
@@ -184,7 +184,9 @@ def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[s
         rows = torch.where(torch.rand(len(index)) < recipe.caption_dropout, 0, caption_rows[index])
         context = contexts[rows]
         down, mid = controlnet(zt, t, encoder_hidden_states=context, controlnet_cond=cond[index], return_dict=False)
-        prediction = unet(zt, t, encoder_hidden_states=context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        prediction = unet(
+            zt, t, encoder_hidden_states=context, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
         loss = (weight[index] * (prediction - noise) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +195,8 @@ def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[s
         losses.add(loss)
         step += 1
         if ticker.due():
-            say(f"[controlnet] step {step}/{recipe.steps}  loss {losses.flush(step, clock.elapsed()):.4f}  lr {lr:.2e}  {step / clock.elapsed():.2f} it/s  {clock.elapsed():.0f}s")
+            loss_now, elapsed = losses.flush(step, clock.elapsed()), clock.elapsed()
+            say(f"[controlnet] step {step}/{recipe.steps}  loss {loss_now:.4f}  lr {lr:.2e}  {step / elapsed:.2f} it/s  {elapsed:.0f}s")
         if saver is not None and saver.due():
             _save(controlnet, out, {**log, "status": "checkpoint", "steps": step}, losses)
             say(f"[controlnet] checkpoint saved at step {step}")

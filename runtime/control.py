@@ -99,7 +99,9 @@ class Control:
     hand-off skip the first steps, and diffusers counts control_guidance_start/end over the steps that run).
     """
 
-    def __init__(self, nets: list[Net], residuals: tuple[TensorSpec, ...], timesteps: Sequence[float], guess: bool, cfg: bool, channels: int):
+    def __init__(
+        self, nets: list[Net], residuals: tuple[TensorSpec, ...], timesteps: Sequence[float], guess: bool, cfg: bool, channels: int
+    ):
         self.nets, self.guess, self.cfg, self.channels = nets, guess, cfg, channels
         self.zeros = {t.name: np.zeros(t.shape, np.float32) for t in residuals}
         self.timesteps = np.asarray(timesteps, dtype=np.float64)
@@ -149,7 +151,9 @@ def control_images(given: Any, n: int) -> list[Any]:
         return [given]
     if not isinstance(given, (list, tuple)) or len(given) != n:
         got = f"a list of {len(given)}" if isinstance(given, (list, tuple)) else type(given).__name__
-        raise ValueError(f"control_image: this bundle has {n} ControlNets, so pass a list of {n} images (None to leave a net out), got {got}")
+        raise ValueError(
+            f"control_image: this bundle has {n} ControlNets, so pass a list of {n} images (None to leave a net out), got {got}"
+        )
     return list(given)
 
 
@@ -194,7 +198,8 @@ def controlled_unet(
         engine = open_engine(name)
         spec = engine.component.input("controlnet_cond")
         what = "control_image" if n == 1 else f"control_image[{names.index(name)}]"
-        cond = img.control_tensor(image, spec.shape[2:], manifest.batch_size, resize=bool(given.get("control_resize")), what=what)
+        size, resize = (spec.shape[2], spec.shape[3]), bool(given.get("control_resize"))
+        cond = img.control_tensor(image, size, manifest.batch_size, resize=resize, what=what)
         if rows != len(cond):  # CFG: both halves see the control image
             cond = np.concatenate([cond] * (rows // len(cond)))
         nets.append(Net(engine, cond, scale, start, end))

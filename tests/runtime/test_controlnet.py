@@ -151,7 +151,8 @@ def test_lcm_student_takes_a_controlnet(tmp_path, monkeypatch):
     latents = noises(pipe.manifest.latent_shape)[0]
     ours = pipe.txt2img(PROMPT, steps=4, guidance_scale=5.0, seed=3, latents=latents, output_type="np", control_image=A)
     rng = np.random.default_rng(3)  # diffusers' LCM steps get the noise our sampler drew, in order
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **_: torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)))
+    draw = lambda shape, **_: torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))  # noqa: E731
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", draw)
     ref = diffusers_pipe("StableDiffusionControlNetPipeline", model, [net], "LCMScheduler")(
         PROMPT, image=A, num_inference_steps=4, guidance_scale=5.0, latents=torch.from_numpy(latents), output_type="np"
     ).images
