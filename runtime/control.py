@@ -187,7 +187,8 @@ def controlled_unet(
             raise ValueError(f"control_guidance_start {s} and control_guidance_end {e}: need 0 <= start < end <= 1")
     guess = bool(given.get("guess_mode", False))
     # a net trained with pooled conditions (global_pool_conditions, e.g. shuffle) always runs in guess mode, as in diffusers
-    guess = guess or any(manifest.components[n].build.get("controlnet", {}).get("global_pool_conditions") for n in names)
+    records = [(manifest.components[n].source_onnx or manifest.components[n]).build.get("controlnet", {}) for n in names]
+    guess = guess or any(r.get("global_pool_conditions") for r in records)
     images = control_images(given.get("control_image"), n) if given.get("control_image") is not None else [None] * n
     rows = manifest.components["unet"].input("sample").shape[0]
     cfg = manifest.guidance == "cfg"

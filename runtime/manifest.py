@@ -593,7 +593,8 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
     for spec in fused:
         words += ["--lora", spec]
     for name in sorted((n for n in manifest.components if n.startswith("controlnet_")), key=lambda n: int(n.rsplit("_", 1)[1])):
-        words += ["--controlnet", str(manifest.components[name].build.get("controlnet", {}).get("source", "CONTROLNET_FOLDER"))]
+        onnx = manifest.components[name].source_onnx or manifest.components[name]  # a plan keeps its ONNX's record
+        words += ["--controlnet", str(onnx.build.get("controlnet", {}).get("source", "CONTROLNET_FOLDER"))]
     return shlex.join([*words, "--out", str(bundle), "--force"])
 
 

@@ -206,3 +206,17 @@ def test_a_controlnet_for_another_unet_is_refused(tiny_model, tmp_path):
     net = make_tiny_controlnet(other, tmp_path / "net")
     with pytest.raises(ModelError, match=r"was made for another UNet: its .* is .*, the model's UNet has"):
         build(tiny_model, tmp_path / "b", precision="fp32", controlnets=(str(net),), **QUIET)
+
+
+def test_tensorrt_road_builds_and_verifies_the_nets_and_the_residual_unet(bundle, tmp_path):
+    """--from-onnx with the stand-in builder (tests/export/test_tensorrt_offline.py): every component, the nets included,
+    is built and gated on the fixed inputs (control image in [0, 1], residuals), and keeps where it came from."""
+    from runtime.manifest import load_manifest
+    from tests.export.test_tensorrt_offline import offline_build
+
+    manifest = load_manifest(offline_build(bundle, tmp_path / "trt"))
+    assert {"controlnet_0", "controlnet_1", "unet"} <= set(manifest.components)
+    for name in ("controlnet_0", "controlnet_1", "unet"):
+        component = manifest.components[name]
+        assert component.format == "plan" and component.verification["passed"]
+    assert [t.name for t in manifest.components["controlnet_0"].outputs][-1] == "mid_block_residual"
