@@ -1,7 +1,7 @@
 """python -m benchmarks.int8_unet: int8 vs fp32 UNet call time on ONNX Runtime, interleaved in one process.
 
 From an fp32 ONNX Runtime bundle: record calibration inputs from real sampling runs (as --precision int8
-does), quantize a copy of its UNet with export.quantize (float nodes by the rules; --float-convs N adds
+does), quantize a copy of its UNet with export.int8.quantize (float nodes by the rules; --float-convs N adds
 the sweep), then time fp32 and int8 calls alternately on the same recorded mid-trajectory input, so
 load changes on a shared machine hit both alike. Reports calibration and quantization time, the
 quantization step's peak memory (measured in a child process), and the UNet file sizes.
@@ -31,7 +31,7 @@ def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], 
     """Calibration pass + QDQ rewrite; run in a child process (--child), so its peak RSS is this step's alone."""
     import onnx
 
-    from export import quantize
+    from export.int8 import quantize
 
     where = quantize.placement("onnxruntime")
     model = onnx.load(source, load_external_data=False)
@@ -71,7 +71,7 @@ def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
 
 def record(bundle: Path, generations: int, steps: int) -> list[dict[str, np.ndarray]]:
     """UNet inputs of real sampling runs, as --precision int8 records them."""
-    from export import calibration
+    from export.int8 import calibration
     from runtime.pipeline import Pipeline
 
     prompts = calibration.read_prompts(calibration.DEFAULT_PROMPTS).prompts
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--bundle is required")
 
     from benchmarks.runtime_bench import machine, machine_line
-    from export import quantize
+    from export.int8 import quantize
     from runtime.backends.onnxruntime import OrtEngine
-    from runtime.manifest import read_bundle
+    from runtime.bundle import read_bundle
 
     load = list(os.getloadavg())
     manifest, _ = read_bundle(args.bundle, verify_files=False)

@@ -39,7 +39,7 @@ def size(paths: list[Path]) -> int:
 
 
 def run_bundle(bundle: Path, prompts: list[str], steps: int, guidance: float, seed: int) -> dict[str, Any]:
-    from runtime.manifest import read_bundle
+    from runtime.bundle import read_bundle
     from runtime.pipeline import Pipeline
 
     manifest, _ = read_bundle(bundle)

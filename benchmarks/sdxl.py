@@ -202,7 +202,7 @@ def stage_times(bundle: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     from export.inputs import fixed_inputs
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
 
     manifest = load_manifest(bundle)
     figures: dict[str, Any] = {"bundle": str(bundle), "graph_optimization_level": "ORT_DISABLE_ALL", "stages": {}}

@@ -2,7 +2,7 @@
 
 Run it with the serving environment's Python from the checkout (`.venv-triton/bin/python -m benchmarks.triton_load ...`):
 it needs tritonclient, and the runtime with numpy and onnxruntime for the in-process baseline.
-It starts `python -m runtime.serve BUNDLE` on free loopback ports (or uses --url's server), sends CLIENTS concurrent
+It starts `python -m serving BUNDLE` on free loopback ports (or uses --url's server), sends CLIENTS concurrent
 clients x REQUESTS requests each (mixed prompts, a distinct seed per request, equal steps/guidance so requests may
 share a UNet batch), and checks that every request was answered without error and that every image equals the
 runtime's own (`Pipeline.txt2img(prompt, seed=seed)`, first image) for the same prompt and seed. Then it runs the
@@ -189,7 +189,7 @@ def make_requests(clients: int, per_client: int, steps: int) -> list[list[Reques
 def direct(bundle: Path, flat: Sequence[Request]) -> dict[str, Any]:
     """The same requests in this process: one txt2img call each, then the bundle's batch per call (each row its seed's latents)."""
     from runtime import Pipeline
-    from runtime.core import initial_latents
+    from runtime.session import initial_latents
 
     pipe = Pipeline.load(bundle)
     pipe.txt2img(flat[0].prompt, **flat[0].options())  # warm-up, as the server's first request is not counted either
@@ -224,7 +224,7 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """`python -m runtime.serve` in a subprocess, on free loopback ports, until stop()."""
+    """`python -m serving` in a subprocess, on free loopback ports, until stop()."""
 
     bundle: Path
     extra: Sequence[str] = ()
@@ -233,7 +233,7 @@ class Server:
     log: list[str] = field(default_factory=list)
 
     def start(self, timeout_s: float = 300.0) -> Server:
-        cmd = [sys.executable, "-m", "runtime.serve", str(self.bundle), *self.extra]
+        cmd = [sys.executable, "-m", "serving", str(self.bundle), *self.extra]
         cmd += [f"--{k}-port={v}" for k, v in self.ports.items()]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parent.parent)
         ready = threading.Event()
@@ -248,7 +248,7 @@ class Server:
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(timeout_s):
             self.stop()
-            raise RuntimeError(f"runtime.serve was not ready in {timeout_s:g} s: {''.join(self.log)[-2000:]}")
+            raise RuntimeError(f"serving was not ready in {timeout_s:g} s: {''.join(self.log)[-2000:]}")
         return self
 
     def url(self, protocol: str) -> str:
@@ -263,7 +263,7 @@ class Server:
 def table(report: Mapping[str, Any]) -> str:
     s, d = report["served"], report["direct"]
     rows = [
-        ("Triton (runtime.serve), " + report["protocol"], s["throughput_rps"], s["latency_s"]),
+        ("Triton (serving), " + report["protocol"], s["throughput_rps"], s["latency_s"]),
         ("runtime in one process, 1 request per call", d["one_per_call"]["throughput_rps"], d["one_per_call"]["latency_s"]),
     ]
     lines = [
@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=25, help="requests per client")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument("--url", help="an already running server's host:port for --protocol (default: start runtime.serve)")
+    p.add_argument("--url", help="an already running server's host:port for --protocol (default: start serving)")
     p.add_argument("--metrics-url", help="its metrics URL, with --url")
-    p.add_argument("--serve-args", default="", help="extra runtime.serve flags, e.g. '--instances 2'")
+    p.add_argument("--serve-args", default="", help="extra serving flags, e.g. '--instances 2'")
     p.add_argument("--no-direct", action="store_true", help="skip the in-process baseline (and the image check)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the load may take before the rest is not sent")
     p.add_argument("--out", type=Path, help="write triton-load-<bundle>-<clients>x<requests>-<steps>steps.json and .md here")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import TensorSpec, sha256_file
+from runtime.bundle import TensorSpec, sha256_file
 
 from .errors import ModelError, read_json_object
 from .model import component_weights

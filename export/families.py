@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtime.manifest import SdxlInfo, TensorSpec, TextEncoderInfo
+from runtime.bundle import SdxlInfo, TensorSpec, TextEncoderInfo
 
 from .errors import ModelError, read_json_object
 from .onnx_export import ComponentSpec, wrap

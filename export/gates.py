@@ -3,7 +3,7 @@
 Every gate uses the same figure, per output: error = max |out - ref| / max(1, max |ref|), the worst
 output deciding. The reference is what the checked file was made from: the fp32 torch module for an
 exported ONNX (export.verify), the ONNX run by ONNX Runtime on the CPU for a TensorRT engine
-(export.from_onnx). Dividing by the output's range (at least 1) keeps large activations from failing
+(export.tensorrt.from_onnx). Dividing by the output's range (at least 1) keeps large activations from failing
 on rounding alone and small ones from passing on absolute error alone.
 """
 

@@ -1,6 +1,6 @@
-"""Fixed verification inputs, one recipe for every gate (export.verify and export.from_onnx).
+"""Fixed verification inputs, one recipe for every gate (export.verify and export.tensorrt.from_onnx).
 
-Imports only numpy and runtime: export.from_onnx runs on a Jetson without torch.
+Imports only numpy and runtime: export.tensorrt.from_onnx runs on a Jetson without torch.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from runtime.bundle import TensorSpec
 from runtime.guidance import guidance_embedding
-from runtime.manifest import TensorSpec
 
 # CLIP's <|startoftext|> and <|endoftext|> (SD 1.x pads with the latter)
 START, END = 49406, 49407

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from runtime.bundle import LoraAdapter, LoraInfo, LoraTarget, TensorSpec
 from runtime.lora import Adapter, Layer, Layers, LoraError, parse_spec, read_adapter
-from runtime.manifest import LoraAdapter, LoraInfo, LoraTarget, TensorSpec
 
-from .bundle import Log
 from .onnx_export import ComponentSpec
+from .staging import Log
 
 # The layers that get slots: the UNet's attention blocks (attention projections, feed-forward, proj_in/proj_out) and
 # the text encoder's transformer layers: what kohya, diffusers' training scripts and model-site adapters train.

@@ -1,8 +1,8 @@
-"""The manifest of an ONNX bundle exported from a diffusers model (the TensorRT one: export.from_onnx)."""
+"""The manifest of an ONNX bundle exported from a diffusers model (the TensorRT one: export.tensorrt.from_onnx)."""
 
 from __future__ import annotations
 
-from runtime.manifest import (
+from runtime.bundle import (
     Component,
     GuidanceInfo,
     LoraInfo,
@@ -14,9 +14,9 @@ from runtime.manifest import (
     VaeInfo,
 )
 
-from .bundle import now
 from .families import StableDiffusionXL
 from .model import SourceModel
+from .staging import now
 
 
 def manifest_for(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import sha256_file
+from runtime.bundle import sha256_file
 
 from .errors import ModelError, read_json_object
 from .families import ExportFamily, StableDiffusion, detect

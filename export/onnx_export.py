@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import TensorSpec
+from runtime.bundle import TensorSpec
 
 OPSET = 17
 # UNet inputs diffusers' UNet2DConditionModel takes inside `added_cond_kwargs` (SDXL's pooled text and micro-conditioning)
@@ -158,7 +158,7 @@ def export_onnx_half(spec: ComponentSpec, sample: dict[str, Any], out: Path) -> 
     No fp32 ONNX is ever written or held: the torch weights halve before tracing, so an SDXL UNet's export holds
     5 GB of weights where the fp32 road holds 10 GB plus a 10 GB ONNX copy. The bundle's I/O stays float32 (the
     contract): the graph casts float inputs to fp16 on entry and its outputs back to float32. The module is left
-    in half precision; the caller owns it (export.onnx_bundle frees it).
+    in half precision; the caller owns it (export.from_model frees it).
     """
     import torch
 

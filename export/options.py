@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.manifest import GUIDANCE_MODES
+from runtime.bundle import GUIDANCE_MODES
 
-from .tensorrt import BuilderSettings, builder_settings
+from .tensorrt.builder import BuilderSettings, builder_settings
 
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -36,7 +36,7 @@ class BuildOptions:
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
     controlnets: tuple[str, ...] = ()  # diffusers ControlNetModel folders: a controlnet_<i> component each
-    # int8 (the UNet as calibrated QDQ): prompts file (None: the reference captions or the shipped set), generations
+    # int8 (the UNet as calibrated QDQ): prompts file (None: the model's own or the shipped set), generations
     # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
     calibration_prompts: Path | None = None
     calibration_size: int = 32
@@ -86,11 +86,11 @@ class BuildOptions:
 
     def check_int8(self) -> None:
         """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""
-        from .calibration import CalibrationError, check_size, read_prompts
+        from .int8.calibration import CalibrationError, check_size, read_prompts
 
         check_size(self.calibration_size)
         if self.precision == "int8":
-            from .quantize import check_quantizer
+            from .int8.quantize import check_quantizer
 
             check_quantizer()
         if isinstance(self.int8_float_convs, bool) or not isinstance(self.int8_float_convs, int) or self.int8_float_convs < 0:

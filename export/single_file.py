@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import sha256_file
+from runtime.bundle import sha256_file
 
 from .errors import ModelError
 from .families import OTHER_FAMILIES

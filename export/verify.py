@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine import load_engine
-from runtime.manifest import Component
+from runtime.bundle import Component
+from runtime.dispatch import load_engine
 
 from .gates import TOLERANCE, error_figures
 from .onnx_export import ComponentSpec, torch_inputs

@@ -304,7 +304,7 @@ def save_student(unet, teacher_dir: Path, out: Path, link: bool, solver_steps: i
 
 
 def _sha256sums(out: Path) -> str:
-    from runtime.manifest import sha256_file
+    from runtime.bundle import sha256_file
 
     files = sorted(p for p in out.rglob("*") if p.is_file() and CHECKPOINT not in p.parts and p.name != "SHA256SUMS")
     return "".join(f"{sha256_file(p)}  {p.relative_to(out).as_posix()}\n" for p in files)

@@ -31,6 +31,7 @@ from reference.architecture import (
     scheduler_config,
     size_report,
 )
+from reference.calibration import write as write_calibration_prompts
 from reference.caption_bank import CaptionSampler, build_caption_bank, load_tokenizer
 from reference.dataset import make_dataset
 from reference.ema import EMA
@@ -301,6 +302,7 @@ def run(setup: Setup, started: float) -> dict:
 
     def checkpoint(text_ema: EMA, unet_ema: EMA) -> None:
         save_pipeline(vae, scale, text_ema.shadow, unet_ema.shadow, out, setup.tokenizer_dir)
+        write_calibration_prompts(out)  # the model's own int8 calibration prompts, as data export reads
         # whether the saved weights listen to each caption word, position above all (see reference.probe)
         with autocast(setup):
             scores = sensitivity(text_ema.shadow, unet_ema.shadow, ids, abar, tuple(latents[0].shape[1:]))

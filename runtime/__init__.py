@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["Pipeline", "BundleError", "Cancelled", "load_manifest"]
 
 if TYPE_CHECKING:
+    from .bundle import load_manifest
     from .errors import BundleError, Cancelled
-    from .manifest import load_manifest
     from .pipeline import Pipeline
 
 _LAZY = {
     "Pipeline": ".pipeline",
     "BundleError": ".errors",
     "Cancelled": ".errors",
-    "load_manifest": ".manifest",
+    "load_manifest": ".bundle",
 }
 
 

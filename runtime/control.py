@@ -16,9 +16,9 @@ from typing import Any, TypedDict
 import numpy as np
 
 from . import images as img
+from .bundle import Manifest, TensorSpec
 from .errors import BundleError
-from .feed import Engine, cast_feed
-from .manifest import Manifest, TensorSpec
+from .protocol import Engine, cast_feed
 
 PREFIX = "controlnet_"
 RESIDUALS = ("down_block_residual_", "mid_block_residual")

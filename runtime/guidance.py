@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine, cast_feed
+from .bundle import GUIDANCE_MODES, GuidanceInfo
 from .errors import BundleError, NonFiniteError
 from .families import Conditioning, Family
-from .feed import check_finite
-from .manifest import GUIDANCE_MODES, GuidanceInfo
+from .protocol import Engine, cast_feed, check_finite
 from .sampling.common import Model
 
 MODES = GUIDANCE_MODES

@@ -40,7 +40,7 @@ def _as_arrays(
     """Each image as float32 (H, W, C) in [0, 1], at `size` (height, width): resized only when asked.
 
     scale: the bundle's output size over its input size (the x4 upscaler: 4), for the rebuild hint;
-    rebuild(**changed flags): the command that rebuilds the caller's bundle with them (runtime.manifest.rebuild_hint).
+    rebuild(**changed flags): the command that rebuilds the caller's bundle with them (runtime.bundle.rebuild_hint).
     """
     items = list(image) if isinstance(image, (list, tuple)) else [image]
     if len(items) == 1 and isinstance(items[0], np.ndarray) and items[0].ndim == 4:

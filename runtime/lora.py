@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import LoraTarget
+from .bundle import LoraTarget
 
 COMPONENTS = ("unet", "text_encoder")
 KINDS = ("linear", "conv1x1")  # the layer kinds a LoRA update is applied to (fused and in slots)

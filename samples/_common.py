@@ -109,7 +109,7 @@ def settings(pipe: Any, prompt: str, **chosen: Any) -> dict[str, Any]:
     chosen: negative_prompt, seed, steps, guidance_scale, scheduler (None: the model's own), and anything
     task-specific (strength, ...). The sampler the runtime picks by default is named, not left as "default".
     """
-    from runtime.core import DEFAULTS
+    from runtime.options import DEFAULTS
     from runtime.sampling import default_sampler
 
     for key in ("steps", "guidance_scale"):  # what the runtime used where the sample left it to the default

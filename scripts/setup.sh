@@ -20,7 +20,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && ! { command -v chrom
     exit 1
   fi
 fi
-# The serving environment: `python -m runtime.serve` runs Triton from it and tests/serving talks to that server.
+# The serving environment: `python -m serving` runs Triton from it and tests/serving talks to that server.
 # nvidia-pytriton ships the tritonserver binary and its Python backend, whose stub process needs numpy 1.x (with numpy 2
 # it returned corrupt tensors), hence a venv of its own beside .venv (which keeps numpy 2); tritonclient talks to the
 # server; kubernetes-validate checks deploy/k8s offline against the Kubernetes schemas it ships.

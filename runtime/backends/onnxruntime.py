@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle import Component
 from ..errors import BundleError
-from ..feed import check_feed
-from ..manifest import Component
+from ..protocol import check_feed
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from ..compat import Device, check_compatible, device_from_properties
+from ..bundle import Component, TensorSpec, rebuild_command
+from ..bundle.fit import Device, check_compatible, device_from_properties
 from ..errors import BundleError
-from ..feed import check_feed
-from ..manifest import Component, TensorSpec, rebuild_command
+from ..protocol import check_feed
 
 if TYPE_CHECKING:
     import tensorrt as trt

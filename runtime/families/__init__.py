@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from ..bundle import Manifest
 from ..errors import BundleError
-from ..manifest import Manifest
 from .base import Conditioning, Family, OpenEngine
 
 __all__ = ["Conditioning", "Family", "FAMILIES", "open_family"]

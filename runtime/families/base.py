@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..engine import Engine
-from ..manifest import Manifest
+from ..bundle import Manifest
+from ..protocol import Engine
 
 OpenEngine = Callable[[str], Engine]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import cast_feed
-from ..manifest import Manifest
+from ..bundle import Manifest
+from ..protocol import cast_feed
 from ..tokenizer import ClipTokenizer
 from .base import Conditioning, OpenEngine
 

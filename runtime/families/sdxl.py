@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import cast_feed
+from ..bundle import Manifest, SdxlInfo, rebuild_hint
 from ..errors import BundleError
-from ..manifest import Manifest, SdxlInfo, rebuild_hint
+from ..protocol import cast_feed
 from ..tokenizer import ClipTokenizer
 from .base import Conditioning, OpenEngine
 

@@ -7,14 +7,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, TaskOptions, start_step
+from ..handoff import start_at, start_step
+from ..options import Prompt, TaskOptions, task_options
+from ..session import Images, Session
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 
 def img2img(
-    pipe: Core,
+    pipe: Session,
     prompt: Prompt,
     image: img.ImageLike,
     negative_prompt: Prompt = "",
@@ -36,15 +38,18 @@ def img2img(
     denoising_start: continue another run from that fraction of the noise schedule (diffusers' denoising_start):
     `image` is then the latents a base's txt2img(..., denoising_end=the same fraction, output_type='latent')
     returned, (B, C, H/f, W/f), taken as they are; strength is not used (an image given instead is encoded, not noised).
-    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (runtime.options.Sampling).
     SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
     refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """
-    options, conditioning = pipe.options("img2img", sampling)
+    options, conditioning = task_options("img2img", sampling, pipe.family, pipe.manifest.scheduler)
     pipe.require("img2img")
     img.check_output_type(output_type)
     handoff = denoising_start is not None
-    start = pipe.start_at(options, denoising_start) if denoising_start is not None else start_step(options["steps"], strength)
+    if denoising_start is not None:
+        start = start_at(pipe.timesteps(options), pipe.manifest.scheduler.config, denoising_start)
+    else:
+        start = start_step(options["steps"], strength)
     rng = np.random.default_rng(options["seed"])
     shape = pipe.manifest.latent_shape
     noise = pipe.draw(noise, rng, shape, "noise")

@@ -8,15 +8,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, TaskOptions, start_step
+from ..handoff import start_step
+from ..options import Prompt, TaskOptions, task_options
 from ..sampling import Known
+from ..session import Images, Session
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 
 def inpaint(
-    pipe: Core,
+    pipe: Session,
     prompt: Prompt,
     image: img.ImageLike,
     mask_image: img.ImageLike,
@@ -41,11 +43,11 @@ def inpaint(
     inpainting UNet, as diffusers).
     strength < 1 starts from the image noised to that level instead of pure noise.
     The seed's generator draws `latents` (the initial noise) first, then `encoder_noise`.
-    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (see core.Sampling).
+    sampling: steps=50 (4 for LCM/TCD), guidance_scale=7.5, guidance_rescale=0, seed, scheduler, eta, callback (runtime.options.Sampling).
     SDXL bundles also take original_size, crops_coords_top_left, target_size, their negative_* twins and the
     refiner's aesthetic_score / negative_aesthetic_score (see runtime.families.sdxl; diffusers' defaults).
     """
-    options, conditioning = pipe.options("inpaint", sampling)
+    options, conditioning = task_options("inpaint", sampling, pipe.family, pipe.manifest.scheduler)
     pipe.require("inpaint")
     img.check_output_type(output_type)
     start = start_step(options["steps"], strength)
@@ -73,7 +75,7 @@ def inpaint(
     return pipe.finish(x, output_type, ((pixels.transpose(0, 2, 3, 1) + 1) / 2, mask) if paste else None)
 
 
-def _unchanged(pipe: Core, pixels: np.ndarray, output_type: str) -> Images:
+def _unchanged(pipe: Session, pixels: np.ndarray, output_type: str) -> Images:
     """The input image itself, in the asked output type (latents: the posterior mean)."""
     if output_type == "latent":
         return pipe.encode_image(pixels, np.zeros(pipe.manifest.latent_shape, np.float32))

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import images as img
-from ..core import Core, Images, Prompt, TaskOptions
+from ..bundle import UpscaleInfo, rebuild_hint
 from ..errors import BundleError
-from ..manifest import UpscaleInfo, rebuild_hint
+from ..options import Prompt, TaskOptions, task_options
 from ..sampling import noise_schedule
 from ..sampling.common import noised_vp
+from ..session import Images, Session
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -39,7 +40,7 @@ def low_res_alphas_cumprod(settings: UpscaleInfo) -> np.ndarray:
 
 
 def upscale(
-    pipe: Core,
+    pipe: Session,
     prompt: Prompt,
     image: img.ImageLike,
     negative_prompt: Prompt = "",
@@ -59,9 +60,9 @@ def upscale(
     the input image, then `latents` (B, 4, h, w), the initial noise, then any sampler noise: the order in
     which diffusers' pipeline draws them from its generator. Pass either array to use your own.
     sampling: steps=75, guidance_scale=9.0 (diffusers' defaults, as noise_level 20), guidance_rescale=0,
-    seed, scheduler, eta, callback (see core.Sampling).
+    seed, scheduler, eta, callback (runtime.options.Sampling).
     """
-    options, conditioning = pipe.options("upscale", sampling, steps=75, guidance_scale=9.0)
+    options, conditioning = task_options("upscale", sampling, pipe.family, pipe.manifest.scheduler, steps=75, guidance_scale=9.0)
     pipe.require("upscale")
     img.check_output_type(output_type)
     settings = pipe.manifest.upscale

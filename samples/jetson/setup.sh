@@ -65,7 +65,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-# The presets `python -m export.build --device-preset` knows for a Jetson (export/tensorrt.py: PRESETS).
+# The presets `python -m export.build --device-preset` knows for a Jetson (export/tensorrt/builder.py: PRESETS).
 case "$PRESET" in
   jetson-orin-nano | jetson-orin-nx) ;;
   *) die "--preset $PRESET: choose jetson-orin-nano or jetson-orin-nx" ;;

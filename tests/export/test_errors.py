@@ -147,7 +147,7 @@ def test_manifest_contract(bundle_fp32, tiny_model):
 
 def test_default_bundle_name(tiny_model, tmp_path, monkeypatch):
     """The checkout's engines/ folder, whatever the working directory: runtime's default --bundle looks there too."""
-    from export import onnx_bundle
+    from export import from_model as onnx_bundle
     from runtime.cli import DEFAULT_BUNDLE
 
     monkeypatch.setattr(onnx_bundle, "ENGINES", tmp_path / "engines")

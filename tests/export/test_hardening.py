@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from export import bundle
+from export import staging as bundle
 from export.build import build, main
-from export.bundle import TargetError, exchange, publish, staging
-from runtime.manifest import MANIFEST, SCHEMA, load_manifest
+from export.staging import TargetError, exchange, publish, staging
+from runtime.bundle import MANIFEST, SCHEMA, load_manifest
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -28,7 +28,7 @@ def no_export(monkeypatch):
     def loaded(*_a, **_k):
         raise AssertionError("the model was loaded: the refusal came too late")
 
-    monkeypatch.setattr("export.onnx_bundle.open_model", loaded)
+    monkeypatch.setattr("export.from_model.open_model", loaded)
 
 
 @pytest.fixture
@@ -241,7 +241,7 @@ def interrupt(*_a, **_k):
 
 
 def test_ctrl_c_writes_nothing(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("export.onnx_bundle.export_component", interrupt)
+    monkeypatch.setattr("export.from_model.export_component", interrupt)
     out = tmp_path / "b"
     code, err = run_cli(capsys, "--model", str(tiny_model), "--out", str(out), "--precision", "fp32", "--backend", "onnxruntime")
     assert code == 130 and err == "error: interrupted; nothing was written\n"
@@ -250,7 +250,7 @@ def test_ctrl_c_writes_nothing(tiny_model, tmp_path, capsys, monkeypatch):
 
 def test_ctrl_c_during_a_rebuild_keeps_the_old_bundle(old_bundle, tiny_model, tmp_path, capsys, monkeypatch):
     before = (old_bundle / MANIFEST).read_bytes()
-    monkeypatch.setattr("export.onnx_bundle.write_tokenizer", interrupt)
+    monkeypatch.setattr("export.from_model.write_tokenizer", interrupt)
     code, err = run_cli(
         capsys, "--model", str(tiny_model), "--out", str(old_bundle), "--force", "--precision", "fp32", "--backend", "onnxruntime"
     )

@@ -9,9 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
-from export import calibration, int8, int8_gate, quantize
 from export.build import build, main
-from runtime.manifest import read_bundle, sha256_file
+from export.int8 import calibration, quantize
+from export.int8 import gate as int8_gate
+from export.int8 import unet as int8
+from runtime.bundle import read_bundle, sha256_file
 from runtime.pipeline import Pipeline
 
 PROMPTS = "# calibration prompts for the tiny model\na red circle\n\na blue square on a white background\na green triangle\n"

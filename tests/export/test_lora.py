@@ -321,9 +321,9 @@ def test_cli_refuses_a_bad_adapter_before_writing(tiny_model, tmp_path):
 def test_tensorrt_bundle_takes_the_same_slot_inputs(slotted, tmp_path):
     """--from-onnx keeps the slots as engine inputs and records them; the stand-in engine is the ONNX itself
     (as in test_tensorrt_offline), so the verification that fed it slot inputs is real."""
-    from export.from_onnx import build_from_onnx, onnx_component
-    from runtime.compat import Device
-    from runtime.engine import load_engine
+    from export.tensorrt.from_onnx import build_from_onnx, onnx_component
+    from runtime.bundle.fit import Device
+    from runtime.dispatch import load_engine
 
     built: dict[str, list[str]] = {}
 
@@ -344,7 +344,7 @@ def test_tensorrt_bundle_takes_the_same_slot_inputs(slotted, tmp_path):
         slots = [t.name for t in source.components[name].inputs if t.name.startswith("lora_")]
         assert slots and set(slots) <= set(built[name]) and m.components[name].inputs == source.components[name].inputs
         assert m.components[name].format == "plan" and m.components[name].verification["passed"]
-    assert "--lora-slots 12" in runtime.manifest.rebuild_hint(out, m) and "--backend tensorrt" in runtime.manifest.rebuild_hint(out, m)
+    assert "--lora-slots 12" in runtime.bundle.rebuild_hint(out, m) and "--backend tensorrt" in runtime.bundle.rebuild_hint(out, m)
 
 
 def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adapters, tmp_path):
@@ -367,7 +367,7 @@ def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adap
 
 
 def test_manifest_lora_round_trip_and_altered_slots(slotted, fused, tmp_path):
-    from runtime.manifest import Manifest
+    from runtime.bundle import Manifest
 
     for bundle in (slotted, fused):
         raw = json.loads((bundle / "manifest.json").read_text())

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from export import onnx_export
 from export.build import main
 from export.onnx_export import InvalidOnnxError, topological_sort
-from runtime.manifest import load_manifest
+from runtime.bundle import load_manifest
 
 
 @pytest.mark.parametrize("bundle", ["bundle_fp32", "bundle_fp16"])

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from export.build import build
+from runtime.bundle import Manifest, ModelInfo, load_manifest
 from runtime.errors import BundleError
-from runtime.manifest import Manifest, ModelInfo, load_manifest
 
 
 def test_the_left_out_safety_checker_is_logged_and_recorded(tiny_model, tmp_path):

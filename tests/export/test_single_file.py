@@ -16,7 +16,7 @@ import pytest
 from export.build import build, main
 from export.model import ModelError, open_model
 from export.single_file import CONFIGS, Checkpoint, recognise
-from runtime.manifest import sha256_file
+from runtime.bundle import sha256_file
 from tests.helpers.bundle_outputs import differences
 from tests.helpers.ldm_layout import ldm_shapes, ldm_state_dict, save_single_file
 

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 import runtime
-from export.from_onnx import build_from_onnx, onnx_component
 from export.gates import TOLERANCE, error_figures
 from export.inputs import fixed_inputs
+from export.tensorrt.from_onnx import build_from_onnx, onnx_component
 from runtime.backends.tensorrt import tensorrt_available
-from runtime.engine import load_engine
+from runtime.bundle import load_manifest
+from runtime.dispatch import load_engine
 from runtime.errors import BundleError
-from runtime.manifest import load_manifest
 from runtime.pipeline import initial_latents
 from tests.helpers import REPO
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 import runtime
-from export import from_onnx as from_onnx_mod
-from export import profile
-from export.from_onnx import VerificationFailed, build_from_onnx, onnx_component
 from export.inputs import fixed_inputs
-from export.tensorrt import (
+from export.tensorrt import from_onnx as from_onnx_mod
+from export.tensorrt import trtexec as profile
+from export.tensorrt.builder import (
     BuilderSettings,
     EngineBuildError,
     Precision,
@@ -39,11 +39,12 @@ from export.tensorrt import (
     dynamic_inputs,
     has_qdq,
 )
+from export.tensorrt.from_onnx import VerificationFailed, build_from_onnx, onnx_component
 from runtime.backends.tensorrt import gpu_index, tensorrt_available
-from runtime.compat import Device, check_compatible, device_from_properties, differences, rebuild_command, recorded_device
-from runtime.engine import load_engine
+from runtime.bundle import load_manifest
+from runtime.bundle.fit import Device, check_compatible, device_from_properties, differences, rebuild_command, recorded_device
+from runtime.dispatch import load_engine
 from runtime.errors import BundleError
-from runtime.manifest import load_manifest
 from tests.helpers import REPO
 
 ORIN = Device("10.3.0.30", "Orin", "8.7")
@@ -225,9 +226,8 @@ def test_fp16_engines_from_fp32_onnx_use_the_fp16_flag_on_tensorrt_10_only(bundl
 
 def test_backend_tensorrt_exports_then_builds_from_the_onnx(tiny_model, tmp_path, monkeypatch):
     from export import build as build_mod
-    from export import build_bundle
 
-    monkeypatch.setattr(build_bundle, "tensorrt_available", lambda: True)
+    monkeypatch.setattr(build_mod, "tensorrt_available", lambda: True)
     monkeypatch.setattr(from_onnx_mod, "build_from_onnx", lambda src, out, **kw: offline_build(src, out, **kw))
     said = []
     out = build_mod.build(tiny_model, tmp_path / "b", precision="fp32", backend="auto", device_preset="jetson-orin-nx", log=said.append)
@@ -584,7 +584,7 @@ def fake_trtexec(bin_dir: Path) -> Path:
 
 
 def test_profile_cli_prints_runs_and_explains(trt_bundle, tmp_path):
-    base = [sys.executable, "-m", "export.profile", str(trt_bundle), "--engine-dir", str(tmp_path / "e")]
+    base = [sys.executable, "-m", "export.tensorrt.trtexec", str(trt_bundle), "--engine-dir", str(tmp_path / "e")]
     printed = subprocess.run(base, cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
     commands = profile.bundle_commands(trt_bundle, engine_dir=tmp_path / "e")
     assert printed[:3] == [
@@ -707,8 +707,9 @@ def run_mypy(tmp: Path, *files: str) -> subprocess.CompletedProcess[str]:
 def test_tensorrt_modules_pass_mypy_strict(tmp_path):
     done = run_mypy(tmp_path)  # files and --strict come from [tool.mypy] in pyproject.toml
     assert done.returncode == 0, done.stdout + done.stderr
-    # every module of runtime/ and export/, strict: the count follows the tree
-    expected = len([*(REPO / "runtime").rglob("*.py"), *(REPO / "export").rglob("*.py")])
+    # every module of the packages [tool.mypy] names (runtime/, export/, serving/), strict: the count follows the tree
+    checked = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
+    expected = len([f for package in checked for f in (REPO / package).rglob("*.py")])
     assert f"Success: no issues found in {expected} source files" in done.stdout
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from export.inputs import fixed_inputs
-from runtime.engine import load_engine
-from runtime.manifest import load_manifest
+from runtime.bundle import load_manifest
+from runtime.dispatch import load_engine
 
 
 def outputs(bundle: Path, seed: int = 1) -> dict[str, np.ndarray]:

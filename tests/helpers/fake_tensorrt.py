@@ -1,6 +1,6 @@
 """Stand-ins for `tensorrt` and cuda-python's cudart, for driving the TensorRT code paths on a CPU.
 
-Only the calls export/tensorrt.py and runtime/backends/tensorrt.py make, with the documented
+Only the calls export/tensorrt/builder.py and runtime/backends/tensorrt.py make, with the documented
 shapes of their results (cudart: (error, *values) tuples). "Device memory" is host memory here;
 a stream records nothing and runs at once, except while capturing, when copies and engine runs
 are recorded into the "graph" and replayed by cudaGraphLaunch, as CUDA does. The fake engine

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import runtime
+from runtime.bundle import SCHEMA_VERSION, Manifest
 from runtime.errors import BundleError, Cancelled, FeedError
-from runtime.manifest import SCHEMA_VERSION, Manifest
 from runtime.tokenizer import PromptTruncatedWarning
 
 PROMPT = "a blue square"

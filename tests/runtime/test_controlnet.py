@@ -185,7 +185,7 @@ def test_a_bundle_without_controlnet_says_how_to_build_one(bundle_fp32):
 
 
 def test_manifest_records_each_net_and_the_rebuild_keeps_them(bundle, nets):
-    from runtime.manifest import load_manifest, rebuild_hint
+    from runtime.bundle import load_manifest, rebuild_hint
 
     manifest = load_manifest(bundle)
     unet_inputs = [t.name for t in manifest.components["unet"].inputs]
@@ -211,7 +211,7 @@ def test_a_controlnet_for_another_unet_is_refused(tiny_model, tmp_path):
 def test_tensorrt_road_builds_and_verifies_the_nets_and_the_residual_unet(bundle, tmp_path):
     """--from-onnx with the stand-in builder (tests/export/test_tensorrt_offline.py): every component, the nets included,
     is built and gated on the fixed inputs (control image in [0, 1], residuals), and keeps where it came from."""
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
     from tests.export.test_tensorrt_offline import offline_build
 
     manifest = load_manifest(offline_build(bundle, tmp_path / "trt"))

@@ -10,7 +10,7 @@ import pytest
 
 import runtime
 from runtime.cli import progress_bar
-from runtime.core import DEFAULTS
+from runtime.options import DEFAULTS
 from runtime.pipeline import Pipeline
 
 PROMPT = "a blue square"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import runtime
-import runtime.core
-import runtime.manifest
+import runtime.bundle.integrity
+import runtime.session
 from runtime.errors import BundleError, NonFiniteError
 from runtime.tokenizer import ClipTokenizer
 
@@ -49,7 +49,7 @@ def edit_manifest(bundle, edit):
 )
 def test_paths_outside_the_bundle_are_refused_before_hashing(bundle_copy, monkeypatch, edit, entry):
     edit_manifest(bundle_copy, edit)
-    monkeypatch.setattr(runtime.manifest, "_hash_one", lambda *a: pytest.fail("hashed a file"))
+    monkeypatch.setattr(runtime.bundle.integrity, "_hash_one", lambda *a: pytest.fail("hashed a file"))
     with pytest.raises(BundleError, match="not a relative path inside the bundle") as e:
         runtime.Pipeline.load(bundle_copy)
     assert repr(entry) in str(e.value) and "sha256" not in str(e.value)
@@ -110,8 +110,8 @@ def test_deeply_nested_manifest_is_malformed_not_recursion(bundle_copy):
 
 
 def test_oversized_file_is_refused_without_hashing(bundle_copy, monkeypatch):
-    monkeypatch.setattr(runtime.manifest, "MAX_TOKENIZER_FILE", 1000)
-    monkeypatch.setattr(runtime.manifest, "_hash_one", lambda *a: pytest.fail("hashed a file"))
+    monkeypatch.setattr(runtime.bundle.integrity, "MAX_TOKENIZER_FILE", 1000)
+    monkeypatch.setattr(runtime.bundle.integrity, "_hash_one", lambda *a: pytest.fail("hashed a file"))
     with pytest.raises(BundleError, match=r"tokenizer/merges.txt is \d+ bytes, more than a tokenizer file can be \(1000 bytes\)"):
         runtime.Pipeline.load(bundle_copy)
 
@@ -153,7 +153,7 @@ def _consistent(pipe, opened):
 def test_rebuild_between_hashing_and_opening_is_not_mixed(bundle_fp32, bundle_fp16, tmp_path, monkeypatch):
     target = shutil.copytree(bundle_fp32, tmp_path / "bundle")
     opened = _spy_sessions(monkeypatch)
-    real_load = runtime.core.load_engine
+    real_load = runtime.session.load_engine
     swapped = []
 
     def racing_load(*a, **k):
@@ -162,7 +162,7 @@ def test_rebuild_between_hashing_and_opening_is_not_mixed(bundle_fp32, bundle_fp
             swapped.append(True)
         return real_load(*a, **k)
 
-    monkeypatch.setattr(runtime.core, "load_engine", racing_load)
+    monkeypatch.setattr(runtime.session, "load_engine", racing_load)
     pipe = runtime.Pipeline.load(target)
     assert pipe.manifest.precision == "fp16"  # it saw the new build, whole
     _consistent(pipe, opened)

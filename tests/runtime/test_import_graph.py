@@ -220,3 +220,42 @@ def test_import_runtime_loads_no_backend_and_no_torch():
         done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip() == "[]", f"`{statement}` imported {done.stdout.strip()}"
+
+
+# Bottom up: the runtime; export and serving on top of it (peers: neither imports the other); the samples (which
+# may build a bundle); then the reference model's tooling and the benchmarks. Nothing imports upward or sideways.
+LAYERS = {"runtime": 0, "export": 1, "serving": 1, "samples": 2, "reference": 3, "benchmarks": 4}
+
+
+def layer_violations(edges: list[Edge]) -> list[Edge]:
+    """Every import from one package into another that is not strictly below it."""
+    top = {e.module.split(".")[0] for e in edges} | {e.target.split(".")[0] for e in edges}
+    rank = {p: LAYERS[p] for p in top}
+    return [
+        e for e in edges
+        if (a := e.module.split(".")[0]) != (b := e.target.split(".")[0]) and rank[b] >= rank[a]
+    ]  # fmt: skip
+
+
+def test_layer_check_sees_upward_and_sideways_imports():
+    edges = [
+        Edge("runtime.session", "runtime.bundle", 1, ""),  # within a package: fine
+        Edge("export.build", "runtime.bundle", 1, ""),  # down: fine
+        Edge("runtime.cli", "export.build", 1, "in main()"),  # up
+        Edge("export.build", "serving.repository", 1, ""),  # sideways
+        Edge("benchmarks.sd15", "reference.dataset", 1, ""),  # down: fine
+    ]
+    found = [(e.module, e.target) for e in layer_violations(edges)]
+    assert found == [("runtime.cli", "export.build"), ("export.build", "serving.repository")]
+
+
+def test_layers_runtime_below_export_serving_and_samples():
+    """runtime/ imports nothing of export/, serving/, samples/, reference/ or benchmarks/; export/ and serving/ neither
+    import each other nor anything above; samples/ import no reference/ or benchmarks/ code (each import counts,
+    wherever it stands: in a function, under TYPE_CHECKING)."""
+    edges = import_edges(REPO, tuple(LAYERS))
+    assert {e.module.split(".")[0] for e in edges} == set(LAYERS)  # every layer was read
+    bad = layer_violations(edges)
+    files = module_files(REPO, tuple(LAYERS))
+    listed = "\n".join(f"  {e.module} -> {e.target}: {files[e.module].relative_to(REPO)}:{e.line} ({e.where})" for e in bad)
+    assert not bad, f"{len(bad)} import(s) against the layer order {LAYERS}:\n{listed}"

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from export.tensorrt import PRESETS
+from export.tensorrt.builder import PRESETS
 from tests.helpers import REPO
 from tests.samples.common import SAMPLES, run_sample
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import runtime
-from export.cli import main
+from export.build import main
+from runtime.bundle import Manifest
 from runtime.errors import BundleError
-from runtime.manifest import Manifest
 from tests.helpers import REPO
 from tests.helpers.tiny_sdxl import make_tiny_sdxl
 from tests.runtime.test_edit_pipelines import IMAGE
@@ -185,7 +185,7 @@ def test_cli_takes_the_sdxl_conditioning_flags(sdxl_base_bundle, bundle_fp32, tm
 def test_tensorrt_engines_from_an_sdxl_onnx_bundle_carry_both_tokenizers(sdxl_base_bundle, tmp_path):
     """--from-onnx (with the offline tests' stand-in builder): every SDXL component built and verified, tokenizer_2
     and the manifest's sdxl section carried, the whole bundle hashed."""
-    from runtime.manifest import load_manifest
+    from runtime.bundle import load_manifest
     from tests.export.test_tensorrt_offline import offline_build
 
     out = offline_build(sdxl_base_bundle, tmp_path / "trt")

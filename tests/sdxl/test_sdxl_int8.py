@@ -7,10 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from export import calibration, quantize
-from export.build import build
-from export.cli import main
-from runtime.manifest import read_bundle
+from export.build import build, main
+from export.int8 import calibration, quantize
+from runtime.bundle import read_bundle
 from runtime.pipeline import Pipeline
 
 PROMPTS = "a small red circle in the top left on a black background\na large blue square on a white background\n"

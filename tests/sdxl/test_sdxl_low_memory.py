@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 import runtime
-from export.cli import main
-from runtime.manifest import load_manifest
+from export.build import main
+from runtime.bundle import load_manifest
 from tests.sdxl.test_sdxl_bundles import PROMPT
 
 

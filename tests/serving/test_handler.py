@@ -1,4 +1,4 @@
-"""runtime.triton.handler without Triton: batches of requests as the Python backend hands them over, the real runtime.
+"""serving.handler without Triton: batches of requests as the Python backend hands them over, the real runtime.
 
 A request's image must equal `Pipeline.txt2img(prompt, negative_prompt, seed=seed, ...)[0]` whatever it was batched
 with; requests with different options never share a pipeline call; a bad row fails its own request only.
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.triton.handler import Handler, Limits, draws_noise
+from serving.handler import Handler, Limits, draws_noise
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_mixed_batch_gives_every_request_the_runtimes_own_image(pipe, handler: H
 
 
 def test_plan_groups_equal_options_up_to_the_batch_and_runs_noisy_samplers_apart(handler: Handler) -> None:
-    from runtime.triton.handler import parse_request
+    from serving.handler import parse_request
 
     items = [
         parse_request(ask(p, s, steps=st, scheduler=sc), handler.limits, handler.default_scheduler)[0]

@@ -1,4 +1,4 @@
-"""`python -m export.triton`: the model repository it writes, checked against Triton's own ModelConfig schema."""
+"""`python -m serving.write_repository`: the model repository it writes, checked against Triton's own ModelConfig schema."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.manifest import load_manifest
+from runtime.bundle import load_manifest
 from tests.helpers import REPO
 from tests.serving.common import serving_python
 
@@ -25,7 +25,7 @@ print(json_format.MessageToJson(config, preserving_proto_field_name=True))
 
 
 def export_triton(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "export.triton", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "serving.write_repository", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def parsed_config(path: Path) -> dict:
@@ -65,14 +65,18 @@ def test_config_is_a_valid_model_config_with_typed_io_and_batching_up_to_the_bun
 
 def test_repository_holds_the_model_a_runtime_copy_the_bundle_and_a_readme(repository: Path, bundle_batch2: Path) -> None:
     version = repository / "ldm" / "1"
-    assert (version / "model.py").read_text() == (REPO / "runtime" / "triton" / "model.py").read_text()
+    assert (version / "model.py").read_text() == (REPO / "serving" / "model.py").read_text()
     assert (version / "runtime" / "pipeline.py").read_text() == (REPO / "runtime" / "pipeline.py").read_text()
+    assert (version / "serving" / "handler.py").read_text() == (REPO / "serving" / "handler.py").read_text()
+    # only what a model process needs: no launcher, no command line, nothing else of serving/
+    assert sorted(p.name for p in (version / "serving").iterdir()) == ["__init__.py", "handler.py"]
+    assert not (version / "runtime" / "cli.py").exists() and not (version / "runtime" / "serve").exists()
     assert not list(version.rglob("__pycache__"))
     copied = load_manifest(version / "bundle")  # every file's sha256 checked against the manifest
     assert copied == load_manifest(bundle_batch2)
     readme = (repository / "README.md").read_text()
     assert "nvcr.io/nvidia/tritonserver" in readme and "tritonserver --model-repository=/models" in readme
-    assert "'numpy<2'" in readme and "python -m runtime.serve" in readme
+    assert "'numpy<2'" in readme and "python -m serving" in readme
 
 
 def test_link_references_the_bundle_instead_of_copying_it(bundle_batch2: Path, tmp_path: Path) -> None:
@@ -123,7 +127,7 @@ def test_a_damaged_bundle_is_refused(bundle_batch2: Path, tmp_path: Path) -> Non
 
 
 def test_serve_without_its_environment_says_how_to_make_it(bundle_batch2: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "runtime.serve", str(bundle_batch2), "--triton-env", str(tmp_path / "nowhere")]
+    cmd = [sys.executable, "-m", "serving", str(bundle_batch2), "--triton-env", str(tmp_path / "nowhere")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: no serving environment at {tmp_path / 'nowhere'}") and "bash scripts/setup.sh" in done.stderr
@@ -133,7 +137,7 @@ def test_instance_kind_follows_the_bundles_backend(bundle_batch2: Path, tmp_path
     """ONNX bundles: CPU unless --kind gpu (CUDA execution provider); TensorRT engines: GPU only."""
     from dataclasses import replace
 
-    from runtime.triton.repository import RepositoryOptions, config_pbtxt
+    from serving.repository import RepositoryOptions, config_pbtxt
 
     onnx = load_manifest(bundle_batch2)
     tensorrt = replace(onnx, backend="tensorrt")

@@ -1,4 +1,4 @@
-"""End to end: `python -m runtime.serve` starts the real Triton server on loopback; tritonclient asks it over HTTP and gRPC.
+"""End to end: `python -m serving` starts the real Triton server on loopback; tritonclient asks it over HTTP and gRPC.
 
 Every image must equal the runtime's own for the same prompt and seed (`Pipeline.txt2img(...)[0]`, in this process),
 bad requests get errors naming the input while the server goes on serving, and SIGTERM leaves no process, no
@@ -42,7 +42,7 @@ class Served:
 
 
 def own_shm() -> set[str]:
-    """The launcher's regions: the Python backend's, under the prefix runtime.serve gives it."""
+    """The launcher's regions: the Python backend's, under the prefix serving gives it."""
     return {p.name for p in SHM.glob("ldm_serve_*")}
 
 
@@ -53,7 +53,7 @@ def served(bundle_batch2: Path, tmp_path_factory: pytest.TempPathFactory):
     tmpdir = work / "tmp"
     tmpdir.mkdir()
     ports = {k: free_port() for k in ("http", "grpc", "metrics")}
-    cmd = [sys.executable, "-m", "runtime.serve", str(bundle_batch2), *[f"--{k}-port={v}" for k, v in ports.items()]]
+    cmd = [sys.executable, "-m", "serving", str(bundle_batch2), *[f"--{k}-port={v}" for k, v in ports.items()]]
     log = open(work / "serve.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "TMPDIR": str(tmpdir)}, stdout=subprocess.PIPE, stderr=log, text=True)
     handle = Served(proc, ports, tmpdir, work)
@@ -69,7 +69,7 @@ def served(bundle_batch2: Path, tmp_path_factory: pytest.TempPathFactory):
     threading.Thread(target=read, daemon=True).start()
     if not ready.wait(180):
         proc.kill()
-        pytest.fail(f"runtime.serve was not ready in 180 s; its log:\n{(work / 'serve.log').read_text()[-4000:]}")
+        pytest.fail(f"serving was not ready in 180 s; its log:\n{(work / 'serve.log').read_text()[-4000:]}")
     yield handle
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -152,7 +152,7 @@ def test_load_benchmark_quick_run(served: Served, bundle_batch2: Path, tmp_path:
     assert report["served"]["answered"] == report["served"]["images_equal"] == 6 and report["served"]["errors"] == 0
     assert report["metrics"]["nv_inference_request_success"] == 6  # the counters moved by this run's requests, not the warm-up
     assert sum(int(b) * n for b, n in report["batch_histogram"].items()) == 6
-    assert "| Triton (runtime.serve), http |" in (tmp_path / f"triton-load-{bundle_batch2.name}-3x2-2steps.md").read_text()
+    assert "| Triton (serving), http |" in (tmp_path / f"triton-load-{bundle_batch2.name}-3x2-2steps.md").read_text()
 
 
 def test_sigterm_stops_the_server_and_leaves_nothing(served: Served) -> None:
@@ -173,7 +173,7 @@ def test_host_binds_the_address_given_and_ctrl_c_stops_it_cleanly(bundle_batch2:
     """--host 127.0.0.2 (loopback still: nothing leaves this machine) is where every endpoint listens; SIGINT stops it."""
     serving_python()
     ports = {k: free_port() for k in ("http", "grpc", "metrics")}
-    cmd = [sys.executable, "-m", "runtime.serve", str(bundle_batch2), "--host", "127.0.0.2", *[f"--{k}-port={v}" for k, v in ports.items()]]
+    cmd = [sys.executable, "-m", "serving", str(bundle_batch2), "--host", "127.0.0.2", *[f"--{k}-port={v}" for k, v in ports.items()]]
     proc = subprocess.Popen(
         cmd, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
@@ -206,7 +206,7 @@ def test_a_port_in_use_is_named_and_the_failed_start_leaves_nothing(bundle_batch
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cmd = [sys.executable, "-m", "runtime.serve", str(bundle_batch2), f"--http-port={port}"]
+        cmd = [sys.executable, "-m", "serving", str(bundle_batch2), f"--http-port={port}"]
         cmd += [f"--grpc-port={free_port()}", f"--metrics-port={free_port()}"]
         done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2 and done.stdout == ""

@@ -1,0 +1,366 @@
+"""Session: a loaded bundle, what every task shares: its engines, its family's text side, one denoise loop, the VAE.
+
+Tasks (runtime/tasks/) compose these parts; `runtime.Pipeline` is a Session with the tasks as methods. What a
+task is asked is checked in runtime.options, where a run starts and stops in runtime.handoff, and the LoRA
+slots are switched in runtime.slots.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import control as ctl
+from . import images as img
+from .bundle import BundleState, Component, Manifest, read_bundle, rebuild_hint
+from .dispatch import load_engine
+from .errors import BundleError, Cancelled, NonFiniteError
+from .families import Family, open_family
+from .guidance import Extra, guided
+from .handoff import Stopped
+from .options import Progress, Prompt, Sampling, batch_prompts
+from .protocol import Engine, cast_feed, check_finite
+from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
+from .slots import LoraSpec, Slots
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from typing_extensions import Self
+
+# output_type 'pil': a list of PIL images; 'np': float32 (B, H, W, 3) in [0, 1]; 'latent': the final latents
+Images = list["Image"] | np.ndarray
+
+# Components every generation needs; the VAE encoder opens on first use.
+NEEDED = ("unet", "vae_decoder")
+LOAD_ATTEMPTS = 3  # loads that saw the bundle change under them (a concurrent --force rebuild) before giving up
+
+
+def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
+    """The documented seed contract: float32 standard normal, the first draw of numpy's default_rng(seed) (PCG64).
+
+    The same seed gives the same latents, hence the same image, on every backend and machine.
+    """
+    return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
+class Session:
+    """A loaded bundle: its manifest, engines and model family, ready to generate."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, engines: dict[str, Engine], options: Mapping[str, Any] | None = None):
+        self.bundle, self.manifest = bundle, manifest
+        self.height, self.width, self.batch_size = manifest.height, manifest.width, manifest.batch_size  # static shapes
+        self._options = dict(options or {})
+        self._state: BundleState | None = None  # what Session.load read, to check lazily opened engines against
+        self._slots = Slots(bundle, manifest, self.rebuild)
+        self.engines = {name: self._slots.fed(e) for name, e in engines.items()}
+        self.family: Family = open_family(bundle, manifest, self.engine)
+        class_name = manifest.scheduler.class_name
+        self.schedule = noise_schedule(dict(manifest.scheduler.config), class_name if class_name in CLASS_DEFAULTS else "DDIMScheduler")
+
+    @classmethod
+    def load(cls, bundle: str | Path, *, device: str | None = None, verify: bool = True, cuda_graph: bool = False) -> Self:
+        """Open BUNDLE; the backend follows the component files (onnx -> ONNX Runtime, plan -> TensorRT).
+
+        device: for ONNX bundles, 'cpu' | 'cuda' | 'tensorrt' execution provider (default: CUDA where
+        onnxruntime-gpu is installed, else CPU). verify: check every file's sha256 first.
+        cuda_graph: capture the TensorRT UNet call once and replay it every step (static shapes allow it).
+        """
+        bundle = Path(bundle)
+        for _ in range(LOAD_ATTEMPTS):
+            manifest, state = read_bundle(bundle, verify_files=verify)
+            try:
+                session = cls._open(bundle, manifest, device, cuda_graph)
+            except (BundleError, OSError, ValueError):
+                if state.current():
+                    raise
+                continue  # the bundle changed under the load: a rebuild replaced it; read it again
+            if not verify or state.current():
+                session._state = state
+                return session
+            session.close()
+        raise BundleError(
+            f"bundle {bundle} changed while loading, {LOAD_ATTEMPTS} times (a `--force` rebuild writing it?); "
+            "load it again once the rebuild is done"
+        )
+
+    @classmethod
+    def _open(cls, bundle: Path, manifest: Manifest, device: str | None, cuda_graph: bool) -> Self:
+        options: dict[str, Any] = {"device": device} if device else {}
+        missing = [c for c in NEEDED if c not in manifest.components]  # the text encoders are the family's to open
+        if missing:
+            raise BundleError(f"bundle {bundle} has no {', '.join(missing)}; rebuild it with `{rebuild_hint(bundle, manifest)}`")
+        if cuda_graph and manifest.components["unet"].format != "plan":
+            raise ValueError(
+                f"cuda_graph=True needs TensorRT engines, and {bundle} holds ONNX; "
+                f"build them with `python -m export.build --from-onnx {bundle}`"
+            )
+        graph: dict[str, Any] = {"cuda_graph": True} if cuda_graph else {}
+        engines = {
+            name: load_engine(c, bundle, **_engine_options(c, options), **(graph if name == "unet" else {}))
+            for name, c in manifest.components.items()
+            if name in NEEDED
+        }
+        return cls(bundle, manifest, engines, options)
+
+    def engine(self, name: str) -> Engine:
+        """A component's engine, opened on first use."""
+        if name not in self.engines:
+            if name not in self.manifest.components:
+                raise BundleError(f"bundle {self.bundle} has no {name}; rebuild it with `{rebuild_hint(self.bundle, self.manifest)}`")
+            component = self.manifest.components[name]
+            engine = load_engine(component, self.bundle, **_engine_options(component, self._options))
+            if self._state is not None and self._state.files and not self._state.current():
+                getattr(engine, "close", lambda: None)()
+                raise BundleError(
+                    f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; "
+                    "load the bundle again"
+                )
+            self.engines[name] = self._slots.fed(engine)
+        return self.engines[name]
+
+    def set_lora(self, adapters: LoraSpec, scale: float = 1.0) -> None:
+        """Switch LoRA adapters for the generations that follow, without a rebuild and without touching the weights.
+
+        adapters: None (the base model), a .safetensors file (at `scale`), or a list of files and (file, scale) pairs,
+        e.g. [("style.safetensors", 0.8), ("detail.safetensors", 0.5)]. Needs a bundle built with --lora-slots RANK;
+        the adapters' ranks per layer must sum to at most RANK. Every adapter is checked before any takes effect.
+        """
+        self._slots.set(adapters, scale)
+
+    @property
+    def lora(self) -> tuple[tuple[str, float], ...]:
+        """The adapters set_lora switched on, as (file name, scale); () for the base model or a bundle without slots."""
+        return self._slots.active
+
+    @property
+    def pipelines(self) -> tuple[str, ...]:
+        """What this bundle can do: txt2img, img2img, inpaint (text-to-image models), or inpaint / upscale alone."""
+        return self.manifest.pipelines
+
+    def require(self, pipeline: str) -> None:
+        """Refuse a pipeline the bundle was not built for, saying why and what builds it."""
+        if pipeline in self.pipelines:
+            return
+        sdxl = self.manifest.sdxl
+        if pipeline == "txt2img" and sdxl is not None and sdxl.requires_aesthetics_score:
+            raise BundleError(
+                f"txt2img is not available: bundle {self.bundle} holds an SDXL refiner (conditioned on an aesthetic score, "
+                f"made to finish the last denoising steps), which runs {', '.join(self.pipelines)} only; generate with an SDXL base "
+                "bundle and hand its latents over: base.txt2img(prompt, denoising_end=0.8, output_type='latent'), then "
+                "refiner.img2img(prompt, latents, denoising_start=0.8)"
+            )
+        kind = self.manifest.model.kind
+        if kind != "text2image" or pipeline == "upscale":
+            why = {
+                "inpainting": "an inpainting model (its UNet takes the mask and masked image as extra channels)",
+                "upscaler": "an upscaler (its UNet takes the low-resolution image)",
+                "text2image": "a text-to-image model",
+            }.get(kind, f"a {kind} model")
+            raise BundleError(
+                f"{pipeline} is not available: bundle {self.bundle} holds {why}, which runs {', '.join(self.pipelines)} only; "
+                f"build a bundle from a model made for {pipeline}"
+            )
+        encoder = " (adds the VAE encoder)" if pipeline in ("img2img", "inpaint") else ""
+        raise BundleError(
+            f"{pipeline} is not available: bundle {self.bundle} was built for {', '.join(self.pipelines)} only; "
+            f"rebuild it with `{rebuild_hint(self.bundle, self.manifest, pipelines='txt2img,img2img,inpaint')}`{encoder}"
+        )
+
+    def close(self) -> None:
+        """Release the engines' device memory and streams (TensorRT); safe to call twice."""
+        for engine in self.engines.values():
+            getattr(engine, "close", lambda: None)()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def rebuild(self, **changes: object) -> str:
+        """The export.build line that rebuilds this bundle in place, with `changes` to its flags (height=512)."""
+        return rebuild_hint(self.bundle, self.manifest, **changes)
+
+    def guided_model(
+        self, prompt: Prompt, negative_prompt: Prompt, options: Sampling, image: Extra | None = None,
+        conditioning: Mapping[str, Any] | None = None,
+    ) -> Model:  # fmt: skip
+        """The UNet wrapped for the bundle's guidance mode, conditioned on the prompts by the model's family.
+
+        image: per-image UNet conditioning beyond latents and text (see guidance.unet_call), batch B.
+        conditioning: the family's keywords and ControlNet's (runtime.control), as runtime.options.task_options split them off.
+        """
+        prompts = batch_prompts(prompt, "prompt", self.batch_size)  # checked before the negatives: the likelier mistake
+        negatives = batch_prompts(negative_prompt, "negative_prompt", self.batch_size)
+        family = {k: v for k, v in (conditioning or {}).items() if k not in ctl.KEYWORDS}
+        control = {k: v for k, v in (conditioning or {}).items() if k in ctl.KEYWORDS}
+        unet = ctl.controlled_unet(self.engines["unet"], self.engine, self.manifest, control, self.timesteps(options), self.rebuild())
+        return guided(
+            unet, self.family, self.manifest.guidance_info, prompts, negatives,
+            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, family,
+        )  # fmt: skip
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> float32 images (B, H, W, 3) in [0, 1]; NaN (fp16 overflow) is an error, not a black image."""
+        self.check_latents(latents, "the latents given to the VAE decoder")
+        vae = self.engines["vae_decoder"]
+        feed = cast_feed(vae.component, {"latent_sample": latents / self.manifest.vae.scaling_factor})
+        out = np.asarray(vae(feed)["sample"])
+        try:
+            check_finite(vae.component, feed, out)
+        except NonFiniteError as e:
+            raise self._with_hint(e) from None
+        return img.to_images(out)
+
+    def check_latents(self, latents: np.ndarray, what: str) -> None:
+        """NaN/inf latents are refused where they are found, named, never decoded into a black image."""
+        if not np.isfinite(latents).all():
+            raise NonFiniteError(f"{what} hold NaN/inf; nothing downstream can recover an image from them")
+
+    def _with_hint(self, e: NonFiniteError, where: str = "") -> NonFiniteError:
+        """An engine's NonFiniteError with the step it happened at, and for fp16 overflow the fp32 rebuild."""
+        hint = ""
+        if e.fp16_overflow:
+            hint = f"; rebuild in fp32 with `{rebuild_hint(self.bundle, self.manifest, precision='fp32')}`"
+        return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow)
+
+    def encode_image(self, image: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise."""
+        enc = self.engine("vae_encoder")
+        feed = cast_feed(enc.component, {"sample": image})
+        params = np.asarray(enc(feed)["latent_parameters"], dtype=np.float64)
+        try:
+            check_finite(enc.component, feed, params)
+        except NonFiniteError as e:
+            raise self._with_hint(e) from None
+        mean, logvar = np.split(params, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamps the same
+        latents: np.ndarray = ((mean + std * noise) * self.manifest.vae.scaling_factor).astype(np.float32)
+        return latents
+
+    def denoise(
+        self,
+        model: Model,
+        noise: np.ndarray,
+        options: Sampling,
+        rng: np.random.Generator,
+        *,
+        init: np.ndarray | None = None,
+        start: int = 0,
+        known: Known | None = None,
+        end: int | None = None,
+        resume: bool = False,
+    ) -> np.ndarray:
+        """The one sampling loop every task shares; see runtime.sampling for init, start, known and resume.
+
+        end: stop after that many of the schedule's steps and return the latents reached (denoising_end).
+        """
+        name = options["scheduler"] or self._default_sampler()
+        sampler = get_sampler(name)
+        eta = {} if options["eta"] is None else {"eta": options["eta"]}
+        steps = options["steps"]
+        self.check_latents(noise, "the initial latents (latents/noise given by the caller)")
+        if init is not None:
+            self.check_latents(init, "the encoded image latents")
+        done = [start]  # schedule steps finished, advanced by the callback the sampler calls after each step
+        user_callback = _step_callback(options["callback"], start, end or steps)
+
+        def on_step(i: int, t: float, x: np.ndarray) -> None:
+            done[0] = i + 1
+            if user_callback is not None:
+                user_callback(i, t, x)
+            if end is not None and i + 1 >= end:
+                raise Stopped(x)
+
+        def checked(x: np.ndarray, t: float) -> np.ndarray:
+            """The guided model, its NaN/inf named by step; the UNet and the mix check their own outputs, so the
+            latents are looked at only once something failed: the initial ones were checked, so NaN in them
+            can only come from the sampler's previous update."""
+            try:
+                return model(x, t)
+            except NonFiniteError as e:
+                where = f"step {done[0] - start + 1} of {steps - start}: "
+                if not np.isfinite(x).all():
+                    raise NonFiniteError(
+                        f"{where}the latents entering the UNet hold NaN/inf, made by the {name} sampler's previous update "
+                        f"(eta={options['eta']}) from finite model outputs"
+                    ) from None
+                raise self._with_hint(e, where) from None
+
+        try:
+            latents: np.ndarray = sampler(
+                checked, noise, self.schedule, steps, init=init, start=start, known=known, **eta, rng=rng, callback=on_step,
+                **({"resume": True} if resume else {}),
+            )  # fmt: skip
+        except Stopped as stop:
+            latents = stop.latents
+        if not np.isfinite(latents).all():
+            raise NonFiniteError(f"the {name} sampler's last update (eta={options['eta']}) produced NaN/inf from finite model outputs")
+        return latents
+
+    def timesteps(self, options: Sampling) -> list[float]:
+        """The timestep of each step the sampler will run: a dry run of it with a zero model on a 1x1 latent."""
+        seen: list[float] = []
+        get_sampler(options["scheduler"] or self._default_sampler())(
+            lambda x, t: np.zeros_like(x), np.zeros((1, 1, 1, 1), np.float32), self.schedule, options["steps"],
+            rng=np.random.default_rng(0), callback=lambda i, t, x: seen.append(t),
+        )  # fmt: skip
+        return seen
+
+    def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
+        """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""
+        if output_type == "latent":
+            self.check_latents(latents, "the final latents")
+            return latents
+        images = self.decode(latents)
+        if keep is not None:
+            images = img.composite(images, *keep)
+        return images if output_type == "np" else img.to_pil(images)
+
+    def draw(self, given: np.ndarray | None, rng: np.random.Generator, shape: Sequence[int], what: str) -> np.ndarray:
+        """A caller's noise, checked, or the generator's next draw."""
+        if given is None:
+            return rng.standard_normal(tuple(shape), dtype=np.float32)
+        if not isinstance(given, np.ndarray):
+            raise TypeError(f"{what} must be a numpy array, got {type(given).__name__}")
+        if tuple(given.shape) != tuple(shape):
+            raise ValueError(f"{what}: shape {tuple(given.shape)} but this bundle needs {tuple(shape)}")
+        out = np.asarray(given, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise NonFiniteError(f"{what} given by the caller hold NaN/inf (or values too large for float32)")
+        return out
+
+    def _default_sampler(self) -> str:
+        class_name = self.manifest.scheduler.class_name
+        if class_name not in DEFAULT_FOR_CLASS:
+            warnings.warn(
+                f"the model's scheduler is {class_name}, which this runtime does not reproduce; sampling with DDIM "
+                "from the same noise schedule (pass scheduler='ddim' to silence this)",
+                stacklevel=4,
+            )
+        return default_sampler(class_name, self.manifest.scheduler.config)
+
+
+def _engine_options(component: Component, options: Mapping[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime's worker threads spin after a run, waiting for the next; only the UNet, called every
+    step, has a next run coming. Spinning after a once-per-image call steals a core from the UNet calls
+    that follow (15% of a reference-model image on 2 cores)."""
+    return {**options, "spin": component.name == "unet"} if component.format == "onnx" else dict(options)
+
+
+def _step_callback(progress: Progress, start: int, steps: int) -> Callable[[int, float, np.ndarray], None] | None:
+    """The sampler counts schedule steps (img2img starts at `start`); the caller sees the steps that run, 1..total."""
+    if progress is None:
+        return None
+    total = steps - start
+
+    def on_step(i: int, t: float, x: np.ndarray) -> None:
+        done = i - start + 1
+        if progress(done, total, t) is False:
+            raise Cancelled(f"generation cancelled by the progress callback after step {done} of {total}")
+
+    return on_step
