@@ -47,7 +47,8 @@ def load_controlnets(paths: tuple[str, ...], unet: Any, vae_factor: int, allow_p
         config = path / "config.json"
         if not config.is_file():
             raise ModelError(f"--controlnet {given}: {config} not found; pass a diffusers ControlNetModel folder (save_pretrained)")
-        cls = read_json_object(config).get("_class_name")
+        settings = read_json_object(config)
+        cls = settings.get("_class_name")
         if cls != "ControlNetModel":
             raise ModelError(
                 f"--controlnet {given}: its config names {cls!r}, not ControlNetModel; pass a diffusers ControlNetModel folder"
@@ -55,23 +56,25 @@ def load_controlnets(paths: tuple[str, ...], unet: Any, vae_factor: int, allow_p
         weights = component_weights(path.parent, path.name, allow_pickle, None)
         from diffusers import ControlNetModel
 
+        check_fits(given, settings, unet.config, vae_factor)  # from its config: before any weight is read
         module = ControlNetModel.from_pretrained(str(path), use_safetensors=weights.safetensors).float().eval()
-        check_fits(given, module.config, unet.config, vae_factor)
         hashes = {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file() and f.suffix in (".json", ".safetensors")}
         nets.append(ControlNet(path, module, hashes))
     return nets
 
 
-def check_fits(given: str, net: Any, unet: Any, vae_factor: int) -> None:
-    """A ControlNet built for another UNet (SD 1.5's on SDXL, ...) is refused naming the setting that differs."""
+def check_fits(given: str, net: dict[str, Any], unet: Any, vae_factor: int) -> None:
+    """A ControlNet built for another UNet (SD 1.5's on SDXL, ...) is refused naming the setting that differs.
+
+    net: its config.json; unet: the model's UNet config."""
     for key in MATCHING:
-        ours, theirs = getattr(unet, key, None), getattr(net, key, None)
+        ours, theirs = getattr(unet, key, None), net.get(key)
         if (list(ours) if isinstance(ours, (list, tuple)) else ours) != (list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
             raise ModelError(
                 f"--controlnet {given} was made for another UNet: its {key} is {theirs!r}, the model's UNet has {ours!r}; "
                 "pass a ControlNet trained for this model (or its base model)"
             )
-    factor = 2 ** (len(net.conditioning_embedding_out_channels) - 1)
+    factor = 2 ** (len(net.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)  # diffusers' default
     if factor != vae_factor:
         raise ModelError(
             f"--controlnet {given} downsamples its control image by {factor}, but the model's VAE by {vae_factor}: "

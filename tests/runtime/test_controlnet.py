@@ -198,14 +198,19 @@ def test_manifest_records_each_net_and_the_rebuild_keeps_them(bundle, nets):
     assert rebuild_hint(bundle, manifest).count("--controlnet") == 2
 
 
-def test_a_controlnet_for_another_unet_is_refused(tiny_model, tmp_path):
+def test_a_controlnet_for_another_unet_is_refused(tiny_model, nets, tmp_path):
+    import json
+    import shutil
+
     from export.build import build
     from export.model import ModelError
 
-    other = make_tiny_sd(tmp_path / "sd2", kind="sd2")
-    net = make_tiny_controlnet(other, tmp_path / "net")
-    with pytest.raises(ModelError, match=r"was made for another UNet: its .* is .*, the model's UNet has"):
-        build(tiny_model, tmp_path / "b", precision="fp32", controlnets=(str(net),), **QUIET)
+    other = shutil.copytree(nets[0], tmp_path / "net")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 48}))  # made for a wider text encoder
+    with pytest.raises(ModelError, match=r"was made for another UNet: its cross_attention_dim is 48, the model's UNet has 32"):
+        build(tiny_model, tmp_path / "b", precision="fp32", controlnets=(str(other),), **QUIET)
+    assert not (tmp_path / "b").exists()
 
 
 def test_tensorrt_road_builds_and_verifies_the_nets_and_the_residual_unet(bundle, tmp_path):
