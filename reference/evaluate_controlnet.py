@@ -27,12 +27,14 @@ EVAL_SEED = 1
 ATTRIBUTES = ("color", "shape", "background")
 
 
-def generate(pipe: Any, prompts: list[str], controls: np.ndarray | None, options: dict[str, Any]) -> tuple[np.ndarray, float]:
+def generate(
+    pipe: Any, prompts: list[str], controls: np.ndarray | None, options: dict[str, Any], scale: float = 1.0
+) -> tuple[np.ndarray, float]:
     """One image per prompt (seed = its index), with its control image where given; (images, seconds per image)."""
     images = []
     started = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        control = {} if controls is None else {"control_image": controls[i]}
+        control = {} if controls is None else {"control_image": controls[i], "controlnet_conditioning_scale": scale}
         images.append(pipe.txt2img(prompt, seed=i, output_type="np", **control, **options)[0])
     return np.stack(images), (time.perf_counter() - started) / max(1, len(prompts))
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default=None, help="sampler (default: the bundle's)")
     p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--controlnet-scale", type=float, default=1.0, help="controlnet_conditioning_scale (default 1)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help=f"case seed (default {EVAL_SEED}; training used 0)")
     p.add_argument("--out", type=Path, required=True, help="folder for results.json, results.md and grid.png")
     args = p.parse_args(argv)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [control_caption(a) for a in attributes]
     options = {"steps": args.steps, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler}
     with runtime.Pipeline.load(args.bundle) as pipe:
-        images, seconds = generate(pipe, prompts, controls, options)
+        images, seconds = generate(pipe, prompts, controls, options, args.controlnet_scale)
     metrics: dict[str, Any] = {**score(images, controls, attributes), "sec_per_image": seconds}
     if args.plain_bundle is not None and args.time_n:
         with runtime.Pipeline.load(args.plain_bundle) as plain:
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in metrics.items())
     head = f"{args.bundle.name}: n={args.n}, {args.steps} steps, guidance {args.guidance_scale:g}"
+    head += f", controlnet scale {args.controlnet_scale:g}"
     (args.out / "results.md").write_text(f"{head}\n\n| metric | value |\n|---|---|\n{rows}\n")
     k = min(12, args.n)
     pairs = np.stack([x for i in range(k) for x in (controls[i].astype(np.float32) / 255, images[i])])

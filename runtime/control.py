@@ -162,12 +162,13 @@ def controlled_unet(
     open_engine: Callable[[str], Engine],
     manifest: Manifest,
     given: Mapping[str, Any],
-    timesteps: Sequence[float],
+    timesteps: Callable[[], Sequence[float]],
     rebuild: str,
 ) -> Engine:
     """The UNet for one run: as it is for a bundle without ControlNets, else fed the residuals of the asked nets.
 
-    given: the ControlOptions keywords the caller passed; rebuild: the bundle's export.build line, for the refusals.
+    given: the ControlOptions keywords the caller passed; timesteps(): the run's schedule (asked only of a ControlNet
+    bundle); rebuild: the bundle's export.build line, for the refusals.
     """
     names = controlnets(manifest)
     residuals = residual_inputs(manifest)
@@ -204,5 +205,5 @@ def controlled_unet(
         if rows != len(cond):  # CFG: both halves see the control image
             cond = np.concatenate([cond] * (rows // len(cond)))
         nets.append(Net(engine, cond, scale, start, end))
-    control = Control(nets, residuals, timesteps, guess, cfg, manifest.vae.latent_channels)
+    control = Control(nets, residuals, timesteps(), guess, cfg, manifest.vae.latent_channels)
     return Controlled(unet, control)

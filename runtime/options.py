@@ -67,7 +67,9 @@ DEFAULTS: Sampling = {
 }  # fmt: skip
 
 
-def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence[str] = (), **task_defaults: Any) -> Sampling:
+def sampling_options(
+    task: str, given: Mapping[str, Any], conditioning: Sequence[str] = (), control: Sequence[str] = (), **task_defaults: Any
+) -> Sampling:
     """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's.
 
     conditioning: the bundle family's own keywords (taken out of `given` by task_options), named in that error.
@@ -75,6 +77,7 @@ def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         more = f"; this bundle's conditioning options: {', '.join(conditioning)}" if conditioning else ""
+        more += f"; ControlNet options (bundles built with --controlnet): {', '.join(control)}" if control else ""
         raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)}{more})")
     options: Sampling = {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
     seed = options["seed"]
@@ -123,7 +126,7 @@ def task_options(
     control = ctl.task_options(task, given)  # ControlNet's keywords, checked when the run's UNet is made
     rest = {k: v for k, v in given.items() if k not in keywords and k not in ctl.KEYWORDS}
     defaults = {**step_defaults(scheduler, rest.get("scheduler")), **task_defaults}
-    options = sampling_options(task, rest, (*keywords, *ctl.KEYWORDS), **defaults)
+    options = sampling_options(task, rest, tuple(keywords), ctl.KEYWORDS, **defaults)
     family.conditioning(conditioning)
     return options, {**conditioning, **control}
 

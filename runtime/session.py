@@ -198,7 +198,8 @@ class Session:
         negatives = batch_prompts(negative_prompt, "negative_prompt", self.batch_size)
         family = {k: v for k, v in (conditioning or {}).items() if k not in ctl.KEYWORDS}
         control = {k: v for k, v in (conditioning or {}).items() if k in ctl.KEYWORDS}
-        unet = ctl.controlled_unet(self.engines["unet"], self.engine, self.manifest, control, self.timesteps(options), self.rebuild())
+        schedule = lambda: self.timesteps(options)  # noqa: E731  (only a ControlNet bundle asks)
+        unet = ctl.controlled_unet(self.engines["unet"], self.engine, self.manifest, control, schedule, self.rebuild())
         return guided(
             unet, self.family, self.manifest.guidance_info, prompts, negatives,
             options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, family,
