@@ -69,7 +69,7 @@ def build_bundle(model_path: Path, out: Path | None, options: BuildOptions, log:
     if out is not None:
         check_target(out, options.force, model_path)  # before the model loads: a clash costs nothing to report
     if backend == "onnxruntime":
-        return export_onnx_bundle(model_path, out, options, log)
+        return export_onnx_bundle(model_path, out, replace(options, backend=backend), log)  # recorded as resolved
     with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:
         # backend named: an int8 UNet gets TensorRT's Q/DQ placement
         onnx_bundle = export_onnx_bundle(model_path, Path(tmp) / "onnx", replace(options, backend="tensorrt"), log)

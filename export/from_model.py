@@ -79,7 +79,7 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         def manifest(precision: str) -> Manifest:
             return manifest_for(
                 model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-                pipelines=pipelines, lora=info,
+                pipelines=pipelines, lora=info, command=options.arguments(str(model.source)),
             )  # fmt: skip
 
         write_manifest(work, manifest(exported))

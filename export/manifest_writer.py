@@ -31,6 +31,7 @@ def manifest_for(
     guidance: str,
     pipelines: tuple[str, ...] = ("txt2img",),
     lora: LoraInfo | None = None,
+    command: tuple[str, ...] = (),
 ) -> Manifest:
     """Everything the runtime needs to drive the exported components, from the model folder's own configs."""
     upscale = None
@@ -67,4 +68,5 @@ def manifest_for(
         upscale=upscale,
         lora=lora,
         sdxl=model.family.info(model) if isinstance(model.family, StableDiffusionXL) else None,
+        command=command,
     )

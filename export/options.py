@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from runtime.bundle import GUIDANCE_MODES
@@ -99,6 +99,21 @@ class BuildOptions:
             if self.precision != "int8":
                 raise CalibrationError(f"--calibration-prompts is for --precision int8, not {self.precision}; drop it or ask for int8")
             read_prompts(Path(self.calibration_prompts))
+
+    def arguments(self, model: str) -> tuple[str, ...]:
+        """The export.build arguments that ask for these options (each flag is the field of its name; a field at its
+        default is left out, precision and backend never): the manifest records them, and rebuild hints repeat them."""
+        words = ["--model", model]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "force" or value is None or (value == f.default and f.name not in ("precision", "backend")):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag)
+            else:
+                words += [w for v in (value if isinstance(value, tuple) else (value,)) for w in (flag, str(v))]
+        return tuple(words)
 
     def tensorrt_builder(self) -> BuilderSettings:
         """The TensorRT builder settings: the preset, with explicit level and workspace on top."""

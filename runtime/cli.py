@@ -91,7 +91,7 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler",
         choices=sorted(SAMPLERS),
-        help="sampler (default: the one the model's scheduler config names; see the README's table)",
+        help="sampler (default: the one the model's scheduler config names; see docs/samplers.md)",
     )
     p.add_argument("--eta", type=float, help="ddim/tcd stochasticity: 0 is deterministic DDIM (ddim's default), 1 is DDPM-like")
     p.add_argument(

@@ -20,7 +20,6 @@ from .protocol import Engine, cast_feed, check_finite
 from .sampling.common import Model
 
 MODES = GUIDANCE_MODES
-CFG_BUILD = "python -m export.build --guidance cfg"
 
 
 Extra = Mapping[str, np.ndarray]
@@ -94,15 +93,15 @@ def guided(
     prompts: Sequence[str],
     negatives: Sequence[str],
     scale: float,
-    rescale: float = 0.0,
-    image: Extra | None = None,
-    rebuild: Callable[..., str] | None = None,
+    rescale: float,
+    image: Extra | None,
+    rebuild: Callable[..., str],
     conditioning: Mapping[str, Any] | None = None,
 ) -> Model:
     """The UNet wrapped for the bundle's guidance mode; refuses settings that mode cannot honour.
 
     rebuild(**changed flags): the export.build line that rebuilds the bundle with them, for the refusals.
-    conditioning: the family's keywords (SDXL's sizes and scores), passed to its encode.
+    conditioning: the family's keywords (SDXL's sizes and scores) as its `conditioning` completed them.
     """
     mode = guidance.mode
     if rescale and mode != "cfg":
@@ -114,7 +113,7 @@ def guided(
         if scale > 1:
             raise ValueError(
                 f"guidance_scale {scale} needs classifier-free guidance, but this bundle was built without it "
-                f"(batch-B UNet); use guidance_scale <= 1, or rebuild with `{rebuild(guidance='cfg') if rebuild else CFG_BUILD}`"
+                f"(batch-B UNet); use guidance_scale <= 1, or rebuild with `{rebuild(guidance='cfg')}`"
             )
         if has_negative:
             warnings.warn("negative_prompt has no effect without classifier-free guidance", stacklevel=4)

@@ -11,6 +11,7 @@ import numpy as np
 from . import control as ctl
 from .bundle import SchedulerInfo
 from .errors import NonFiniteError
+from .families.sdxl import SdxlConditioning
 from .sampling import default_sampler
 
 if TYPE_CHECKING:
@@ -42,20 +43,6 @@ class Sampling(TypedDict, total=False):
 
 FEW_STEP_SAMPLERS = ("lcm", "tcd")
 FEW_STEPS = 4
-
-
-class SdxlConditioning(TypedDict, total=False):
-    """The SDXL family's conditioning keywords (runtime.families.sdxl.KEYWORDS), typed for the tasks' signatures;
-    an SD bundle refuses them by name."""
-
-    original_size: tuple[int, int]
-    crops_coords_top_left: tuple[int, int]
-    target_size: tuple[int, int]
-    negative_original_size: tuple[int, int]
-    negative_crops_coords_top_left: tuple[int, int]
-    negative_target_size: tuple[int, int]
-    aesthetic_score: float
-    negative_aesthetic_score: float
 
 
 class TaskOptions(Sampling, SdxlConditioning, ctl.ControlOptions, total=False):
@@ -127,8 +114,7 @@ def task_options(
     rest = {k: v for k, v in given.items() if k not in keywords and k not in ctl.KEYWORDS}
     defaults = {**step_defaults(scheduler, rest.get("scheduler")), **task_defaults}
     options = sampling_options(task, rest, tuple(keywords), ctl.KEYWORDS, **defaults)
-    family.conditioning(conditioning)
-    return options, {**conditioning, **control}
+    return options, {**family.conditioning(conditioning), **control}
 
 
 def batch_prompts(prompt: Prompt, what: str, batch_size: int) -> list[str]:

@@ -24,7 +24,7 @@ from .guidance import Extra, guided
 from .handoff import Stopped
 from .options import Progress, Prompt, Sampling, batch_prompts
 from .protocol import Engine, cast_feed, check_finite
-from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule
+from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule, sampler_grid
 from .slots import LoraSpec, Slots
 
 if TYPE_CHECKING:
@@ -304,13 +304,8 @@ class Session:
         return latents
 
     def timesteps(self, options: Sampling) -> list[float]:
-        """The timestep of each step the sampler will run: a dry run of it with a zero model on a 1x1 latent."""
-        seen: list[float] = []
-        get_sampler(options["scheduler"] or self._default_sampler())(
-            lambda x, t: np.zeros_like(x), np.zeros((1, 1, 1, 1), np.float32), self.schedule, options["steps"],
-            rng=np.random.default_rng(0), callback=lambda i, t, x: seen.append(t),
-        )  # fmt: skip
-        return seen
+        """The timestep of each step the sampler will run: its grid, computed from the schedule (the sampler table)."""
+        return sampler_grid(options["scheduler"] or self._default_sampler(), self.schedule, options["steps"])
 
     def finish(self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None) -> Images:
         """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""

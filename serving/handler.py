@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from runtime.pipeline import Pipeline
-from runtime.sampling import SAMPLERS, default_sampler, get_sampler
+from runtime.sampling import SAMPLERS, default_sampler, draws_noise
 from runtime.session import initial_latents
 
 INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
@@ -144,30 +144,6 @@ def _scheduler(value: Any) -> str:
     return name
 
 
-def draws_noise(sampler: str, pipe: Pipeline) -> bool:
-    """Whether `sampler` takes noise from the generator while it samples (not only the initial latents).
-
-    Asked of the sampler itself: four steps of a stand-in model on a tiny latent, counting the draws. A sampler
-    the probe cannot run counts as noisy: running apart is correct for every sampler, only slower.
-    """
-
-    class Tally:
-        def __init__(self) -> None:
-            self.draws, self._rng = 0, np.random.default_rng(0)
-
-        def __getattr__(self, name: str) -> Any:
-            self.draws += 1
-            return getattr(self._rng, name)
-
-    tally = Tally()
-    x = np.random.default_rng(0).standard_normal((1, 4, 2, 2), dtype=np.float32)
-    try:
-        get_sampler(sampler)(lambda x, t: 0.1 * x, x, pipe.schedule, 4, rng=tally)
-    except (ValueError, ArithmeticError):
-        return True
-    return tally.draws > 0
-
-
 class Handler:
     """Answers batches of requests with one loaded pipeline (one per Triton model instance)."""
 
@@ -175,7 +151,7 @@ class Handler:
         self.pipe, self.limits = pipe, limits
         scheduler = pipe.manifest.scheduler
         self.default_scheduler = default_sampler(scheduler.class_name, scheduler.config)
-        self._noisy = {name: draws_noise(name, pipe) for name in SAMPLERS}
+        self.noisy = {name: draws_noise(name) for name in SAMPLERS}  # the table's flags, for the options a request can set
 
     def handle(self, requests: Sequence[Mapping[str, np.ndarray | None]]) -> list[Answer]:
         """One answer per request, in order: its images, or the error that refused it or failed its run."""
@@ -213,7 +189,7 @@ class Handler:
         size = self.pipe.batch_size
         calls: list[list[int]] = []
         for (_, _, sampler), members in groups.items():
-            step = 1 if self._noisy[sampler] else size
+            step = 1 if self.noisy[sampler] else size
             calls += [members[i : i + step] for i in range(0, len(members), step)]
         return calls
 

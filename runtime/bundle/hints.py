@@ -1,6 +1,8 @@
-"""Rebuild hints: the one place the runtime spells the `python -m export.build` line that rebuilds a bundle.
+"""Rebuild hints: the `python -m export.build` line that rebuilds a bundle, for every runtime refusal that says "rebuild".
 
-Every runtime refusal that says "rebuild" takes its command from here, shell-quoted.
+A bundle records the arguments export was given (manifest `command`) and, for TensorRT engines, the builder flags
+(`from_onnx_args`): the hints repeat them, with the changes a refusal asks for. Only a bundle written before that
+record gets a command made from its manifest's fields, the one place the runtime spells export's flags.
 """
 
 from __future__ import annotations
@@ -25,10 +27,35 @@ def rebuild_command(bundle: Any, component: Component | None = None, *, in_place
 
 
 def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> str:
-    """The `python -m export.build` line that rebuilds BUNDLE in place as its manifest records it: the model it came
-    from, its precision, size, batch, guidance and pipelines; `changes` override flags (precision="fp32",
-    pipelines="txt2img,img2img"; None drops a flag; lora=[FILE:SCALE, ...] replaces the fused adapters).
-    Every runtime hint that says "rebuild" is built here, shell-quoted."""
+    """The `python -m export.build` line that rebuilds BUNDLE in place: the command its manifest records, with `changes`
+    in place of those flags (precision="fp32", pipelines="txt2img,img2img"; None drops a flag; a list repeats one:
+    lora=[FILE:SCALE, ...] replaces the fused adapters), each changed flag moved to the end. Shell-quoted."""
+    words = list(manifest.command) or _from_fields(manifest)
+    if manifest.backend == "tensorrt":
+        changes = {"backend": "tensorrt", **changes}
+    for key, value in changes.items():
+        flag = "--" + key.replace("_", "-")
+        words = _without(words, flag)
+        for v in value if isinstance(value, (list, tuple)) else () if value is None else (value,):
+            words += [flag, str(v)]
+    return shlex.join(["python", "-m", "export.build", *words, "--out", str(bundle), "--force"])
+
+
+def _without(words: list[str], flag: str) -> list[str]:
+    """The arguments with every `flag` (and the value after it, where it takes one) taken out."""
+    out, skip = [], False
+    for i, word in enumerate(words):
+        if skip:
+            skip = False
+        elif word == flag:
+            skip = i + 1 < len(words) and not words[i + 1].startswith("--")
+        else:
+            out.append(word)
+    return out
+
+
+def _from_fields(manifest: Manifest) -> list[str]:
+    """The arguments of a bundle from before export recorded them, made from what its manifest says."""
     flags: dict[str, str] = {
         "--model": manifest.model.source or "MODEL_FOLDER",
         "--precision": manifest.source_precision,
@@ -38,28 +65,16 @@ def rebuild_hint(bundle: str | Path, manifest: Manifest, **changes: object) -> s
         "--guidance": manifest.guidance,
         "--pipelines": ",".join(manifest.pipelines),
     }
-    if manifest.backend == "tensorrt":
-        flags["--backend"] = "tensorrt"
     lora = manifest.lora or LoraInfo()
     if lora.slot_rank:
         flags["--lora-slots"] = str(lora.slot_rank)
-    fused = [f"{a.file}:{a.scale!r}" for a in lora.fused]
-    for key, value in changes.items():
-        if key == "lora":  # FILE:SCALE specs in place of the fused adapters (an empty list: none)
-            fused = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-        elif value is None:  # None drops a flag (lora_slots=None: no slots)
-            flags.pop("--" + key.replace("_", "-"), None)
-        else:
-            flags["--" + key.replace("_", "-")] = str(value)
-    words = ["python", "-m", "export.build"]
-    for flag, value in flags.items():
-        words += [flag, value]
-    for spec in fused:
-        words += ["--lora", spec]
+    words = [word for flag, value in flags.items() for word in (flag, value)]
+    for a in lora.fused:
+        words += ["--lora", f"{a.file}:{a.scale!r}"]
     for name in sorted((n for n in manifest.components if n.startswith("controlnet_")), key=lambda n: int(n.rsplit("_", 1)[1])):
         onnx = manifest.components[name].source_onnx or manifest.components[name]  # a plan keeps its ONNX's record
         words += ["--controlnet", str(onnx.build.get("controlnet", {}).get("source", "CONTROLNET_FOLDER"))]
-    return shlex.join([*words, "--out", str(bundle), "--force"])
+    return words
 
 
 def file_rebuild_hint(bundle: Path, manifest: Manifest, rel: str) -> str:

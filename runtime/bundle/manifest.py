@@ -67,6 +67,9 @@ class Manifest:
     tensorrt: TensorRTInfo | None = None
     lora: LoraInfo | None = None  # adapters fused at export and/or LoRA slots; None: the base model, no slots
     sdxl: SdxlInfo | None = None  # family "sdxl" only
+    # the export.build arguments that built the bundle, as export recorded them (without --out and --force): the
+    # rebuild hints repeat them; () in bundles written before the record
+    command: tuple[str, ...] = ()
 
     @property
     def guidance(self) -> str:
@@ -117,12 +120,17 @@ class Manifest:
             out["lora"] = self.lora.to_json()
         if self.sdxl is not None:
             out["sdxl"] = self.sdxl.to_json()
+        if self.command:
+            out["command"] = list(self.command)
         out["files"] = dict(self.files)
         return out
 
     @classmethod
     def _records(cls, raw: Mapping[str, Any]) -> Manifest:
         image, upscale, trt, lora, sdxl = raw["image"], raw.get("upscale"), raw.get("tensorrt"), raw.get("lora"), raw.get("sdxl")
+        command = raw.get("command", [])
+        if not isinstance(command, list):
+            raise TypeError(f"command must be a list of the export.build arguments, not {type(command).__name__}")
         return cls(
             model=ModelInfo.from_json(raw.get("model", {}), raw.get("schema_version", SCHEMA_VERSION)),
             pipelines=tuple(str(p) for p in raw.get("pipelines", ["txt2img"])),
@@ -143,6 +151,7 @@ class Manifest:
             tensorrt=TensorRTInfo.from_json(trt) if trt else None,
             lora=LoraInfo.from_json(lora) if lora else None,
             sdxl=SdxlInfo.from_json(sdxl) if sdxl is not None else None,
+            command=tuple(str(word) for word in command),
         )
 
     @classmethod

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..bundle import Manifest
 from ..protocol import Engine
 
 OpenEngine = Callable[[str], Engine]
@@ -29,10 +27,6 @@ class Conditioning:
     context: np.ndarray
     extra: Mapping[str, np.ndarray] = field(default_factory=dict)
 
-    @property
-    def rows(self) -> int:
-        return int(self.context.shape[0])
-
 
 class Family(Protocol):
     """One model family's text side, opened over a bundle.
@@ -44,19 +38,16 @@ class Family(Protocol):
     keywords: Mapping[str, str]
 
     def conditioning(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The keywords checked and completed with their defaults; a value the bundle cannot honour is a ValueError."""
+        """The keywords checked and completed with their defaults, once per task (runtime.options.task_options);
+        a keyword the family does not take is a TypeError, a value the bundle cannot honour a ValueError."""
         ...
 
     def encode(
-        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, options: Mapping[str, Any] | None = None
+        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, conditioning: Mapping[str, Any] | None = None
     ) -> Conditioning:
         """Conditioning for `prompts`; with `negatives`, the 2N rows [negatives; prompts] classifier-free guidance uses.
 
         The family decides how an empty negative prompt is encoded (SD: the empty string's embedding; SDXL with
-        force_zeros_for_empty_prompt: zeros). options: the caller's conditioning keywords (see `keywords`).
+        force_zeros_for_empty_prompt: zeros). conditioning: the keywords as `conditioning` completed them (None: defaults).
         """
         ...
-
-
-class FamilyLoader(Protocol):
-    def __call__(self, bundle: Path, manifest: Manifest, engine: OpenEngine) -> Family: ...

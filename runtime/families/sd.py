@@ -36,9 +36,8 @@ class StableDiffusion:
         return {}
 
     def encode(
-        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, options: Mapping[str, Any] | None = None
+        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, conditioning: Mapping[str, Any] | None = None
     ) -> Conditioning:
-        self.conditioning(options or {})
         texts = [*(negatives or ()), *prompts]  # one text-encoder call for both halves: its batch is static
         enc = self.engine("text_encoder")
         hidden = enc(cast_feed(enc.component, {"input_ids": self.tokenizer(texts)}))["last_hidden_state"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict, get_type_hints
 
 import numpy as np
 
@@ -22,17 +22,24 @@ from ..protocol import cast_feed
 from ..tokenizer import ClipTokenizer
 from .base import Conditioning, OpenEngine
 
-# The conditioning keywords every task takes on an SDXL bundle, with diffusers' defaults
-KEYWORDS: dict[str, str] = {
-    "original_size": "(height, width) the image is said to have been before resizing; default: the bundle's size",
-    "crops_coords_top_left": "(top, left) of the crop it is said to come from; default (0, 0)",
-    "target_size": "(height, width) asked for; default: the bundle's size (not for aesthetic-score models)",
-    "negative_original_size": "original_size for the negative half; default: original_size",
-    "negative_crops_coords_top_left": "crops_coords_top_left for the negative half; default (0, 0)",
-    "negative_target_size": "target_size for the negative half; default: target_size",
-    "aesthetic_score": "the refiner's aesthetic conditioning; default 6.0",
-    "negative_aesthetic_score": "the refiner's aesthetic conditioning for the negative half; default 2.5",
-}
+Pair = tuple[int, int]
+
+
+class SdxlConditioning(TypedDict, total=False):
+    """The conditioning keywords every task takes on an SDXL bundle, with diffusers' defaults: the one place they are
+    named (KEYWORDS and the tasks' keyword types come from here); an SD bundle refuses them by name."""
+
+    original_size: Annotated[Pair, "(height, width) the image is said to have been before resizing; default: the bundle's size"]
+    crops_coords_top_left: Annotated[Pair, "(top, left) of the crop it is said to come from; default (0, 0)"]
+    target_size: Annotated[Pair, "(height, width) asked for; default: the bundle's size (not for aesthetic-score models)"]
+    negative_original_size: Annotated[Pair, "original_size for the negative half; default: original_size"]
+    negative_crops_coords_top_left: Annotated[Pair, "crops_coords_top_left for the negative half; default (0, 0)"]
+    negative_target_size: Annotated[Pair, "target_size for the negative half; default: target_size"]
+    aesthetic_score: Annotated[float, "the refiner's aesthetic conditioning; default 6.0"]
+    negative_aesthetic_score: Annotated[float, "the refiner's aesthetic conditioning for the negative half; default 2.5"]
+
+
+KEYWORDS: dict[str, str] = {name: hint.__metadata__[0] for name, hint in get_type_hints(SdxlConditioning, include_extras=True).items()}
 AESTHETIC_ONLY = ("aesthetic_score", "negative_aesthetic_score")
 TARGET_ONLY = ("target_size", "negative_target_size")
 
@@ -108,9 +115,9 @@ class StableDiffusionXL:
         return np.asarray(pos, np.float32), np.asarray(neg, np.float32)
 
     def encode(
-        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, options: Mapping[str, Any] | None = None
+        self, prompts: Sequence[str], negatives: Sequence[str] | None = None, conditioning: Mapping[str, Any] | None = None
     ) -> Conditioning:
-        pos_ids, neg_ids = self.time_ids(self.conditioning(options or {}))
+        pos_ids, neg_ids = self.time_ids(self.conditioning({}) if conditioning is None else conditioning)
         texts = [*(negatives or ()), *prompts]  # one call per encoder for both halves: its batch is static
         context, pooled = self._embed(texts)
         n = len(negatives or ())

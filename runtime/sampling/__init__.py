@@ -30,7 +30,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
-    "SAMPLERS", "DEFAULT_FOR_CLASS", "default_sampler", "get_sampler", "sampler_options",
+    "SAMPLERS", "TABLE", "DEFAULT_FOR_CLASS", "default_sampler", "draws_noise", "get_sampler", "sampler_grid", "sampler_options",
     "Model", "Callback", "Known", "to_x0_eps",
     "NoiseSchedule", "CLASS_DEFAULTS", "noise_schedule", "spaced_timesteps", "consistency_timesteps",
     "euler_sigmas", "solver_sigmas",
@@ -46,11 +46,13 @@ if TYPE_CHECKING:
     from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_karras, sample_unipc
     from .schedule import CLASS_DEFAULTS, NoiseSchedule, consistency_timesteps, noise_schedule, spaced_timesteps
     from .sigmas import euler_sigmas, solver_sigmas
-    from .table import DEFAULT_FOR_CLASS, SAMPLERS, default_sampler, get_sampler, sampler_options
+    from .table import DEFAULT_FOR_CLASS, SAMPLERS, TABLE, default_sampler, draws_noise, get_sampler, sampler_grid, sampler_options
 
 # The module each name of __all__ lives in, for __getattr__ (the imports above spell them out for type checkers).
 _LAZY = {
-    ".table": ("SAMPLERS", "DEFAULT_FOR_CLASS", "default_sampler", "get_sampler", "sampler_options"),
+    ".table": (
+        "SAMPLERS", "TABLE", "DEFAULT_FOR_CLASS", "default_sampler", "draws_noise", "get_sampler", "sampler_grid", "sampler_options",
+    ),  # fmt: skip
     ".common": ("Model", "Callback", "Known", "to_x0_eps"),
     ".schedule": ("NoiseSchedule", "CLASS_DEFAULTS", "noise_schedule", "spaced_timesteps", "consistency_timesteps"),
     ".sigmas": ("euler_sigmas", "solver_sigmas"),

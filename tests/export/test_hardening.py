@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from export import staging as bundle
@@ -227,10 +228,20 @@ def test_weights_the_config_does_not_use_are_refused(model_copy, tmp_path, capsy
 
 
 def test_the_tiny_and_reference_models_load_strictly(tiny_model):
+    """Every tensor a folder stores is loaded, as stored, into a parameter or persistent buffer the config builds
+    (load_model refuses a missing or unused key; CLIP's non-persistent position_ids are neither)."""
+    from safetensors.numpy import load_file
+
     from export.model import REFERENCE_MODEL, load_model
 
     for path in (tiny_model, REFERENCE_MODEL):
-        load_model(path, hash_files=False)  # CLIP's position_ids buffer and the like are not "missing"
+        model = load_model(path, hash_files=False)
+        for sub, module in (("text_encoder", model.text_encoder), ("unet", model.unet), ("vae", model.vae)):
+            stored = {k: v for f in sorted((path / sub).glob("*.safetensors")) for k, v in load_file(f).items()}
+            state = module.state_dict()
+            assert stored and set(stored) == set(state), (path, sub, sorted(set(stored) ^ set(state))[:5])
+            for key, value in stored.items():
+                assert np.array_equal(state[key].numpy(), value), (path, sub, key)
 
 
 # 4. Ctrl-C

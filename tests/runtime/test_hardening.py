@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -234,8 +235,9 @@ def test_fp16_unet_nan_is_fp16_overflow_with_a_real_rebuild_line(bundle_fp16):
     pipe.engines["unet"] = _Nan(pipe.engines["unet"])
     with pytest.raises(NonFiniteError, match=r"step 1 of 2: the unet engine \(fp16\).*fp16 overflow") as e:
         pipe.txt2img(PROMPT, steps=2, seed=0)
-    assert "--precision fp32 --height 64 --width 64 --batch-size 1 --guidance cfg" in str(e.value)
-    assert f"--out {bundle_fp16} --force" in str(e.value)
+    # the command the bundle was built with, its precision changed to fp32
+    source = pipe.manifest.model.source
+    assert f"`python -m export.build --model {source} --backend onnxruntime --precision fp32 --out {bundle_fp16} --force`" in str(e.value)
 
 
 def test_fp32_decoder_nan_is_named_without_fp16(bundle_fp32):
@@ -324,6 +326,13 @@ def test_cli_refuses_bad_paths_before_work(bundle_fp32, tmp_path):
 def test_rebuild_hint_rebuilds_this_bundle(bundle_copy):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     (bundle_copy / "unet" / "model.onnx").unlink()
+    with pytest.raises(BundleError) as e:
+        runtime.Pipeline.load(bundle_copy)
+    # the command the bundle was built with (tests/conftest.py's), as export recorded it: the backend it resolved
+    assert m["command"] == ["--model", m["model"]["source"], "--precision", "fp32", "--backend", "onnxruntime"]
+    assert f"`python -m export.build {shlex.join(m['command'])} --out {bundle_copy} --force`" in str(e.value)
+    # a bundle from before the record: a command made from its manifest's fields
+    edit_manifest(bundle_copy, lambda m: m.pop("command"))
     with pytest.raises(BundleError) as e:
         runtime.Pipeline.load(bundle_copy)
     expected = (

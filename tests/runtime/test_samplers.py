@@ -12,7 +12,17 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, SAMPLERS, default_sampler, get_sampler, noise_schedule, sampler_options
+from runtime.sampling import (
+    CLASS_DEFAULTS,
+    DEFAULT_FOR_CLASS,
+    SAMPLERS,
+    default_sampler,
+    draws_noise,
+    get_sampler,
+    noise_schedule,
+    sampler_grid,
+    sampler_options,
+)
 from tests.helpers.sampler_checks import (
     CONFIGS,
     NO_SAMPLE_PREDICTION,
@@ -196,6 +206,49 @@ def test_every_step_count_gives_one_callback_per_step():
             record = lambda i, t, x: seen.append((i, x.dtype))  # noqa: E731, B023 (called before the iteration ends)
             sampler(toy_model, np.zeros(SHAPE, np.float32), noise_schedule(SD15), steps, rng=np.random.default_rng(0), callback=record)
             assert seen == [(i, np.float32) for i in range(steps)], name
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_each_grid_is_the_timesteps_its_sampler_runs(config):
+    """The table's grid, computed as data from the schedule and the step count, is the timestep each step's callback
+    reports, for every sampler, config and step count a run accepts (a hand-off is placed on it without a dry run)."""
+    checked = 0
+    for name in SAMPLERS:
+        for steps in (1, 2, 3, 4, 10, 25):
+            schedule, seen = noise_schedule(CONFIGS[config]), []
+            try:
+                get_sampler(name)(
+                    toy_model, np.zeros(SHAPE, np.float32), schedule, steps, rng=np.random.default_rng(0),
+                    callback=lambda i, t, x: seen.append(float(t)),  # noqa: B023 (called before the iteration ends)
+                )  # fmt: skip
+            except ValueError:
+                continue  # a config or step count this sampler refuses
+            assert sampler_grid(name, schedule, steps) == seen, (name, steps)
+            checked += 1
+    assert checked >= 40
+
+
+class Tally:
+    """A generator that counts the draws made from it."""
+
+    def __init__(self) -> None:
+        self.draws, self._rng = 0, np.random.default_rng(0)
+
+    def __getattr__(self, name: str):
+        self.draws += 1
+        return getattr(self._rng, name)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [(name, {}) for name in sorted(SAMPLERS)] + [("ddim", dict(eta=0.5)), ("tcd", dict(eta=0.0)), ("euler", dict(s_churn=1.0))],
+)
+def test_draws_noise_says_whether_a_run_draws(name, options):
+    """The table's noise flag against a run that counts its draws: a server batches only the samplers that draw none."""
+    tally = Tally()
+    x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
+    get_sampler(name)(toy_model, x, noise_schedule(SD15), 4, rng=tally, **options)
+    assert draws_noise(name, options) == (tally.draws > 0)
 
 
 def test_deterministic_samplers_never_touch_the_rng():

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serving.handler import Handler, Limits, draws_noise
+from serving.handler import Handler, Limits
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,10 @@ def test_plan_groups_equal_options_up_to_the_batch_and_runs_noisy_samplers_apart
     assert handler.plan(items) == [[0, 2], [3], [1], [4], [5]]
 
 
-def test_draws_noise_is_asked_of_the_samplers(pipe) -> None:
-    assert {name for name in ("ddim", "euler", "dpmpp_2m", "euler_a", "ddpm") if draws_noise(name, pipe)} == {"euler_a", "ddpm"}
+def test_the_samplers_that_draw_noise_run_apart(handler: Handler) -> None:
+    from runtime.sampling import SAMPLERS
+
+    assert {name for name in SAMPLERS if handler.noisy[name]} == {"ddpm", "euler_a", "lcm", "tcd"}  # the table's flags
 
 
 @pytest.mark.parametrize(
