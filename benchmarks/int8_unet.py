@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 
-def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], float_convs: int) -> dict[str, Any]:
+def quantize_step(source: str, target: str, feeds: list[dict[str, np.ndarray]], float_convs: int, placement: str) -> dict[str, Any]:
     """Calibration pass + QDQ rewrite; run in a child process (--child), so its peak RSS is this step's alone."""
     import onnx
 
     from export.int8 import quantize
 
-    where = quantize.placement("onnxruntime")
+    where = quantize.PLACEMENTS[placement]()
     model = onnx.load(source, load_external_data=False)
     kept = quantize.float_rules(model)
     with tempfile.TemporaryDirectory(prefix="int8-bench-") as tmp:
@@ -92,11 +92,15 @@ def record_in_child(bundle: Path, generations: int, steps: int, tmp: Path) -> li
     return load_feeds(feeds_file)
 
 
-def quantize_in_child(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], float_convs: int, tmp: Path) -> dict[str, Any]:
+def quantize_in_child(
+    source: Path, target: Path, feeds: list[dict[str, np.ndarray]], float_convs: int, placement: str, tmp: Path
+) -> dict[str, Any]:
     """A fresh interpreter (not a multiprocessing pool: one spawned from this many-threaded process hung once)."""
     feeds_file = tmp / "feeds.npz"
-    save_feeds(feeds_file, feeds)
-    cmd = [sys.executable, "-m", "benchmarks.int8_unet", "--child", str(source), str(target), str(feeds_file), str(float_convs)]
+    if not feeds_file.is_file():
+        save_feeds(feeds_file, feeds)
+    child = [str(source), str(target), str(feeds_file), str(float_convs), placement]
+    cmd = [sys.executable, "-m", "benchmarks.int8_unet", "--child", *child]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         killed = " (killed by a signal: out of memory?)" if done.returncode < 0 else ""
@@ -118,12 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=3, help="timed calls per precision, after one warm-up each (default 3)")
     p.add_argument("--out", type=Path, default=Path("out") / "int8", help="folder for the JSON and Markdown results")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of the recorded generations (default %(default)s)")
-    p.add_argument("--child", nargs=4, metavar=("SOURCE", "TARGET", "FEEDS", "N"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--placements",
+        default="asymmetric",
+        help="comma-separated int8 graphs to time against fp32 and each other: symmetric (zero points 0, float bias: what "
+        "TensorRT parses and what the exporter writes), asymmetric (u8 activations with zero points) (default %(default)s)",
+    )
+    p.add_argument("--child", nargs=5, metavar=("SOURCE", "TARGET", "FEEDS", "N", "PLACEMENT"), help=argparse.SUPPRESS)
     p.add_argument("--record-child", nargs=2, metavar=("BUNDLE", "FEEDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        source, target, feeds, n = args.child
-        print(json.dumps(quantize_step(source, target, load_feeds(Path(feeds)), int(n))))
+        source, target, feeds, n, placement = args.child
+        print(json.dumps(quantize_step(source, target, load_feeds(Path(feeds)), int(n), placement)))
         return 0
     if args.record_child:
         bundle, feeds = args.record_child
@@ -137,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.backends.onnxruntime import OrtEngine
     from runtime.bundle import read_bundle
 
+    placements = [name.strip() for name in args.placements.split(",") if name.strip()]
+    unknown = [name for name in placements if name not in quantize.PLACEMENTS]
+    if unknown or not placements:
+        p.error(f"--placements {args.placements}: choose from {', '.join(quantize.PLACEMENTS)}")
     load = list(os.getloadavg())
     manifest, _ = read_bundle(args.bundle, verify_files=False)
     unet = manifest.components["unet"]
@@ -144,18 +158,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.bundle} has a {unet.precision} UNet; give an fp32 bundle", file=sys.stderr)
         return 2
     source = args.bundle / unet.file
+    # one int8 graph keeps the old names (int8); several are told apart by placement (int8-symmetric, ...)
+    names = {pl: "int8" if len(placements) == 1 else f"int8-{pl}" for pl in placements}
     with tempfile.TemporaryDirectory(prefix="int8-unet-") as tmp:
         t0 = time.perf_counter()
         feeds = record_in_child(args.bundle, args.calibration_size, args.steps, Path(tmp))
         record_s = time.perf_counter() - t0
         print(f"recorded {len(feeds)} UNet inputs in {record_s:.1f} s")
-        target = Path(tmp) / "unet-int8.onnx"
-        q = quantize_in_child(source, target, feeds, args.float_convs, Path(tmp))
-        print(f"quantized in {q['seconds']:.1f} s, peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB")
-        sizes = {"fp32": onnx_bytes(source), "int8": onnx_bytes(target)}
+        files, steps = {"fp32": source}, {}
+        for pl, name in names.items():
+            files[name] = Path(tmp) / f"unet-{name}.onnx"
+            steps[name] = quantize_in_child(source, files[name], feeds, args.float_convs, pl, Path(tmp))
+            print(f"{name}: quantized in {steps[name]['seconds']:.1f} s, peak RSS {steps[name]['peak_rss_bytes'] / 2**30:.2f} GiB")
+        sizes = {name: onnx_bytes(f) for name, f in files.items()}
         feed = feeds[len(feeds) // 2]
-        engines = {"fp32": OrtEngine(unet, source, device="cpu"), "int8": OrtEngine(unet, target, device="cpu")}
-        times: dict[str, list[float]] = {"fp32": [], "int8": []}
+        engines = {name: OrtEngine(unet, f, device="cpu") for name, f in files.items()}
+        times: dict[str, list[float]] = {name: [] for name in engines}
         for engine in engines.values():
             engine(feed)  # warm-up
         for _ in range(args.calls):
@@ -164,51 +182,65 @@ def main(argv: list[str] | None = None) -> int:
                 engine(feed)
                 times[name].append(time.perf_counter() - t)
         outs = {name: np.asarray(engine(feed)[unet.outputs[0].name], dtype=np.float64) for name, engine in engines.items()}
-    rel = float(np.linalg.norm(outs["int8"] - outs["fp32"]) / np.linalg.norm(outs["fp32"]))
+    rel = {name: float(np.linalg.norm(outs[name] - outs["fp32"]) / np.linalg.norm(outs["fp32"])) for name in names.values()}
     med = {k: statistics.median(v) for k, v in times.items()}
+    first = names[placements[0]]
     result = {
         "command": ["python", "-m", "benchmarks.int8_unet", *(argv if argv is not None else sys.argv[1:])],
         "bundle": str(args.bundle),
         "unet_input": {t.name: list(t.shape) for t in unet.inputs},
         "calibration": {"generations": args.calibration_size, "steps": args.steps, "unet_inputs": len(feeds), "seconds": record_s},
-        "quantization": q,
+        "placements": {name: quantize.PLACEMENTS[pl]().record() for pl, name in names.items()},
+        "quantization": steps[first] if len(names) == 1 else steps,
         "unet_bytes": sizes,
-        "size_ratio": sizes["int8"] / sizes["fp32"],
+        "size_ratio": sizes[first] / sizes["fp32"],
         "call_seconds": times,
         "median_call_seconds": med,
-        "int8_over_fp32_time": med["int8"] / med["fp32"],
-        "rel_l2_mid_trajectory": rel,
+        "int8_over_fp32_time": med[first] / med["fp32"],
+        "over_fp32_time": {name: med[name] / med["fp32"] for name in names.values()},
+        "rel_l2_mid_trajectory": rel[first] if len(names) == 1 else rel,
         "machine": {**machine(), "vnni": quantize.has_vnni(), "load_average_at_start": load},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"int8-unet-{args.bundle.name}"
+    stem = f"int8-unet-{args.bundle.name}" + ("" if len(names) == 1 else "-" + "-".join(placements))
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    ratio = result["int8_over_fp32_time"]
-    where = quantize.placement("onnxruntime").record()
-    table = "\n".join(
-        [
-            f"# benchmarks.int8_unet: {args.bundle.name}",
-            "",
-            "| | fp32 | int8 | int8 / fp32 |",
-            "|---|---|---|---|",
-            f"| UNet call (median of {args.calls}, interleaved) | {med['fp32']:.3f} s | {med['int8']:.3f} s | {ratio:.2f}x |",
-            f"| UNet file | {sizes['fp32'] / 2**20:.1f} MiB | {sizes['int8'] / 2**20:.1f} MiB | {result['size_ratio']:.2f}x |",
-            "",
-            f"- calibration: {len(feeds)} UNet inputs from {args.calibration_size} generation(s), recorded in {record_s:.1f} s",
-            f"- quantization ({q['float_nodes']} float nodes): {q['seconds']:.1f} s, peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB "
-            f"(child process); its calibration pass {q['calibration_pass_seconds']:.1f} s, "
-            f"peak RSS {q['calibration_pass_peak_rss_bytes'] / 2**30:.2f} GiB",
-            f"- int8 vs fp32 relative L2 on the timed input: {rel:.4f}",
-            f"- Q/DQ for ONNX Runtime: {where['activations']} activations, {where['weights']} weights, "
-            f"reduce_range {where['reduce_range']} (this CPU {'has' if result['machine']['vnni'] else 'lacks'} VNNI)",
-            "",
-            machine_line(result["machine"]),
+    table = "\n".join([f"# benchmarks.int8_unet: {args.bundle.name}", "", *table_rows(args.calls, med, sizes, names), ""])
+    notes = []
+    for pl, name in names.items():
+        q, where = steps[name], result["placements"][name]
+        notes += [
+            f"- {name} ({pl}: {where['activations']} activations, {where['weights']} weights, reduce_range {where['reduce_range']}): "
+            f"relative L2 vs fp32 on the timed input {rel[name]:.4f}; quantization ({q['float_nodes']} float nodes) "
+            f"{q['seconds']:.1f} s, peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB (child process); its calibration pass "
+            f"{q['calibration_pass_seconds']:.1f} s, peak RSS {q['calibration_pass_peak_rss_bytes'] / 2**30:.2f} GiB"
         ]
+    notes.append(
+        f"- calibration: {len(feeds)} UNet inputs from {args.calibration_size} generation(s), recorded in {record_s:.1f} s; "
+        f"this CPU {'has' if result['machine']['vnni'] else 'lacks'} VNNI"
     )
+    table += "\n".join([*notes, "", machine_line(result["machine"])])
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(table)
     return 0
 
+
+def table_rows(calls: int, med: dict[str, float], sizes: dict[str, int], names: dict[str, str]) -> list[str]:
+    """fp32 and each int8 graph side by side; every ratio is against fp32."""
+    cols = ["fp32", *names.values()]
+    return [
+        "| | " + " | ".join(cols) + " | " + " | ".join(f"{c} / fp32" for c in names.values()) + " |",
+        "|---" * (1 + len(cols) + len(names)) + "|",
+        f"| UNet call (median of {calls}, interleaved) | "
+        + " | ".join(f"{med[c]:.3f} s" for c in cols)
+        + " | "
+        + " | ".join(f"{med[c] / med['fp32']:.2f}x" for c in names.values())
+        + " |",
+        "| UNet file | "
+        + " | ".join(f"{sizes[c] / 2**20:.1f} MiB" for c in cols)
+        + " | "
+        + " | ".join(f"{sizes[c] / sizes['fp32']:.2f}x" for c in names.values())
+        + " |",
+    ]
 
 if __name__ == "__main__":
     raise SystemExit(main())

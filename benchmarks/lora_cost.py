@@ -10,7 +10,6 @@ slot inputs with every call, as generation does. Prints a table and writes lora-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .runtime_bench import DEFAULT_OUT, fmt_seconds, machine, machine_line, spread
+from .runtime_bench import DEFAULT_OUT, fmt_seconds, machine, machine_line, publish, spread
 
 
 def random_adapter(model: Path, out: Path, rank: int, seed: int = 0) -> Path:
@@ -163,14 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     rounds, warmup = (5, 1) if args.quick else (args.rounds, args.warmup)
     with tempfile.TemporaryDirectory(prefix="lora-cost-") as tmp:
         result = measure(args.model.resolve(), args.rank, rounds, warmup, args.work or Path(tmp), args.height)
-    text = markdown(result)
-    print(text)
     img = result["image"]
     stem = f"lora-slots-{Path(result['model']).name}-{img['height']}x{img['width']}-r{args.rank}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(text)
-    print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
+    publish(result, markdown(result), args.out, stem)
     return 0
 
 

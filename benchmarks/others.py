@@ -29,16 +29,17 @@ def _timed(log: list[Call], name: str, fn: Callable[..., Any]) -> Callable[..., 
 
 
 class DiffusersTorch:
-    """StableDiffusionPipeline (fp32, torch CPU or CUDA), its modules' calls timed from outside."""
+    """StableDiffusionPipeline (fp32, or fp16 on a GPU; torch CPU or CUDA), its modules' calls timed from outside."""
 
-    def __init__(self, model: Path, bundle: Path, device: str | None = None):
+    def __init__(self, model: Path, bundle: Path, device: str | None = None, half: bool = False):
         import torch
         from diffusers import StableDiffusionPipeline
 
         self.torch = torch
         self.device = "cuda" if device in ("cuda", "tensorrt") else "cpu"
+        dtype = torch.float16 if half else torch.float32
         pipe = StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False, local_files_only=True
+            model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
         )
         self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -76,7 +77,7 @@ class DiffusersTorch:
         start = time.perf_counter()
         images = self.pipe(
             request["prompt"], negative_prompt="", num_inference_steps=request["steps"], guidance_scale=request["guidance_scale"],
-            latents=self.torch.from_numpy(latents).to(self.device), output_type="np", callback_on_step_end=on_step,
+            latents=self.torch.from_numpy(latents).to(self.device, self.pipe.unet.dtype), output_type="np", callback_on_step_end=on_step,
         ).images  # fmt: skip
         return run_figures(list(self.log), marks, start, time.perf_counter(), len(images)), np.asarray(images, dtype=np.float32)
 

@@ -180,7 +180,10 @@ def machine() -> dict[str, Any]:
         "gpu": _gpu_name(),
         "packages": {},
     }
-    for package in ("numpy", "tokenizers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch", "diffusers", "transformers"):
+    packages = (
+        "numpy", "tokenizers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-rtx-cu13", "torch", "diffusers", "transformers",
+    )  # fmt: skip
+    for package in packages:
         try:
             info["packages"][package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -230,15 +233,17 @@ def timed_txt2img(pipe: Any, log: list[Call], **options: Any) -> tuple[dict[str,
 
 def measure(
     bundle: Path, *, prompt: str, steps: int, guidance_scale: float, seed: int, scheduler: str | None, warmup: int, runs: int,
-    device: str | None = None, on_run: Callable[[str], None] = lambda _: None,
+    device: str | None = None, on_run: Callable[[str], None] = lambda _: None, cuda_graph: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Load BUNDLE, run warm-up then counted generations; stage figures, memory and footprint."""
+    """Load BUNDLE, run warm-up then counted generations; stage figures, memory and footprint.
+
+    cuda_graph: a TensorRT bundle's UNet call as a CUDA graph (Pipeline.load's option)."""
     from runtime.pipeline import Pipeline
 
     if runs < 1 or warmup < 0 or steps < 1:
         raise ValueError(f"need --runs >= 1, --warmup >= 0 and --steps >= 1 (got {runs}, {warmup}, {steps})")
     t0 = time.perf_counter()
-    pipe = Pipeline.load(bundle, device=device)
+    pipe = Pipeline.load(bundle, device=device, **({"cuda_graph": True} if cuda_graph else {}))
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_bytes()
     log = instrument(pipe)
@@ -342,6 +347,15 @@ def write_results(result: Mapping[str, Any], out: Path, stem: str) -> tuple[Path
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown(result))
     return json_path, md_path
+
+
+def publish(result: Mapping[str, Any], text: str, out: Path, stem: str) -> None:
+    """A benchmark's report printed, and written with its figures as STEM.md and STEM.json under OUT."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from runtime.backends.libraries import TENSORRT, TENSORRT_RTX, require
 from runtime.backends.tensorrt import require_tensorrt, tensorrt_available
 from runtime.bundle import GUIDANCE_MODES
 from runtime.errors import BundleError
@@ -25,7 +26,7 @@ from .onnx_export import InvalidOnnxError
 from .options import BACKENDS, BuildOptions
 from .staging import Log, check_target
 from .tensorrt import from_onnx
-from .tensorrt.builder import PRESETS, EngineBuildError, builder_settings
+from .tensorrt.builder import PRESETS, EngineBuildError, builder_settings, compute_capabilities
 from .verify import VerificationError
 
 __all__ = ["REFERENCE_MODEL", "BuildOptions", "build", "build_bundle", "main"]
@@ -51,6 +52,9 @@ def resolve_backend(asked: str, log: Log) -> str:
     if asked == "tensorrt":
         require_tensorrt("--backend tensorrt", instead="or build the ONNX Runtime flavour with --backend onnxruntime")
         return "tensorrt"
+    if asked == "tensorrt-rtx":  # builds without a GPU: only the library is needed here
+        require(TENSORRT_RTX, "--backend tensorrt-rtx", cuda=False, instead="or build the ONNX Runtime flavour with --backend onnxruntime")
+        return "tensorrt-rtx"
     if asked == "auto":
         if tensorrt_available():
             log("TensorRT is installed: building TensorRT engines (--backend tensorrt)")
@@ -71,11 +75,13 @@ def build_bundle(model_path: Path, out: Path | None, options: BuildOptions, log:
     if backend == "onnxruntime":
         return export_onnx_bundle(model_path, out, replace(options, backend=backend), log)  # recorded as resolved
     with tempfile.TemporaryDirectory(prefix="onnx-bundle-") as tmp:
-        # backend named: an int8 UNet gets TensorRT's Q/DQ placement
-        onnx_bundle = export_onnx_bundle(model_path, Path(tmp) / "onnx", replace(options, backend="tensorrt"), log)
+        # recorded as resolved (tensorrt or tensorrt-rtx, with its --compute-capability): the engines' rebuild command
+        onnx_bundle = export_onnx_bundle(model_path, Path(tmp) / "onnx", replace(options, backend=backend), log)
+        library = TENSORRT_RTX if backend == "tensorrt-rtx" else TENSORRT
         return from_onnx.build_from_onnx(
-            onnx_bundle, out, precision=options.precision, settings=options.tensorrt_builder(), force=options.force, log=log
-        )
+            onnx_bundle, out, precision=options.precision, settings=options.tensorrt_builder(), force=options.force, log=log,
+            library=library, targets=options.targets(),
+        )  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,7 +114,14 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     p.add_argument("--batch-size", type=int, default=1, help="images per call; the engines have static shapes (default 1)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="engine backend (default auto)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="engine backend: onnxruntime; tensorrt (NVIDIA TensorRT, built on the GPU it runs on); tensorrt-rtx (TensorRT "
+        "for RTX: built on any machine, no GPU needed, compiled for the RTX-class GPU at first load); default auto: "
+        "tensorrt where TensorRT is installed, else onnxruntime. With --from-onnx: tensorrt (default) or tensorrt-rtx",
+    )
     p.add_argument(
         "--guidance",
         choices=("auto", *GUIDANCE_MODES),
@@ -147,6 +160,7 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         "default: recognised from the checkpoint's keys and shapes (SD 2.x as the 768 v-prediction model)",
     )
     add_int8_flags(p)
+    add_prompt_flags(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -173,6 +187,27 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         metavar="RANK",
         help="give the UNet and text encoder LoRA slots of this rank (their attention and transformer layers take low-rank "
         "matrices as inputs), so Pipeline.set_lora switches adapters at run time without a rebuild; default: none",
+    )
+
+
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """Long prompts and textual-inversion embeddings (docs/prompts.md)."""
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        metavar="N",
+        help="the CLIP tokens a prompt may take: prompts are encoded in chunks of 75 and the UNet takes up to ceil(N/75) "
+        "of them (a prompt of fewer chunks runs exactly as on a one-chunk bundle); longer prompts are cut with a warning; "
+        "default 75 (one chunk)",
+    )
+    p.add_argument(
+        "--textual-inversion",
+        action="append",
+        metavar="FILE[:TOKEN]",
+        help="add a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds.safetensors; SDXL "
+        "clip_l/clip_g pairs) to the tokenizer and text encoder(s), as TOKEN (default: the token the file names, else "
+        "the file's name); a multi-vector embedding takes that many tokens; repeat for several. .pt files are pickles: "
+        "refused unless --allow-pickle",
     )
 
 
@@ -203,7 +238,7 @@ def add_int8_flags(p: argparse.ArgumentParser) -> None:
 
 def add_tensorrt_flags(p: argparse.ArgumentParser) -> None:
     """--from-onnx and TensorRT's builder limits, in a group of their own in --help."""
-    trt = p.add_argument_group("TensorRT engines (--backend tensorrt, --from-onnx)")
+    trt = p.add_argument_group("TensorRT engines (--backend tensorrt | tensorrt-rtx, --from-onnx)")
     trt.add_argument(
         "--from-onnx",
         type=Path,
@@ -222,6 +257,12 @@ def add_tensorrt_flags(p: argparse.ArgumentParser) -> None:
         choices=sorted(PRESETS),
         help="builder limits for a device class, e.g. jetson-orin-nano: 1024 MiB workspace, one stream",
     )
+    trt.add_argument(
+        "--compute-capability",
+        metavar="LIST",
+        help="TensorRT for RTX: the GPUs to build for, comma-separated from 7.5 (Turing), 8.0, 8.6, 8.9, 12.0, 12.1; "
+        "'current' for this machine's GPU; default: the library's portable set (8.0 to 12.x, no Turing)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
@@ -236,12 +277,15 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--height", args.height),
         ("--width", args.width),
         ("--backend onnxruntime", args.backend == "onnxruntime"),
+        ("--compute-capability (TensorRT for RTX only)", args.compute_capability is not None and args.backend != "tensorrt-rtx"),
         ("--pipelines", args.pipelines),
         ("--variant", args.variant),
         ("--checkpoint-config", args.checkpoint_config),
         ("--lora", args.lora),
         ("--lora-slots", args.lora_slots),
         ("--controlnet", args.controlnets),
+        ("--max-prompt-tokens", args.max_prompt_tokens),
+        ("--textual-inversion", args.textual_inversion),
         ("--calibration-prompts", args.calibration_prompts),
         ("--calibration-size", args.calibration_size),
         ("--int8-float-convs", args.int8_float_convs),
@@ -250,7 +294,11 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
     if clashes or args.batch_size != 1:
         raise ValueError(f"--from-onnx builds the bundle's own shapes with TensorRT; drop {', '.join(clashes or ['--batch-size'])}")
     settings = builder_settings(args.device_preset, args.builder_optimization_level, args.workspace)
-    return from_onnx.build_from_onnx(args.from_onnx, args.out, precision=args.precision, settings=settings, force=args.force)
+    library = TENSORRT_RTX if args.backend == "tensorrt-rtx" else TENSORRT
+    return from_onnx.build_from_onnx(
+        args.from_onnx, args.out, precision=args.precision, settings=settings, force=args.force, library=library,
+        targets=compute_capabilities(args.compute_capability),
+    )  # fmt: skip
 
 
 def build_from_args(args: argparse.Namespace) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 
 from runtime.bundle import Component, Manifest
 
-from . import controlnet, lora, onnx_export
+from . import controlnet, lora, onnx_export, textual_inversion
 from .inputs import fixed_inputs
 from .int8 import calibration
 from .int8 import unet as int8
@@ -52,11 +52,15 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
         log(line)
     t0 = time.perf_counter()
     choices = int8_choices(model, options, pipelines) if precision == "int8" else None
+    chunks = prompt_chunks(model, options.max_prompt_tokens)
     with staging(out, options.force, model.source) as work:
         lora.fuse(model, adapters, log)
+        added = textual_inversion.apply(model, options.textual_inversion, options.allow_pickle, log)
         f, rows = model.vae_factor, 2 * batch if guidance == "cfg" else batch
         residuals = controlnet.residual_specs(nets[0], rows, height // f, width // f) if nets else ()
-        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance, residuals=residuals)
+        specs = onnx_export.component_specs(
+            model, height=height, width=width, batch=batch, guidance=guidance, chunks=chunks, residuals=residuals
+        )
         unet_spec = next(s for s in specs if s.name == "unet")
         specs += [controlnet.controlnet_spec(i, net, unet_spec, residuals, f) for i, net in enumerate(nets)]
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
@@ -75,11 +79,13 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
             components[c.name] = replace(c, build={**c.build, "controlnet": net.record()})
         for dest, src in model.family.tokenizers(model).items():
             write_tokenizer(src, work / dest)
+            textual_inversion.write_added_tokens(work / dest, added.get(dest, {}))
 
         def manifest(precision: str) -> Manifest:
             return manifest_for(
                 model, components, height=height, width=width, batch=batch, precision=precision, backend=BACKEND, guidance=guidance,
-                pipelines=pipelines, lora=info, command=options.arguments(str(model.source)),
+                pipelines=pipelines, lora=info, command=options.arguments(str(model.source)), prompt_chunks=chunks,
+                textual_inversion=options.textual_inversion,
             )  # fmt: skip
 
         write_manifest(work, manifest(exported))
@@ -90,6 +96,14 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
             write_manifest(work, manifest(precision))
     log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
     return out
+
+
+def prompt_chunks(model: SourceModel, max_prompt_tokens: int | None) -> int:
+    """How many text-encoder contexts the UNet takes: --max-prompt-tokens in whole chunks (the context less bos and eos)."""
+    if max_prompt_tokens is None:
+        return 1
+    size = model.family.max_length(model) - 2
+    return -(-max_prompt_tokens // size)
 
 
 def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str, ...]) -> int8.Int8Choices:
@@ -110,7 +124,7 @@ def int8_choices(model: SourceModel, options: BuildOptions, pipelines: tuple[str
         )
     folder = Path(model.source)
     prompts = calibration.prompt_set(options.calibration_prompts, folder if folder.is_dir() else None)
-    target = "tensorrt" if options.backend == "tensorrt" else "onnxruntime"
+    target = "tensorrt" if options.backend in ("tensorrt", "tensorrt-rtx") else "onnxruntime"
     return int8.Int8Choices(prompts, options.calibration_size, options.int8_float_convs, target, options.force)
 
 

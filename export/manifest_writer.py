@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from runtime.bundle import (
     Component,
     GuidanceInfo,
@@ -17,6 +19,7 @@ from runtime.bundle import (
 from .families import StableDiffusionXL
 from .model import SourceModel
 from .staging import now
+from .textual_inversion import parse_spec
 
 
 def manifest_for(
@@ -32,6 +35,8 @@ def manifest_for(
     pipelines: tuple[str, ...] = ("txt2img",),
     lora: LoraInfo | None = None,
     command: tuple[str, ...] = (),
+    prompt_chunks: int = 1,
+    textual_inversion: tuple[str, ...] = (),
 ) -> Manifest:
     """Everything the runtime needs to drive the exported components, from the model folder's own configs."""
     upscale = None
@@ -61,7 +66,10 @@ def manifest_for(
             2 * batch if guidance == "cfg" else batch,
             int(model.unet.config.time_cond_proj_dim) if guidance == "embedded" else None,
         ),
-        tokenizer=TokenizerInfo(next(iter(model.family.tokenizers(model))), model.family.max_length(model)),
+        tokenizer=TokenizerInfo(
+            next(iter(model.family.tokenizers(model))), model.family.max_length(model), prompt_chunks,
+            tuple(str(Path(p).resolve()) + (f":{t}" if t else "") for p, t in map(parse_spec, textual_inversion)),
+        ),  # fmt: skip
         backend=backend,
         precision=precision,
         components=components,

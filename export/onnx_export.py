@@ -50,11 +50,13 @@ def wrap(module: Any, fn: Callable[..., Any]) -> Any:
 
 
 def component_specs(
-    model: Any, *, height: int, width: int, batch: int, guidance: str = "cfg", residuals: tuple[TensorSpec, ...] = ()
+    model: Any, *, height: int, width: int, batch: int, guidance: str = "cfg", chunks: int = 1, residuals: tuple[TensorSpec, ...] = ()
 ) -> list[ComponentSpec]:
     """The four components with the bundle's static shapes (CFG: batch 2B for text encoder and UNet).
 
     height, width: the output image's; the UNet works at 1/f of it, as does the upscaler's input image.
+    chunks: prompt chunks the UNet's context takes; past one, its length is an ONNX dynamic axis in whole chunks
+    (the TensorRT build gives it a profile), so a prompt of fewer chunks runs at its own length.
     residuals: ControlNet residual inputs for the UNet (export.controlnet), none without ControlNets.
     """
     unet, vae = model.unet, model.vae
@@ -62,7 +64,7 @@ def component_specs(
     h, w, c = height // f, width // f, unet.config.in_channels
     lc = vae.config.latent_channels
     b2 = 2 * batch if guidance == "cfg" else batch
-    text = model.family.unet_text_inputs(model, b2)  # how the prompts reach the UNet: the family's business
+    text = tuple(chunked(t, chunks) for t in model.family.unet_text_inputs(model, b2))  # the family's business
     unet_inputs: tuple[TensorSpec, ...] = (TensorSpec("sample", (b2, c, h, w), "float32"), TensorSpec("timestep", (b2,), "float32"), *text)
     conditioning: tuple[TensorSpec, ...] = ()
     if guidance == "embedded":  # LCM: the guidance scale enters as an embedding, no second batch half
@@ -106,6 +108,14 @@ def residual_keywords(given: dict[str, Any]) -> dict[str, Any]:
     return {"down_block_additional_residuals": down, "mid_block_additional_residual": given.pop(MID_RESIDUAL)}
 
 
+def chunked(t: TensorSpec, chunks: int) -> TensorSpec:
+    """The UNet's context, taking up to `chunks` text-encoder contexts along its sequence axis."""
+    if t.name != "encoder_hidden_states" or chunks == 1:
+        return t
+    seq = t.shape[1]
+    return TensorSpec(t.name, (t.shape[0], seq * chunks, *t.shape[2:]), t.dtype, (0, seq, *(0 for _ in t.shape[2:])))
+
+
 def torch_inputs(spec: ComponentSpec, arrays: dict[str, Any]) -> tuple[Any, ...]:
     import torch
 
@@ -129,6 +139,7 @@ def export_onnx(spec: ComponentSpec, sample: dict[str, Any], out: Path) -> None:
                 dynamo=False,  # the TorchScript exporter: static graphs TensorRT's parser knows well
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
+                dynamic_axes={t.name: {a: f"{t.name}_{a}" for a, s in enumerate(t.steps) if s} for t in spec.inputs if t.steps} or None,
                 opset_version=OPSET,
                 do_constant_folding=True,
             )

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from runtime.bundle import GUIDANCE_MODES
 
-from .tensorrt.builder import BuilderSettings, builder_settings
+from .tensorrt.builder import BuilderSettings, builder_settings, compute_capabilities
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class BuildOptions:
     height: int | None = None  # pixels; None: the model's native size
     width: int | None = None
     batch_size: int = 1  # the engines have static shapes
-    backend: str = "auto"  # auto: TensorRT where it is installed, else ONNX Runtime
+    backend: str = "auto"  # auto: TensorRT where it is installed, else ONNX Runtime; tensorrt-rtx: TensorRT for RTX, no GPU needed
     guidance: str = "auto"  # auto: embedded where the UNet takes a guidance embedding, else cfg
     pipelines: str | None = None  # comma-separated; None: all the model can do
     allow_pickle: bool = False  # .bin/.ckpt weights can run code: trusted files only
@@ -33,11 +33,16 @@ class BuildOptions:
     builder_optimization_level: int | None = None
     workspace: int | None = None  # MiB
     device_preset: str | None = None
+    compute_capability: str | None = None  # TensorRT for RTX's targets, comma-separated; None: its portable default
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
     controlnets: tuple[str, ...] = ()  # diffusers ControlNetModel folders: a controlnet_<i> component each
     # int8 (the UNet as calibrated QDQ): prompts file (None: the model's own or the shipped set), generations
     # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
+    # prompts: how many CLIP tokens a prompt may take (None: one chunk, the text encoder's context less bos and eos;
+    # more: the UNet takes its context in whole chunks up to that), and textual-inversion embeddings FILE[:TOKEN]
+    max_prompt_tokens: int | None = None
+    textual_inversion: tuple[str, ...] = ()
     calibration_prompts: Path | None = None
     calibration_size: int = 32
     int8_float_convs: int = 10
@@ -56,11 +61,16 @@ class BuildOptions:
         if self.guidance not in ("auto", *GUIDANCE_MODES):
             raise ValueError(f"unknown guidance mode {self.guidance!r}: choose one of auto, {', '.join(GUIDANCE_MODES)}")
         object.__setattr__(self, "lora", tuple(self.lora))  # argparse's append gives a list
+        object.__setattr__(self, "textual_inversion", tuple(self.textual_inversion))
         self.check_lora()
+        self.check_prompts()
         object.__setattr__(self, "controlnets", tuple(str(c) for c in self.controlnets))
         if self.controlnets and self.precision == "int8":  # calibration samples without control images
             raise ValueError("--controlnet with --precision int8 is not supported yet: build ControlNet bundles in fp16 or fp32")
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
+        if self.compute_capability is not None and self.backend != "tensorrt-rtx":
+            raise ValueError("--compute-capability is for TensorRT for RTX engines: add --backend tensorrt-rtx")
+        self.targets()
 
     def check_lora(self) -> None:
         """The adapter files exist and their scales are finite numbers; the slot rank is in range (before any model loads)."""
@@ -84,6 +94,23 @@ class BuildOptions:
                 "--lora-slots with --precision int8 is not supported: fuse the adapter with --lora, or build slots in fp16 or fp32"
             )
 
+    def check_prompts(self) -> None:
+        """--max-prompt-tokens is a whole number in range; every --textual-inversion file exists (before any model loads)."""
+        from runtime.bundle.manifest import MAX_CHUNKS
+
+        from .textual_inversion import check_spec
+
+        n = self.max_prompt_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHUNKS * 75):
+            raise ValueError(
+                f"--max-prompt-tokens {n!r}: give the CLIP tokens a prompt may take, 1 to {MAX_CHUNKS * 75} "
+                "(75 per chunk; e.g. 150 for two chunks)"
+            )
+        if n is not None and n > 75 and self.precision == "int8":
+            raise ValueError("--max-prompt-tokens over 75 with --precision int8 is not supported yet: build it in fp16 or fp32")
+        for spec in self.textual_inversion:
+            check_spec(spec, self.allow_pickle)
+
     def check_int8(self) -> None:
         """The int8 flags: sizes first (cheap), then the prompts file, read before any model is."""
         from .int8.calibration import CalibrationError, check_size, read_prompts
@@ -99,6 +126,10 @@ class BuildOptions:
             if self.precision != "int8":
                 raise CalibrationError(f"--calibration-prompts is for --precision int8, not {self.precision}; drop it or ask for int8")
             read_prompts(Path(self.calibration_prompts))
+
+    def targets(self) -> tuple[str, ...]:
+        """TensorRT for RTX's target compute capabilities (() its portable default)."""
+        return compute_capabilities(self.compute_capability)
 
     def arguments(self, model: str) -> tuple[str, ...]:
         """The export.build arguments that ask for these options (each flag is the field of its name; a field at its

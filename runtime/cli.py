@@ -74,6 +74,11 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
     )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
     p.add_argument(
+        "--no-prompt-weighting",
+        action="store_true",
+        help="read brackets in the prompts as plain text, not as A1111 emphasis ((word) x1.1, [word] /1.1, (word:1.3), BREAK)",
+    )
+    p.add_argument(
         "--steps",
         type=int,
         help="denoising steps (default: " + ("75)" if upscale else "50, or 4 for a bundle whose sampler is lcm or tcd)"),
@@ -246,6 +251,8 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     options = {**options, **given, **control_options(args)}  # type: ignore[typeddict-item]
     if args.steps is not None:
         options["steps"] = args.steps
+    if args.no_prompt_weighting:
+        options = {**options, "prompt_weighting": False}  # type: ignore[typeddict-unknown-key]
     if command == "txt2img":
         return list(pipe.txt2img(args.prompt, args.negative_prompt, **options))
     if command == "img2img":

@@ -45,7 +45,14 @@ FEW_STEP_SAMPLERS = ("lcm", "tcd")
 FEW_STEPS = 4
 
 
-class TaskOptions(Sampling, SdxlConditioning, ctl.ControlOptions, total=False):
+class PromptReading(TypedDict, total=False):
+    """How prompts are read, on every bundle (runtime.families.base.PROMPT_KEYWORDS): prompt_weighting=False reads
+    A1111's emphasis brackets as plain text."""
+
+    prompt_weighting: bool
+
+
+class TaskOptions(Sampling, SdxlConditioning, PromptReading, ctl.ControlOptions, total=False):
     """Every keyword a task takes beyond its own arguments: the sampling options, a family's conditioning, ControlNet's."""
 
 

@@ -37,7 +37,12 @@ def check_feed(component: Component, feed: Mapping[str, np.ndarray]) -> None:
 def _check_tensor(where: str, spec: TensorSpec, value: np.ndarray) -> None:
     if not isinstance(value, np.ndarray):
         raise FeedError(f"{where}.{spec.name}: expected a numpy array, got {type(value).__name__}")
-    if tuple(value.shape) != spec.shape:
+    if not spec.accepts(tuple(value.shape)):
+        if spec.steps:
+            raise FeedError(
+                f"{where}.{spec.name}: shape {tuple(value.shape)} but the bundle takes {spec.shape}, the axes with steps "
+                f"{spec.steps} in whole steps up to that"
+            )
         raise FeedError(
             f"{where}.{spec.name}: shape {tuple(value.shape)} but the bundle was built for static shape {spec.shape}; "
             "rebuild the bundle for this size/batch with `python -m export.build --height/--width/--batch-size`"

@@ -28,6 +28,7 @@ DEFAULT_SPECIAL_TOKENS = {
     "pad_token": "<|endoftext|>",
 }
 TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
+ADDED_TOKENS = "added_tokens.json"
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -109,10 +110,21 @@ def build_clip_bpe(vocab: Path, merges: Path, specials: dict[str, AddedToken]) -
     return tokenizer
 
 
+def load_added_tokens(folder: Path) -> dict[str, int]:
+    """Textual-inversion tokens (added_tokens.json, transformers' record of tokens beyond vocab.json): token -> id."""
+    data = _read_json(folder / ADDED_TOKENS)
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in data.items()):
+        raise ValueError(f"{folder / ADDED_TOKENS} must map tokens to ids; re-export the engine bundle's tokenizer")
+    return dict(sorted(data.items(), key=lambda kv: kv[1]))
+
+
 class ClipTokenizer:
     """Prompts -> CLIP token ids, truncated and padded to the text encoder's context."""
 
-    def __init__(self, tokenizer: Tokenizer, specials: dict[str, AddedToken], max_length: int = DEFAULT_MAX_LENGTH):
+    def __init__(
+        self, tokenizer: Tokenizer, specials: dict[str, AddedToken], max_length: int = DEFAULT_MAX_LENGTH,
+        added: dict[str, int] | None = None,
+    ):  # fmt: skip
         if not 2 <= max_length <= MAX_CONTEXT:
             # transformers writes 1e30 where no length was set; CLIP text encoders take 77.
             raise ValueError(
@@ -124,6 +136,7 @@ class ClipTokenizer:
         self.bos_id, self.eos_id, self.pad_id = (
             self._token_id(specials[role]) for role in ("bos_token", "eos_token", "pad_token")
         )
+        self.expansions = self._add_tokens(added or {})
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> "ClipTokenizer":
@@ -139,6 +152,7 @@ class ClipTokenizer:
         try:
             specials = load_special_tokens(folder)
             max_length = int(_read_json(config).get("model_max_length", DEFAULT_MAX_LENGTH))
+            added = load_added_tokens(folder)
         except ValueError:
             raise
         except (AttributeError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
@@ -149,7 +163,7 @@ class ClipTokenizer:
             tokenizer = build_clip_bpe(folder / "vocab.json", folder / "merges.txt", specials)
         except Exception as e:  # the tokenizers library raises its own untyped errors for unreadable files
             raise ValueError(f"{_bad_bpe_file(folder)} is malformed ({e}); re-export the engine bundle's tokenizer") from None
-        return cls(tokenizer, specials, max_length)
+        return cls(tokenizer, specials, max_length, added)
 
     def _token_id(self, token: AddedToken) -> int:
         # A special token outside vocab.json would get a fresh id that the text encoder cannot embed.
@@ -157,6 +171,43 @@ class ClipTokenizer:
         if token_id is None or token_id >= self._tokenizer.get_vocab_size(with_added_tokens=False):
             raise ValueError(f"special token {str(token)!r} is not in the vocabulary; check the tokenizer config")
         return token_id
+
+    def _add_tokens(self, added: dict[str, int]) -> dict[int, list[int]]:
+        """Register textual-inversion tokens at their recorded ids; return each multi-vector token's expansion.
+
+        Added as transformers' add_tokens adds them (matched in the normalized text, not special). A token of n vectors
+        is stored as TOKEN, TOKEN_1 ... TOKEN_{n-1}, and TOKEN in a prompt stands for all of them (diffusers'
+        maybe_convert_prompt).
+        """
+        for token, token_id in added.items():
+            self._tokenizer.add_tokens([AddedToken(token, special=False, normalized=True)])
+            if self._tokenizer.token_to_id(token) != token_id:
+                raise ValueError(
+                    f"added token {token!r} should have id {token_id} but the vocabulary gives it "
+                    f"{self._tokenizer.token_to_id(token)}; re-export the engine bundle's tokenizer"
+                )
+        expansions = {}
+        for token, token_id in added.items():
+            more: list[int] = []
+            while f"{token}_{len(more) + 1}" in added:
+                more.append(added[f"{token}_{len(more) + 1}"])
+            if more:
+                expansions[token_id] = [token_id, *more]
+        return expansions
+
+    def tokens(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, without bos/eos and untruncated; a multi-vector embedding's token gives all its ids."""
+        out = []
+        for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False):
+            ids: list[int] = []
+            for i in encoding.ids:
+                ids.extend(self.expansions.get(i, (i,)))
+            out.append(ids)
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids back to text (for warnings that quote what was cut)."""
+        return str(self._tokenizer.decode(ids)).replace(END_OF_WORD, " ").strip()
 
     def __call__(self, prompts: str | list[str]) -> np.ndarray:
         """Token ids, int32 (batch, max_length): bos, the prompt's tokens, eos, then padding."""
@@ -174,7 +225,7 @@ class ClipTokenizer:
         if len(tokens) <= self.max_length:
             return tokens
         dropped = tokens[self.max_length - 1 : -1]
-        text = self._tokenizer.decode(dropped).replace(END_OF_WORD, " ").strip()
+        text = self.decode(dropped)
         warnings.warn(
             f"{len(dropped)} prompt tokens were dropped: CLIP can only handle sequences up to {self.max_length} "
             f"tokens, so the following part of the input was truncated: {text!r}",

@@ -7,7 +7,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # Pinned so pip takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[export,onnxruntime,test,bench]"
+# tensorrt-rtx: TensorRT for RTX, whose builder runs without a GPU, so the tests build real engines (about 100 MB)
+.venv/bin/python -m pip install -q -e ".[export,onnxruntime,test,bench,tensorrt-rtx]"
 # Type stubs for the TensorRT code's mypy check. --no-deps: they require the real tensorrt wheel,
 # which only NVIDIA's index serves.
 .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"

@@ -160,7 +160,10 @@ def _escape(text: str) -> str:
 
 def readme(manifest: Manifest, bundle: Path, options: RepositoryOptions) -> str:
     gpu = instance_kind(manifest, options.kind) == "KIND_GPU"
-    backend_pkgs = {"onnxruntime": "onnxruntime-gpu" if gpu else "onnxruntime", "tensorrt": "tensorrt cuda-python"}[manifest.backend]
+    trt_pkgs = "tensorrt cuda-python"
+    if manifest.tensorrt is not None and manifest.tensorrt.library == "tensorrt-rtx":
+        trt_pkgs = f"tensorrt-rtx-cu13=={manifest.tensorrt.tensorrt} cuda-python"
+    backend_pkgs = {"onnxruntime": "onnxruntime-gpu" if gpu else "onnxruntime", "tensorrt": trt_pkgs}[manifest.backend]
     gpus = "--gpus all " if gpu else ""
     return f"""# Triton model repository: {manifest.model.name}
 

@@ -47,7 +47,7 @@ LARGE = 1 << 30  # bytes of a single-file ONNX past which the quantizer writes e
 class Placement:
     """How Q/DQ nodes are placed and typed for a target runtime."""
 
-    target: str  # onnxruntime | tensorrt
+    target: str  # symmetric | asymmetric (PLACEMENTS)
     activation: str  # QUInt8 | QInt8
     weight: str
     reduce_range: bool
@@ -70,14 +70,30 @@ def has_vnni() -> bool:
 
 
 def placement(target: str) -> Placement:
-    """ONNX Runtime CPU: U8 activations, S8 per-channel weights (its fast u8s8 kernels), 7-bit weights on x86
-    without VNNI (ORT's documented fix for vpmaddubsw saturation). TensorRT: symmetric S8 for both, one Q/DQ
-    pair per consumer, as TensorRT's explicit-quantization fusion expects (and ORT documents for its TensorRT EP)."""
-    if target == "tensorrt":
-        extra = (("ActivationSymmetric", True), ("WeightSymmetric", True), ("DedicatedQDQPair", True))
-        return Placement("tensorrt", "QInt8", "QInt8", False, extra)
+    """How the Q/DQ graph for `target` is typed and placed (PLACEMENTS names every choice; see there)."""
+    return PLACEMENTS[TARGET_PLACEMENT[target]]()
+
+
+def symmetric() -> Placement:
+    """What TensorRT (classic and for RTX) parses: S8 activations and per-channel S8 weights, zero points 0, biases
+    left float (TensorRT rejects a DequantizeLinear of an int32 bias), one Q/DQ pair per consumer, as TensorRT's
+    explicit-quantization fusion expects. ONNX Runtime runs the same graph."""
+    extra = (("ActivationSymmetric", True), ("WeightSymmetric", True), ("DedicatedQDQPair", True), ("QuantizeBias", False))
+    return Placement("symmetric", "QInt8", "QInt8", False, extra)
+
+
+def asymmetric() -> Placement:
+    """ONNX Runtime CPU's own choice: U8 activations with a zero point, S8 per-channel weights (its u8s8 kernels),
+    7-bit weights on x86 without VNNI (ORT's documented fix for vpmaddubsw saturation). TensorRT refuses it."""
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
-    return Placement("onnxruntime", "QUInt8", "QInt8", x86 and not has_vnni())
+    return Placement("asymmetric", "QUInt8", "QInt8", x86 and not has_vnni())
+
+
+PLACEMENTS: dict[str, Callable[[], Placement]] = {"symmetric": symmetric, "asymmetric": asymmetric}
+# One int8 graph for both backends: the symmetric one. The quality gate then runs on exactly the graph TensorRT
+# receives, and any int8 bundle feeds --from-onnx. Its cost on ONNX Runtime CPU, measured on the reference UNet
+# (benchmarks.int8_unet --placements asymmetric,symmetric, VNNI CPU): 16% slower calls at 64x64, 7% at 256x256.
+TARGET_PLACEMENT = {"tensorrt": "symmetric", "onnxruntime": "symmetric"}
 
 
 # ---- which nodes stay float -------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""ONNX -> TensorRT engine (.plan) with TensorRT's own builder API.
+"""ONNX -> TensorRT engine (.plan) with TensorRT's own builder API, from either library behind it.
 
-Static shapes (a dynamic ONNX gets one profile with min = opt = max = the bundle's shapes),
+NVIDIA TensorRT (`tensorrt`) builds on the GPU the engine will run on; TensorRT for RTX (`tensorrt_rtx`,
+the same API) builds ahead of time on any machine, GPU or not, for a set of compute capabilities
+(--compute-capability; default the library's portable set), and the engine is finished for the GPU at
+load. runtime.backends.libraries names both. Static shapes (a dynamic ONNX gets one profile with min = opt = max = the bundle's shapes),
 precision taken from the ONNX where it carries one (fp16 weights, Q/DQ nodes: a strongly
 typed network), a persistent timing cache per GPU and TensorRT version, the builder
 optimization level, and a workspace limit for small-memory devices.
@@ -15,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.backends.tensorrt import capturing_logger, require_tensorrt
+from runtime.backends.libraries import TENSORRT, Library, require
+from runtime.backends.tensorrt import DTYPES, capturing_logger
 from runtime.bundle import TensorSpec
 from runtime.bundle.fit import Device
 
@@ -96,11 +100,18 @@ class Precision:
 
 
 def choose_precision(
-    asked: str, component: str, onnx_precision: str, has_qdq: bool, tensorrt_major: int, kept_fp32: bool = False
+    asked: str,
+    component: str,
+    onnx_precision: str,
+    has_qdq: bool,
+    tensorrt_major: int,
+    kept_fp32: bool = False,
+    library: Library = TENSORRT,
 ) -> Precision:
     """The engine precision for one component, or an EngineBuildError saying how to get the ONNX it needs.
 
     kept_fp32: the exporter kept this component in fp32 on purpose (fp16 overflows): it stays fp32.
+    TensorRT for RTX, like TensorRT 11, builds strongly typed networks only: the types come from the ONNX.
     """
     if asked not in ("fp32", "fp16", "int8"):
         raise ValueError(f"unknown precision {asked!r}: choose fp32, fp16 or int8")
@@ -125,12 +136,45 @@ def choose_precision(
         return Precision("fp32", strongly_typed=True, fp16_flag=False, tf32=False)
     if onnx_precision == "fp16":
         return Precision("fp16", strongly_typed=True, fp16_flag=False, tf32=True)
-    if tensorrt_major >= 11:
+    if tensorrt_major >= 11 or library.ahead_of_time:
+        which = library.title if library.ahead_of_time else f"TensorRT {tensorrt_major}"
         raise EngineBuildError(
-            f"{component}: TensorRT {tensorrt_major} builds strongly typed networks only, so an fp16 engine needs an fp16 "
+            f"{component}: {which} builds strongly typed networks only, so an fp16 engine needs an fp16 "
             "ONNX: build the bundle with `python -m export.build --precision fp16` first"
         )
     return Precision("fp16", strongly_typed=False, fp16_flag=True, tf32=True)
+
+
+# -- compute capabilities (TensorRT for RTX) -------------------------------------------
+
+# What TensorRT for RTX 1.7's builder can target (its ComputeCapability enum), by compute capability.
+TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+# Its default, with no target set: portable across Ampere and later RTX-class GPUs, without Turing (NVIDIA's docs:
+# "8.0, 8.6, 8.9, 12.0, and later"; Turing only on request, since a portable engine with it runs slower elsewhere).
+PORTABLE = ("8.0", "8.6", "8.9", "12.0", "12.1")
+
+
+def compute_capabilities(asked: str | None) -> tuple[str, ...]:
+    """--compute-capability LIST -> the targets to set; () is the library's portable default, ("current",) this GPU."""
+    if asked is None or asked.strip() in ("", "portable"):
+        return ()
+    wanted = tuple(dict.fromkeys(part.strip() for part in asked.split(",") if part.strip()))
+    if wanted == ("current",):
+        return wanted
+    unknown = [cc for cc in wanted if cc not in TARGETS]
+    if unknown or not wanted:
+        raise ValueError(
+            f"--compute-capability {asked}: TensorRT for RTX targets {', '.join(TARGETS)} (comma-separated), "
+            "'portable' (its default: 8.0 to 12.x, no Turing) or 'current' (the GPU of this machine)"
+        )
+    return wanted
+
+
+def recorded_targets(targets: tuple[str, ...], device: Device | None = None) -> tuple[str, ...]:
+    """The compute capabilities a manifest records: the set asked for, the portable set, or this GPU's."""
+    if targets == ("current",):
+        return (device.compute_capability,) if device else targets
+    return targets or PORTABLE
 
 
 # -- ONNX inspection ------------------------------------------------------------
@@ -225,32 +269,52 @@ def build_engine(
     precision: Precision,
     settings: BuilderSettings,
     timing_cache: Path | None = None,
+    outputs: Sequence[TensorSpec] = (),
+    *,
+    library: Library = TENSORRT,
+    targets: tuple[str, ...] = (),
 ) -> bytes:
-    """Parse the ONNX, build a serialized engine for exactly the bundle's shapes, and update the timing cache."""
-    require_tensorrt("building TensorRT engines")
-    import tensorrt as trt
+    """Parse the ONNX, build a serialized engine for exactly the bundle's shapes, and update the timing cache.
 
-    logger, messages = capturing_logger()
+    library: which TensorRT builds it; targets: TensorRT for RTX's compute capabilities (() its portable default);
+    outputs: the manifest's outputs, which the network must produce with the same names, shapes and types.
+    """
+    require(library, f"building {library.title} engines", cuda=not library.ahead_of_time)
+    trt = library.load()
+    logger, messages = capturing_logger(library)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision.strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"{name}: TensorRT's ONNX parser rejected {onnx_path}: {' | '.join(errors) or ' | '.join(messages[-3:])}")
+        said = " | ".join(errors) or " | ".join(messages[-3:])
+        hint = ""
+        if "zero point" in said.lower():  # an int8 ONNX from before the exporter's Q/DQ became symmetric
+            hint = (
+                "; TensorRT takes symmetric int8 only (zero points 0): re-export the int8 bundle with "
+                "`python -m export.build --precision int8`"
+            )
+        raise EngineBuildError(f"{name}: {library.title}'s ONNX parser rejected {onnx_path}: {said}{hint}")
     shapes = {network.get_input(i).name: _dims(network.get_input(i).shape) for i in range(network.num_inputs)}
     dynamic = check_network_inputs(name, shapes, inputs)
-    config = _config(builder, precision, settings)
+    if outputs:
+        produced = [network.get_output(i) for i in range(network.num_outputs)]
+        check_network_outputs(name, {t.name: (_dims(t.shape), DTYPES.get(t.dtype.name, t.dtype.name)) for t in produced}, outputs)
+    config = _config(builder, precision, settings, library, targets)
     if dynamic:
         profile = builder.create_optimization_profile()
         for spec in inputs:
             fixed = trt.Dims(list(spec.shape))
-            profile.set_shape(spec.name, fixed, fixed, fixed)
+            # a stepped axis (the UNet's context in prompt chunks) runs from one step to the bundle's maximum, tuned at
+            # one step: most prompts fit one chunk
+            low = trt.Dims([s or d for d, s in zip(spec.shape, spec.steps)]) if spec.steps else fixed
+            profile.set_shape(spec.name, low, low, fixed)
         config.add_optimization_profile(profile)
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    plan: trt.IHostMemory | None = builder.build_serialized_network(network, config)
+    plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise build_failure(name, messages, settings)
     if timing_cache is not None:
@@ -258,9 +322,26 @@ def build_engine(
     return bytes(memoryview(plan))
 
 
-def _config(builder: trt.Builder, precision: Precision, settings: BuilderSettings) -> trt.IBuilderConfig:
-    import tensorrt as trt
+def check_network_outputs(name: str, produced: dict[str, tuple[tuple[int, ...], str]], specs: Sequence[TensorSpec]) -> None:
+    """The network must produce the manifest's outputs: the same names, static shapes and dtypes."""
+    expected = {t.name: (t.shape, t.dtype) for t in specs}
+    if sorted(produced) != sorted(expected):
+        raise EngineBuildError(
+            f"{name}: the network's outputs {sorted(produced)} are not the manifest's {sorted(expected)}; rebuild the ONNX bundle"
+        )
+    for out, (shape, dtype) in produced.items():
+        if (shape, dtype) != expected[out]:
+            want_shape, want_dtype = expected[out]
+            raise EngineBuildError(
+                f"{name}: output {out} is {dtype} {shape} in the network but {want_dtype} {want_shape} in the manifest; "
+                "rebuild the ONNX bundle"
+            )
 
+
+def _config(
+    builder: trt.Builder, precision: Precision, settings: BuilderSettings, library: Library, targets: tuple[str, ...]
+) -> trt.IBuilderConfig:
+    trt = library.load()
     config = builder.create_builder_config()
     config.builder_optimization_level = settings.optimization_level
     if settings.workspace_mib is not None:
@@ -271,6 +352,12 @@ def _config(builder: trt.Builder, precision: Precision, settings: BuilderSetting
         config.set_flag(trt.BuilderFlag.FP16)
     if not precision.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
+    if targets:
+        rtx: Any = config  # TensorRT for RTX's IBuilderConfig: its compute-capability calls are not in tensorrt-stubs
+        rtx.num_compute_capabilities = len(targets)
+        for i, cc in enumerate(targets):
+            member = "CURRENT" if cc == "current" else TARGETS[cc]
+            rtx.set_compute_capability(getattr(trt.ComputeCapability, member), i)
     return config
 
 

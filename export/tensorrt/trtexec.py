@@ -142,6 +142,12 @@ def bundle_commands(
 ) -> list[EngineCommands]:
     """The trtexec lines of every component (text encoder, UNet, VAE decoder, VAE encoder)."""
     manifest = load_manifest(bundle, verify_files=False)
+    if manifest.tensorrt is not None and manifest.tensorrt.library == "tensorrt-rtx":
+        raise BundleError(
+            f"{bundle} holds TensorRT for RTX engines: trtexec cannot load them, and TensorRT for RTX's pip wheel ships no "
+            "command-line tool (only its Python module), so there are no lines to print. Time them on an RTX-class GPU with "
+            f"`python -m benchmarks.gpu --bundle {bundle}`, or print trtexec lines for the ONNX bundle they were built from"
+        )
     engine_dir = engine_dir if engine_dir is not None else Path("engines") / ".trtexec" / bundle.name
     return [
         commands_for(

@@ -48,33 +48,70 @@ def resolve_providers(device: str | None) -> list[str]:
 
 
 class OrtEngine:
-    """One InferenceSession, created once; each call checks the feed against the manifest."""
+    """One InferenceSession, created once; each call checks the feed against the manifest.
+
+    A component with a stepped input (the UNet's context on a bundle built for prompts of several chunks) gets one
+    session per length, each with that length fixed (a free-dimension override), so ONNX Runtime optimizes it as the
+    static graph it then is: a one-chunk prompt runs exactly the computation of a one-chunk bundle, bit for bit.
+    The one-step session stays open; a longer length opens its own session, which the next other length replaces.
+    """
 
     def __init__(self, component: Component, path: Path, device: str | None = None, threads: int | None = None, spin: bool = True):
-        ort = _import_ort()
         self.component = component
         self.providers = resolve_providers(device)
+        self._path, self._threads, self._spin = path, threads, spin
+        self._stepped = [t for t in component.inputs if t.steps]
+        # export.build names a stepped axis INPUT_AXIS; one step: the shortest length
+        self._axes = {f"{t.name}_{a}": s for t in self._stepped for a, s in enumerate(t.steps) if s}
+        self._sizes = tuple(self._axes.values())
+        self.session: Any = self._open(self._sizes)
+        self._longer: tuple[tuple[int, ...], Any] | None = None  # the session of the last longer length
+        self._output_names: Sequence[str] = [t.name for t in component.outputs]
+
+    def _open(self, sizes: tuple[int, ...]) -> Any:
+        """A session, each stepped axis fixed at its size in `sizes`."""
+        ort = _import_ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        if not spin:  # for once-per-image components: idle workers should sleep, not hold a core
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        if not self._spin:  # for once-per-image components: idle workers should sleep, not hold a core
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for name, size in zip(self._axes, sizes):
+            options.add_free_dimension_override_by_name(name, size)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+            session = ort.InferenceSession(str(self._path), options, providers=self.providers)
         except Exception as e:  # ORT raises its own untyped errors for unreadable models
-            raise BundleError(f"{component.name}: ONNX Runtime could not load {path}: {e}") from None
-        self._output_names: Sequence[str] = [t.name for t in component.outputs]
+            raise BundleError(f"{self.component.name}: ONNX Runtime could not load {self._path}: {e}") from None
+        dynamic = [i.name for i in session.get_inputs() if self._axes and any(not isinstance(d, int) for d in i.shape)]
+        if dynamic:
+            raise BundleError(
+                f"{self.component.name}: {self._path} has dynamic axes on {', '.join(dynamic)} not named as export.build names "
+                f"them ({', '.join(self._axes)}); rebuild the bundle"
+            )
+        return session
+
+    def _session_for(self, feed: Mapping[str, np.ndarray]) -> Any:
+        sizes = tuple(int(feed[t.name].shape[a]) for t in self._stepped for a, s in enumerate(t.steps) if s)
+        if sizes == self._sizes:
+            return self.session
+        if self._longer is None or self._longer[0] != sizes:
+            self._longer = None  # the old one's memory goes before the new one's arrives
+            self._longer = (sizes, self._open(sizes))
+        return self._longer[1]
 
     def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.component, feed)
         if self.session is None:
             raise BundleError(f"{self.component.name}: this ONNX Runtime engine was closed; load the bundle again")
-        values = self.session.run(self._output_names, dict(feed))
+        session = self._session_for(feed) if self._stepped else self.session
+        values = session.run(self._output_names, dict(feed))
         return dict(zip(self._output_names, values))
 
     def close(self) -> None:
         """Drop the session: its weights and activation arena are freed now, not whenever the garbage collector
         breaks a reference cycle (SD 1.5's pipeline held 9 GB past its with-block until gc ran). Safe to call twice."""
         self.session = None
+        self._longer = None
+

@@ -1,85 +1,56 @@
 """TensorRT backend: one deserialised engine, buffers allocated once, one CUDA stream, optional CUDA graph.
 
-Imports only `tensorrt` and cuda-python's cudart (`cuda.bindings.runtime`), both on first use.
+Imports only the TensorRT library that built the engine (`tensorrt`, or `tensorrt_rtx` for TensorRT for RTX:
+runtime.backends.libraries) and cuda-python's cudart (`cuda.bindings.runtime`), both on first use. A
+TensorRT-for-RTX engine is compiled for this GPU at load, with a runtime cache on disk (runtime_cache).
 Each call copies the feed into pinned host buffers, then host->device copies, `execute_async_v3`
 and device->host copies run on the engine's stream; with `cuda_graph=True` that whole sequence is
 captured once (static shapes and fixed buffer addresses make the capture valid for every call)
-and replayed with one `cudaGraphLaunch`.
+and replayed with one `cudaGraphLaunch` (TensorRT for RTX: its own whole-graph capture of the engine run).
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib
-import importlib.util
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from ..bundle import Component, TensorSpec, rebuild_command
+from ..bundle import Component, TensorSpec, load_manifest, rebuild_command, rebuild_hint
 from ..bundle.fit import Device, check_compatible, device_from_properties
 from ..errors import BundleError
 from ..protocol import check_feed
+from . import runtime_cache
+from .libraries import TENSORRT, Library, TensorRTMissing, _installed, library, require
+
+__all__ = ["TensorRTMissing", "TrtEngine", "current_device", "require_tensorrt", "tensorrt_available"]
 
 if TYPE_CHECKING:
     import tensorrt as trt
     from cuda.bindings import runtime as cudart
-
-INSTALL = (
-    "install TensorRT's Python package and cuda-python: `pip install tensorrt cuda-python` on a desktop "
-    "(CUDA 12), or on a Jetson the JetPack 6 TensorRT packages (python3-libnvinfer) plus `pip install cuda-python`"
-)
-# What the TensorRT path imports, named as a user would install it.
-PACKAGES = (("TensorRT", "tensorrt"), ("cuda-python >= 12.6 (cuda.bindings)", "cuda.bindings.runtime"))
 
 # numpy dtype name of each TensorRT DataType the bundles use (by member name, stable across 10.x and 11.x).
 DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 T = TypeVar("T")
 
 
-class TensorRTMissing(BundleError):
-    """TensorRT or cuda-python is not installed: the TensorRT path is refused, never replaced by another backend."""
+def tensorrt_available(lib: Library = TENSORRT) -> bool:
+    """True where the library and cuda-python's cudart are installed; asks without importing them (that loads CUDA)."""
+    return lib.installed() and _installed("cuda.bindings")
 
 
-def _installed(module: str) -> bool:
-    """Is `module` really installed, not just a folder of type stubs (tensorrt-stubs: a namespace package without code)?"""
-    try:
-        spec = importlib.util.find_spec(module)
-    except ModuleNotFoundError:  # find_spec imports the parent package (`cuda` for cuda.bindings)
-        return False
-    return spec is not None and spec.origin is not None
-
-
-def _importable(module: str) -> bool:
-    """Does `module` import as code? tensorrt-stubs' folder of .pyi files imports too, as a namespace package (no origin)."""
-    try:
-        imported = importlib.import_module(module)
-    except ImportError:  # absent, or installed with libraries that do not load
-        return False
-    spec = imported.__spec__
-    return spec is None or spec.origin is not None  # None: a module made at runtime (the tests' stand-ins)
-
-
-def tensorrt_available() -> bool:
-    """True where tensorrt and cuda-python's cudart are installed; asks without importing them (that loads CUDA)."""
-    return _installed("tensorrt") and _installed("cuda.bindings")
-
-
-def require_tensorrt(what: str, instead: str = "") -> None:
-    """Raise TensorRTMissing, naming what is missing and how to install it, unless tensorrt and cudart import.
+def require_tensorrt(what: str, instead: str = "", lib: Library = TENSORRT) -> None:
+    """Raise TensorRTMissing, naming what is missing and how to install it, unless the library and cudart import.
 
     what: the task, as the message's subject ("building TensorRT engines"); instead: an alternative to offer.
     """
-    missing = [name for name, module in PACKAGES if not _importable(module)]
-    if not missing:
-        return
-    which = "which are not installed here" if len(missing) == len(PACKAGES) else f"and {missing[0]} is not installed here"
-    raise TensorRTMissing(f"{what} needs TensorRT and cuda-python, {which}: {INSTALL}" + (f"; {instead}" if instead else ""))
+    require(lib, what, instead=instead)
 
 
 class CudaError(BundleError):
@@ -106,17 +77,33 @@ def done(result: tuple[cudart.cudaError_t], what: str) -> None:
     _raise_for(result[0], what)
 
 
-def current_device(index: int = 0) -> Device:
-    """This machine's TensorRT version and GPU `index`, as a bundle records them."""
-    require_tensorrt("reading this machine's GPU and TensorRT version")
-    import tensorrt as trt
+class NoGpu(CudaError):
+    """This machine has no CUDA GPU the driver can reach (none, or no NVIDIA driver)."""
+
+
+def gpu_count() -> tuple[int, str]:
+    """How many CUDA GPUs cudart sees, and why none when there are none (cudart's error name, or "")."""
     from cuda.bindings import runtime as cudart
 
-    count = value(cudart.cudaGetDeviceCount(), "looking for a CUDA GPU (cudaGetDeviceCount)")
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess:
+        return 0, cudart.cudaGetErrorName(err)[1].decode(errors="replace")
+    return int(count), ""
+
+
+def current_device(index: int = 0, lib: Library = TENSORRT) -> Device:
+    """This machine's library version and GPU `index`, as a bundle records them."""
+    require(lib, f"reading this machine's GPU and {lib.title} version")
+    from cuda.bindings import runtime as cudart
+
+    count, why = gpu_count()
+    if count == 0:
+        raise NoGpu(f"this machine has no CUDA GPU ({why or 'cudaGetDeviceCount found none'})")
     if index >= count:
         raise BundleError(f"GPU {index} asked for, but this machine has {count} CUDA GPU(s)")
     props = value(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
-    return device_from_properties(trt.__version__, {"name": props.name, "major": props.major, "minor": props.minor})
+    version = str(lib.load().__version__)
+    return device_from_properties(version, {"name": props.name, "major": props.major, "minor": props.minor}, lib.key)
 
 
 def gpu_index(device: str | int | None) -> int:
@@ -134,18 +121,17 @@ def gpu_index(device: str | int | None) -> int:
     )
 
 
-def capturing_logger() -> tuple[trt.ILogger, list[str]]:
+def capturing_logger(lib: Library = TENSORRT) -> tuple[Any, list[str]]:
     """A TensorRT logger that keeps warnings and errors, so a failure can quote TensorRT's own words."""
-    import tensorrt as trt
-
+    lib_module = lib.load()
     messages: list[str] = []
 
-    class Capture(trt.ILogger):
+    class Capture(lib_module.ILogger):  # type: ignore[name-defined]  # the library is picked at run time
         def __init__(self) -> None:
-            trt.ILogger.__init__(self)
+            lib_module.ILogger.__init__(self)
 
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.WARNING:
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= lib_module.ILogger.Severity.WARNING:
                 messages.append(msg)
 
     return Capture(), messages
@@ -193,19 +179,26 @@ class TrtEngine:
         self.path = path
         self.bundle = bundle if bundle is not None else path.parent.parent
         self._closed = True
-        require_tensorrt("this bundle holds TensorRT engines: running them")
-        import tensorrt as trt
+        self._lib = library(component.build.get("library"))
+        try:
+            require(self._lib, f"this bundle holds {self._lib.title} engines: running them")
+        except TensorRTMissing as e:
+            raise TensorRTMissing(f"{e}; {self._onnxruntime_hint()}") from None
+        trt = self._lib.load()
         from cuda.bindings import runtime as cudart
 
         index = gpu_index(device)
+        here = self._device(index)
         if check_device:
-            check_compatible(component, self.bundle, current_device(index))
+            check_compatible(component, self.bundle, here)
         done(cudart.cudaSetDevice(index), f"selecting GPU {index} (cudaSetDevice)")
         # TensorRT keeps a raw pointer to the logger: it must live as long as the engine
-        self._logger, self._messages = capturing_logger()
+        self._logger, self._messages = capturing_logger(self._lib)
         self._runtime = trt.Runtime(self._logger)
-        self._engine = self._deserialize()
-        context: trt.IExecutionContext | None = self._engine.create_execution_context()
+        plan = self._read_plan()
+        self._engine = self._deserialize(plan)
+        self._cache: tuple[Path, Any] | None = None  # TensorRT for RTX: (file, IRuntimeCache), saved after the first run
+        context = self._context_for(plan, here, cuda_graph)
         if context is None:
             raise BundleError(f"{component.name}: TensorRT could not create an execution context for {path}: {self._log_tail()}")
         self._context = context
@@ -213,10 +206,12 @@ class TrtEngine:
         self._graph: cudart.cudaGraph_t | None = None
         self._graph_exec: cudart.cudaGraphExec_t | None = None
         self._stream = value(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        # TensorRT for RTX captures its own CUDA graph (its runtime config's strategy, set above); classic TensorRT's is ours
+        self._library_graph = cuda_graph and self._lib.ahead_of_time
         self._closed = False
         try:
             self._bind()
-            if cuda_graph:
+            if cuda_graph and not self._library_graph:
                 self._capture()
         except BaseException:
             self.close()
@@ -227,19 +222,94 @@ class TrtEngine:
     def _rebuild(self) -> str:
         return rebuild_command(self.bundle, self.component, in_place=True)
 
-    def _deserialize(self) -> trt.ICudaEngine:
-        import tensorrt as trt
+    def _onnxruntime_hint(self) -> str:
+        """The alternative where this bundle's engines cannot run: an ONNX Runtime bundle of the same model."""
+        try:
+            manifest = load_manifest(self.bundle, verify_files=False)
+        except (BundleError, OSError, ValueError):
+            return "or run an ONNX Runtime bundle (`python -m export.build --backend onnxruntime`) instead"
+        command = rebuild_hint(None, manifest, backend="onnxruntime", compute_capability=None)
+        return f"or build and run an ONNX Runtime bundle instead: `{command}`"
 
+    def _device(self, index: int) -> Device:
+        """This machine's GPU, or one line saying what this bundle needs and what runs here instead."""
+        try:
+            return current_device(index, self._lib)
+        except NoGpu as e:
+            where = "an NVIDIA GPU"
+            targets = self.component.build.get("compute_capabilities")
+            if self._lib.ahead_of_time and targets:
+                where = f"an NVIDIA GPU of compute capability {', '.join(map(str, targets))} (RTX-class) with a CUDA 13 driver"
+            raise NoGpu(
+                f"{self.bundle} holds {self._lib.title} engines, which run on {where}, and {e}; "
+                f"{self._onnxruntime_hint().removeprefix('or ')}"
+            ) from None
+
+    def _read_plan(self) -> bytes:
         plan = self.path.read_bytes() if self.path.is_file() else b""
         if not plan:
             raise BundleError(f"{self.path} is missing or empty: not a TensorRT engine; rebuild it with `{self._rebuild()}`")
+        return plan
+
+    def _deserialize(self, plan: bytes) -> trt.ICudaEngine:
+        if self._lib.ahead_of_time:
+            self._check_validity(plan)
         engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise BundleError(
-                f"{self.path} could not be deserialised by TensorRT {trt.__version__} (a corrupt or truncated .plan, "
-                f"or one from another TensorRT version): {self._log_tail()}; rebuild it with `{self._rebuild()}`"
+                f"{self.path} could not be deserialised by {self._lib.title} {self._lib.load().__version__} (a corrupt or truncated .plan, "
+                f"or one from another {self._lib.title} version): {self._log_tail()}; rebuild it with `{self._rebuild()}`"
             )
         return engine
+
+    def _check_validity(self, plan: bytes) -> None:
+        """TensorRT for RTX reads an engine's header and says whether it can run on this GPU, and if not, why."""
+        trt = self._lib.load()
+        validity, diagnostics = self._runtime.get_engine_validity(plan)
+        if validity != trt.EngineValidity.INVALID:
+            return
+        flags = trt.EngineInvalidityDiagnostics.__members__
+        why = [name for name, flag in flags.items() if int(diagnostics) & int(flag)] or ["no diagnostics"]
+        fix = f"rebuild it for this GPU with `{self._rebuild()} --compute-capability current`"
+        if "OLD_CUDA_DRIVER" in why:
+            fix = "update the NVIDIA driver (TensorRT for RTX cu13 needs a CUDA 13 driver)"
+        raise BundleError(
+            f"{self.path}: {self._lib.title} says this engine cannot run on this GPU ({', '.join(why)}; {self._log_tail()}); {fix}"
+        )
+
+    def _context_for(self, plan: bytes, here: Device, cuda_graph: bool) -> Any:
+        """An execution context; for TensorRT for RTX with its runtime cache (and its own CUDA graph capture)."""
+        if not self._lib.ahead_of_time:
+            return self._engine.create_execution_context()
+        rtx = self._lib.load()
+        config: Any = self._engine.create_runtime_config()  # TensorRT for RTX's IRuntimeConfig: not in tensorrt-stubs
+        cache = config.create_runtime_cache()
+        path = runtime_cache.cache_file(here, hashlib.sha256(plan).hexdigest())
+        saved = runtime_cache.read(path)
+        if saved and not cache.deserialize(saved):
+            cache = config.create_runtime_cache()  # a damaged or foreign cache is dropped and rebuilt
+        config.set_runtime_cache(cache)
+        if cuda_graph:
+            config.cuda_graph_strategy = rtx.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        self._cache = (path, cache)
+        return self._engine.create_execution_context(config)
+
+    @property
+    def runtime_cache_file(self) -> Path | None:
+        """Where this engine's just-in-time kernels are kept (TensorRT for RTX only)."""
+        return self._cache[0] if self._cache else None
+
+    def _save_runtime_cache(self) -> None:
+        """After the first run, what TensorRT for RTX compiled for this GPU goes to disk (once per load)."""
+        if self._cache is None:
+            return
+        path, cache = self._cache
+        self._cache = (path, None)
+        if cache is not None:
+            try:
+                runtime_cache.write(path, bytes(memoryview(cache.serialize())))
+            except OSError:
+                pass  # a read-only home: the next load compiles again, nothing is lost
 
     def _log_tail(self) -> str:
         return " | ".join(self._messages[-3:]) or "TensorRT gave no reason"
@@ -321,19 +391,46 @@ class TrtEngine:
         if self._closed:
             raise BundleError(f"{self.component.name}: this TensorRT engine was closed; load the bundle again")
         for spec in self.component.inputs:
+            if spec.steps:
+                self._reshape(spec.name, tuple(feed[spec.name].shape))
             np.copyto(self._bindings[spec.name].host, feed[spec.name])
         if self._graph_exec is not None:
             done(cudart.cudaGraphLaunch(self._graph_exec, self._stream), "launching the CUDA graph")
         else:
             self._enqueue()
         done(cudart.cudaStreamSynchronize(self._stream), f"running {self.component.name} (cudaStreamSynchronize)")
+        self._save_runtime_cache()
         return {spec.name: self._bindings[spec.name].host.copy() for spec in self.component.outputs}
+
+    def _reshape(self, name: str, shape: tuple[int, ...]) -> None:
+        """A stepped input (the UNet's context, in prompt chunks) at another length: the engine is told the new shape and
+        reads that much of the buffer, allocated at the maximum; a CUDA graph, recorded for one shape, is recorded again."""
+        b = self._bindings[name]
+        if b.host.shape == shape:
+            return
+        import tensorrt as trt
+
+        if not self._context.set_input_shape(name, trt.Dims(list(shape))):
+            raise BundleError(f"{self.component.name}: TensorRT refused shape {shape} for {name}: {self._log_tail()}")
+        self._bindings[name] = _Binding(b.spec, b.device, pinned_array(b.host_ptr, shape, b.spec.dtype), b.host_ptr)
+        if self._graph_exec is not None:
+            self._free_graph()
+            self._capture()
 
     @property
     def uses_cuda_graph(self) -> bool:
-        return self._graph_exec is not None
+        return self._graph_exec is not None or self._library_graph
 
     # -- resources ------------------------------------------------------------
+
+    def _free_graph(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        if self._graph_exec is not None:
+            cudart.cudaGraphExecDestroy(self._graph_exec)
+        if self._graph is not None:
+            cudart.cudaGraphDestroy(self._graph)
+        self._graph = self._graph_exec = None
 
     def close(self) -> None:
         """Free the graph, buffers, stream, context and engine; safe to call twice."""
@@ -344,11 +441,7 @@ class TrtEngine:
 
         # best effort from here on: report nothing, free everything
         cudart.cudaStreamSynchronize(self._stream)
-        if self._graph_exec is not None:
-            cudart.cudaGraphExecDestroy(self._graph_exec)
-        if self._graph is not None:
-            cudart.cudaGraphDestroy(self._graph)
-        self._graph = self._graph_exec = None
+        self._free_graph()
         for b in self._bindings.values():
             cudart.cudaFree(b.device)
             if b.host_ptr:

@@ -9,16 +9,32 @@ from typing import Any
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """A tensor's name, shape and dtype. steps: () for a static shape; else per axis 0 (static) or a step: that axis
+    takes any multiple of the step up to `shape` (the UNet's context on a bundle built for prompts of several chunks)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name: float32, float16, int32, int64
+    steps: tuple[int, ...] = ()
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+        shape, steps = tuple(int(s) for s in d["shape"]), tuple(int(s) for s in d.get("steps", ()))
+        if steps and (len(steps) != len(shape) or any(s < 0 or (s and shape[a] % s) for a, s in enumerate(steps))):
+            raise ValueError(f"tensor {d['name']!r}: steps {list(steps)} must give each axis of shape {list(shape)} 0 or a divisor")
+        return cls(str(d["name"]), shape, str(d["dtype"]), steps)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {**out, "steps": list(self.steps)} if self.steps else out
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of `shape` fits: the static axes equal, a stepped axis a multiple of its step up to the maximum."""
+        if not self.steps:
+            return shape == self.shape
+        return len(shape) == len(self.shape) and all(
+            d == m if not s else 0 < d <= m and d % s == 0 for d, m, s in zip(shape, self.shape, self.steps)
+        )
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ MAX_DOWNSCALE = 64
 MAX_DIM = 1 << 20  # any one tensor dimension
 MAX_ELEMENTS = 1 << 34  # any one tensor's element count
 MAX_CONTEXT = 4096  # tokenizer max_length, as runtime.tokenizer
+MAX_CHUNKS = 16  # prompt chunks a bundle takes (1200 CLIP tokens)
 MAX_LORA_RANK = 1024
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -198,6 +199,7 @@ def check_values(m: Manifest) -> None:
     if m.guidance_info.embedding_dim is not None:
         bounded("guidance.embedding_dim", m.guidance_info.embedding_dim, 1, MAX_DIM)
     bounded("tokenizer.max_length", m.tokenizer.max_length, 2, MAX_CONTEXT)
+    bounded("tokenizer.max_chunks", m.tokenizer.max_chunks, 1, MAX_CHUNKS)
     if m.sdxl is not None:
         for e in m.sdxl.encoders:
             bounded(f"sdxl encoder {e.component} max_length", e.max_length, 2, MAX_CONTEXT)

@@ -116,15 +116,24 @@ class GuidanceInfo:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
+    """The (first) tokenizer's folder and context; how many chunks of max_length - 2 tokens a prompt may take
+    (the UNet's context is up to max_chunks * max_length long: export.build --max-prompt-tokens); the
+    textual-inversion embeddings added to the tokenizers and text encoders, as FILE:TOKEN specs."""
+
     dir: str
     max_length: int
+    max_chunks: int = 1
+    textual_inversion: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TokenizerInfo:
-        return cls(str(d["dir"]), int(d["max_length"]))
+        embeddings = d.get("textual_inversion", [])
+        if not isinstance(embeddings, list):
+            raise TypeError(f"tokenizer.textual_inversion must be a list of FILE:TOKEN, not {type(embeddings).__name__}")
+        return cls(str(d["dir"]), int(d["max_length"]), int(d.get("max_chunks", 1)), tuple(str(e) for e in embeddings))
 
     def to_json(self) -> dict[str, Any]:
-        return _fields(self)
+        return {**_fields(self), "textual_inversion": list(self.textual_inversion)}
 
 
 @dataclass(frozen=True)
@@ -197,23 +206,29 @@ class UpscaleInfo:
 class TensorRTInfo:
     """Where a TensorRT bundle's engines were built, and with which builder settings."""
 
-    tensorrt: str
-    gpu: str
+    tensorrt: str  # the library's version
+    gpu: str  # TensorRT for RTX built without a GPU: "none (ahead of time)"
     compute_capability: str
     builder: Mapping[str, Any] = field(default_factory=dict)
     from_onnx_args: tuple[str, ...] = ()
+    library: str = "tensorrt"  # tensorrt | tensorrt-rtx: which TensorRT built the engines
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT for RTX: the GPUs' compute capabilities the engines target
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "tensorrt": self.tensorrt, "gpu": self.gpu, "compute_capability": self.compute_capability,
             "builder": dict(self.builder), "from_onnx_args": list(self.from_onnx_args),
         }  # fmt: skip
+        if self.library != "tensorrt":
+            out |= {"library": self.library, "compute_capabilities": list(self.compute_capabilities)}
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TensorRTInfo:
         return cls(
             str(d["tensorrt"]), str(d["gpu"]), str(d["compute_capability"]), _frozen(d.get("builder")),
-            tuple(str(a) for a in d.get("from_onnx_args", ())),
+            tuple(str(a) for a in d.get("from_onnx_args", ())), str(d.get("library", "tensorrt")),
+            tuple(str(c) for c in d.get("compute_capabilities", ())),
         )  # fmt: skip
 
 

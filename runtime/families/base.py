@@ -8,13 +8,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from ..bundle import Manifest, rebuild_hint
 from ..protocol import Engine
 
 OpenEngine = Callable[[str], Engine]
+
+# The keywords every family takes: how prompts are read (runtime.prompt_weights, runtime.prompt_chunks)
+PROMPT_KEYWORDS: dict[str, str] = {
+    "prompt_weighting": "read A1111 emphasis in prompts: (word) x1.1, [word] /1.1, (word:1.3), \\( literal, BREAK; "
+    "default True; False reads brackets as plain text",
+}
+
+
+def prompt_weighting(given: Mapping[str, Any]) -> bool:
+    """The prompt_weighting keyword, checked: True (the default) or False."""
+    value = given.get("prompt_weighting", True)
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"prompt_weighting must be True or False, got {value!r}")
+    return bool(value)
+
+
+def prompt_tokens_hint(bundle: Path, manifest: Manifest) -> Callable[[int], str]:
+    """tokens a prompt needs -> the export.build line that rebuilds the bundle to take them (whole chunks)."""
+    size = manifest.tokenizer.max_length - 2
+    return lambda tokens: rebuild_hint(bundle, manifest, max_prompt_tokens=-(-tokens // size) * size)
 
 
 @dataclass(frozen=True)

@@ -6,39 +6,44 @@ negative prompt is encoded like any other prompt (the empty string's embedding),
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..bundle import Manifest
+from ..prompt_chunks import chunk_prompts, encode_chunks
 from ..protocol import cast_feed
 from ..tokenizer import ClipTokenizer
-from .base import Conditioning, OpenEngine
+from .base import PROMPT_KEYWORDS, Conditioning, OpenEngine, prompt_tokens_hint, prompt_weighting
 
 
 class StableDiffusion:
-    keywords: Mapping[str, str] = {}  # SD's conditioning is the prompt alone
+    keywords: Mapping[str, str] = PROMPT_KEYWORDS  # besides how prompts are read, SD's conditioning is the prompt alone
 
-    def __init__(self, tokenizer: ClipTokenizer, engine: OpenEngine):
+    def __init__(self, tokenizer: ClipTokenizer, engine: OpenEngine, max_chunks: int = 1, rebuild: Callable[[int], str] | None = None):
         # engines are looked up per call, not kept: the pipeline owns them (and a profiler may wrap them)
-        self.tokenizer, self.engine = tokenizer, engine
+        self.tokenizer, self.engine, self.max_chunks, self.rebuild = tokenizer, engine, max_chunks, rebuild
         engine("text_encoder")  # opened now, so a broken engine fails at load, not at the first prompt
 
     @classmethod
     def load(cls, bundle: Path, manifest: Manifest, engine: OpenEngine) -> StableDiffusion:
-        return cls(ClipTokenizer.from_dir(bundle / manifest.tokenizer.dir), engine)
+        tokenizer = ClipTokenizer.from_dir(bundle / manifest.tokenizer.dir)
+        return cls(tokenizer, engine, manifest.tokenizer.max_chunks, prompt_tokens_hint(bundle, manifest))
 
     def conditioning(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
-        if given:
-            raise TypeError(f"{', '.join(given)}: this bundle's model family (Stable Diffusion 1.x/2.x) takes no conditioning keywords")
-        return {}
+        unknown = [k for k in given if k not in self.keywords]
+        if unknown:
+            raise TypeError(
+                f"{', '.join(unknown)}: this bundle's model family (Stable Diffusion 1.x/2.x) takes no conditioning keywords "
+                f"besides {', '.join(self.keywords)}"
+            )
+        return {"prompt_weighting": prompt_weighting(given)}
 
     def encode(
         self, prompts: Sequence[str], negatives: Sequence[str] | None = None, conditioning: Mapping[str, Any] | None = None
     ) -> Conditioning:
-        texts = [*(negatives or ()), *prompts]  # one text-encoder call for both halves: its batch is static
+        texts = [*(negatives or ()), *prompts]  # one text-encoder call per chunk for both halves: its batch is static
+        chunks = chunk_prompts(self.tokenizer, texts, self.max_chunks, prompt_weighting(conditioning or {}), self.rebuild)
         enc = self.engine("text_encoder")
-        hidden = enc(cast_feed(enc.component, {"input_ids": self.tokenizer(texts)}))["last_hidden_state"]
-        return Conditioning(np.asarray(hidden, dtype=np.float32))
+        hidden = encode_chunks(lambda ids: enc(cast_feed(enc.component, {"input_ids": ids}))["last_hidden_state"], chunks)
+        return Conditioning(hidden)

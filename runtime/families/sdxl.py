@@ -10,7 +10,7 @@ refiner), original_size + crops_coords_top_left + aesthetic_score. With force_ze
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypedDict, get_type_hints
 
@@ -18,9 +18,10 @@ import numpy as np
 
 from ..bundle import Manifest, SdxlInfo, rebuild_hint
 from ..errors import BundleError
+from ..prompt_chunks import Chunks, chunk_prompts, encode_chunks
 from ..protocol import cast_feed
 from ..tokenizer import ClipTokenizer
-from .base import Conditioning, OpenEngine
+from .base import PROMPT_KEYWORDS, Conditioning, OpenEngine, prompt_tokens_hint, prompt_weighting
 
 Pair = tuple[int, int]
 
@@ -39,7 +40,10 @@ class SdxlConditioning(TypedDict, total=False):
     negative_aesthetic_score: Annotated[float, "the refiner's aesthetic conditioning for the negative half; default 2.5"]
 
 
-KEYWORDS: dict[str, str] = {name: hint.__metadata__[0] for name, hint in get_type_hints(SdxlConditioning, include_extras=True).items()}
+KEYWORDS: dict[str, str] = {
+    **{name: hint.__metadata__[0] for name, hint in get_type_hints(SdxlConditioning, include_extras=True).items()},
+    **PROMPT_KEYWORDS,
+}
 AESTHETIC_ONLY = ("aesthetic_score", "negative_aesthetic_score")
 TARGET_ONLY = ("target_size", "negative_target_size")
 
@@ -47,8 +51,12 @@ TARGET_ONLY = ("target_size", "negative_target_size")
 class StableDiffusionXL:
     keywords = KEYWORDS
 
-    def __init__(self, info: SdxlInfo, tokenizers: dict[str, ClipTokenizer], engine: OpenEngine, size: tuple[int, int], hint: str):
+    def __init__(
+        self, info: SdxlInfo, tokenizers: dict[str, ClipTokenizer], engine: OpenEngine, size: tuple[int, int], hint: str,
+        max_chunks: int = 1, rebuild: Callable[[int], str] | None = None,
+    ):  # fmt: skip
         self.info, self.tokenizers, self.engine, self.size, self.hint = info, tokenizers, engine, size, hint
+        self.max_chunks, self.rebuild = max_chunks, rebuild
         for e in info.encoders:
             engine(e.component)  # opened now, so a missing or broken encoder fails at load, not at the first prompt
 
@@ -59,7 +67,8 @@ class StableDiffusionXL:
             raise BundleError(f"bundle {bundle} is of family 'sdxl' but its manifest has no 'sdxl' section; rebuild it with `{hint}`")
         tokenizers = {e.component: ClipTokenizer.from_dir(bundle / e.tokenizer) for e in manifest.sdxl.encoders}
         hint = rebuild_hint(bundle, manifest)
-        return cls(manifest.sdxl, tokenizers, engine, (manifest.height, manifest.width), hint)
+        size = (manifest.height, manifest.width)
+        return cls(manifest.sdxl, tokenizers, engine, size, hint, manifest.tokenizer.max_chunks, prompt_tokens_hint(bundle, manifest))
 
     def conditioning(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The keywords checked and completed with diffusers' defaults; what this model cannot honour is refused."""
@@ -75,9 +84,10 @@ class StableDiffusionXL:
                     f"{name} needs a model trained on aesthetic scores (requires_aesthetics_score, the SDXL refiner); "
                     "this bundle's model conditions on target_size instead"
                 )
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"prompt_weighting": prompt_weighting(given)}
         for name, value in given.items():
-            out[name] = _score(name, value) if name in AESTHETIC_ONLY else _pair(name, value)
+            if name not in PROMPT_KEYWORDS:
+                out[name] = _score(name, value) if name in AESTHETIC_ONLY else _pair(name, value)
         size = self.size
         out.setdefault("original_size", size)
         out.setdefault("crops_coords_top_left", (0, 0))
@@ -117,9 +127,10 @@ class StableDiffusionXL:
     def encode(
         self, prompts: Sequence[str], negatives: Sequence[str] | None = None, conditioning: Mapping[str, Any] | None = None
     ) -> Conditioning:
-        pos_ids, neg_ids = self.time_ids(self.conditioning({}) if conditioning is None else conditioning)
-        texts = [*(negatives or ()), *prompts]  # one call per encoder for both halves: its batch is static
-        context, pooled = self._embed(texts)
+        checked = self.conditioning({}) if conditioning is None else conditioning
+        pos_ids, neg_ids = self.time_ids(checked)
+        texts = [*(negatives or ()), *prompts]  # one call per encoder and chunk for both halves: its batch is static
+        context, pooled = self._embed(texts, prompt_weighting(checked))
         n = len(negatives or ())
         if n and self.info.force_zeros_for_empty_prompt:
             empty = np.array([not t.strip() for t in negatives or ()] + [False] * len(prompts))
@@ -128,17 +139,36 @@ class StableDiffusionXL:
         time_ids = np.concatenate([np.tile(neg_ids, (n, 1)), np.tile(pos_ids, (len(prompts), 1))])
         return Conditioning(context, {"text_embeds": pooled, "time_ids": time_ids})
 
-    def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        hidden, pooled = [], None
+    def _embed(self, texts: list[str], weighting: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Each encoder's chunks weighted and concatenated along the sequence, the encoders side by side; the pooled
+        projection from the first chunk, as compel and A1111 take it."""
+        chunks = self._chunks(texts, weighting)
+        hidden, pooled = [], []
         for e in self.info.encoders:
             enc = self.engine(e.component)
-            out = enc(cast_feed(enc.component, {"input_ids": self.tokenizers[e.component](texts)}))
-            hidden.append(np.asarray(out["penultimate_hidden_state"], dtype=np.float32))
-            if "text_embeds" in out:
-                pooled = np.asarray(out["text_embeds"], dtype=np.float32)
-        if pooled is None:
+
+            def run(ids: np.ndarray, enc: Any = enc) -> np.ndarray:
+                out = enc(cast_feed(enc.component, {"input_ids": ids}))
+                if "text_embeds" in out:
+                    pooled.append(np.asarray(out["text_embeds"], dtype=np.float32))
+                return np.asarray(out["penultimate_hidden_state"], dtype=np.float32)
+
+            hidden.append(encode_chunks(run, chunks[e.component]))
+        if not pooled:
             raise BundleError(f"no text encoder of this bundle gives text_embeds (SDXL's pooled projection); rebuild it with `{self.hint}`")
-        return np.concatenate(hidden, axis=-1), pooled.copy()
+        return np.concatenate(hidden, axis=-1), pooled[0].copy()
+
+    def _chunks(self, texts: list[str], weighting: bool) -> dict[str, Chunks]:
+        """Every encoder's chunks, as many for each (its tokenizer may cut a prompt into fewer); one warning per prompt."""
+        names = [e.component for e in self.info.encoders]
+        out = {
+            n: chunk_prompts(self.tokenizers[n], texts, self.max_chunks, weighting, self.rebuild, warn=i == 0) for i, n in enumerate(names)
+        }
+        count = max(c.count for c in out.values())
+        for n in names:
+            if out[n].count < count:
+                out[n] = chunk_prompts(self.tokenizers[n], texts, self.max_chunks, weighting, at_least=count, warn=False)
+        return out
 
 
 def _pair(name: str, value: Any) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from export.int8 import gate as int8_gate
 from export.int8 import unet as int8
 from runtime.bundle import read_bundle, sha256_file
 from runtime.pipeline import Pipeline
+from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
 
 PROMPTS = "# calibration prompts for the tiny model\na red circle\n\na blue square on a white background\na green triangle\n"
 SIZE = 2  # calibration generations: 40 UNet inputs, enough for the tiny model's ranges
@@ -80,7 +81,8 @@ def test_manifest_records_tool_calibration_float_nodes_and_gate(bundle_int8, pro
 
     q = quantization(bundle_int8)
     assert q["tool"] == "onnxruntime.quantization.quantize_static" and q["version"] == onnxruntime.__version__
-    assert q["format"] == "QDQ" and q["placement"]["target"] == "onnxruntime"
+    assert q["format"] == "QDQ" and q["placement"]["target"] == "symmetric"  # one graph for ONNX Runtime and TensorRT
+    assert q["placement"]["QuantizeBias"] is False and q["placement"]["activations"] == "QInt8"
     cal = q["calibration"]
     assert cal["source"] == "file" and cal["path"] == str(prompts_file) and cal["sha256"] == sha256_file(prompts_file)
     assert cal["prompts"] == 3 and cal["generations"] == SIZE and cal["unet_inputs"] == SIZE * calibration.STEPS
@@ -157,8 +159,8 @@ def test_calibration_equals_onnxruntimes_own_and_skips_float_nodes(bundle_fp32, 
         quantize_static(
             str(source), str(tmp_path / "theirs.onnx"), Feeds(recorded.feeds), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(quantize.OP_TYPES), per_channel=True, reduce_range=where.reduce_range,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=sorted(kept),
-            calibrate_method=CalibrationMethod.MinMax,
+            activation_type=getattr(QuantType, where.activation), weight_type=getattr(QuantType, where.weight),
+            nodes_to_exclude=sorted(kept), calibrate_method=CalibrationMethod.MinMax, extra_options=dict(where.extra),
         )  # fmt: skip
     ours, theirs = (onnx.load(str(tmp_path / f"{n}.onnx")).graph for n in ("ours", "theirs"))
     assert [n.op_type for n in ours.node] == [n.op_type for n in theirs.node]
@@ -183,7 +185,7 @@ def test_the_quantizer_never_modifies_its_source(bundle_fp32, recorded, tmp_path
 
 
 def test_tensorrt_placement_is_symmetric_int8_with_a_qdq_pair_per_consumer(bundle_fp32, recorded, tmp_path):
-    """TensorRT fuses Q/DQ into int8 kernels for symmetric signed int8 (zero point 0) only."""
+    """TensorRT fuses Q/DQ into int8 kernels for symmetric signed int8 (zero point 0) only, and rejects int32 biases."""
     from onnx import TensorProto, numpy_helper
 
     manifest, _ = read_bundle(bundle_fp32)
@@ -194,7 +196,19 @@ def test_tensorrt_placement_is_symmetric_int8_with_a_qdq_pair_per_consumer(bundl
     zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert zero_points and all(z.data_type == TensorProto.INT8 for z in zero_points)
     assert all(not numpy_helper.to_array(z).any() for z in zero_points)
+    dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert not [n for n in dequantized if n in inits and inits[n].data_type == TensorProto.INT32]  # biases stay float
     onnx.checker.check_model(str(target), full_check=True)
+
+
+@needs_rtx
+def test_the_int8_bundle_builds_with_tensorrt_for_rtx(bundle_int8, tmp_path):
+    """The very Q/DQ graph the gate measured parses and builds in TensorRT for RTX (asymmetric int8 was refused)."""
+    out = build_rtx(bundle_int8, tmp_path / "rtx")
+    check_rtx_bundle(out, bundle_int8, precision=None)
+    unet = read_bundle(out)[0].components["unet"]
+    assert unet.precision == "int8" and unet.build["flags"]["strongly_typed"] is True
+    assert sha256_file(out / "unet" / "model.onnx") == sha256_file(bundle_int8 / "unet" / "model.onnx")
 
 
 def test_the_gate_fails_a_broken_calibration_with_its_figures(bundle_fp32, recorded, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from runtime.lora import LoraError, read_adapter
 from runtime.pipeline import initial_latents
 from tests.helpers import REPO
 from tests.helpers.lora_adapters import make_adapter
+from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
 
 PROMPT = "a small red circle in the top left on a black background"
 STEPS, GUIDANCE = 4, 7.5
@@ -327,7 +328,7 @@ def test_tensorrt_bundle_takes_the_same_slot_inputs(slotted, tmp_path):
 
     built: dict[str, list[str]] = {}
 
-    def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache):
+    def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache, outputs):
         built[name] = [t.name for t in inputs]
         return f"plan {name}".encode()
 
@@ -345,6 +346,19 @@ def test_tensorrt_bundle_takes_the_same_slot_inputs(slotted, tmp_path):
         assert slots and set(slots) <= set(built[name]) and m.components[name].inputs == source.components[name].inputs
         assert m.components[name].format == "plan" and m.components[name].verification["passed"]
     assert "--lora-slots 12" in runtime.bundle.rebuild_hint(out, m) and "--backend tensorrt" in runtime.bundle.rebuild_hint(out, m)
+
+
+@needs_rtx
+@pytest.mark.parametrize("which", ["fused", "slotted"])
+def test_lora_bundles_build_with_tensorrt_for_rtx(which, fused, slotted, tmp_path):
+    """Real engines: the fused weights, and the slot graph (its low-rank matrices are engine inputs)."""
+    source = {"fused": fused, "slotted": slotted}[which]
+    out = build_rtx(source, tmp_path / which)
+    check_rtx_bundle(out, source)
+    m = runtime.load_manifest(out)
+    assert m.lora == runtime.load_manifest(source).lora
+    slots = [t.name for t in m.components["unet"].inputs if t.name.startswith("lora_")]
+    assert bool(slots) == (which == "slotted")
 
 
 def test_runtime_cli_feeds_adapters_through_the_slots(slotted, bundle_fp32, adapters, tmp_path):

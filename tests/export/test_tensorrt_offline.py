@@ -46,6 +46,7 @@ from runtime.bundle.fit import Device, check_compatible, device_from_properties,
 from runtime.dispatch import load_engine
 from runtime.errors import BundleError
 from tests.helpers import REPO
+from tests.helpers.qdq import qdq_onnx
 
 ORIN = Device("10.3.0.30", "Orin", "8.7")
 RTX = Device("10.13.0.35", "NVIDIA GeForce RTX 4090", "8.9")
@@ -57,7 +58,7 @@ def onnx_as_engine(component, path):
     return load_engine(onnx_component(component), path.parent.parent, backend="onnxruntime", device="cpu")
 
 
-def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache):
+def fake_plan(name, onnx_path, inputs, precision, settings, timing_cache, outputs=()):
     return f"plan {name} {precision.name} strongly_typed={precision.strongly_typed}".encode()
 
 
@@ -478,21 +479,6 @@ def test_network_inputs_must_take_the_bundle_shapes(bundle_fp32):
         check_network_inputs("unet", {"x": (1,)}, specs)
 
 
-def qdq_onnx(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-        "qdq",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        initializer=[helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])],
-    )
-    onnx.save(helper.make_model(graph), str(path))
-    return path
-
-
 def test_qdq_detection(bundle_fp32, tmp_path):
     assert has_qdq(qdq_onnx(tmp_path / "q.onnx"))
     assert not has_qdq(bundle_fp32 / "unet" / "model.onnx")
@@ -749,3 +735,32 @@ def test_cudart_stubs_match_the_installed_cuda_python():
                 elif isinstance(item, ast.AnnAssign):
                     assert hasattr(cls(), item.target.id), f"{node.name}.{item.target.id}"
     assert checked >= 20
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_stepped_context_is_fed_at_each_prompts_length(fake_gpu, monkeypatch, cuda_graph):
+    """A bundle built with --max-prompt-tokens: the engine's context axis is dynamic (-1), its buffer the maximum;
+    each call tells TensorRT its length, and a CUDA graph is recorded again when the length changes."""
+    from dataclasses import replace
+
+    from runtime.backends.tensorrt import TrtEngine
+    from runtime.bundle import TensorSpec
+    from tests.helpers import fake_tensorrt
+
+    gpu, unet, bundle, tensors = fake_gpu
+    context = unet.input("encoder_hidden_states")
+    rows, seq, dim = context.shape
+    stepped = TensorSpec(context.name, (rows, 3 * seq, dim), context.dtype, (0, seq, 0))
+    unet = replace(unet, inputs=tuple(stepped if t.name == context.name else t for t in unet.inputs))
+    fake_tensorrt.install(monkeypatch, gpu, {**tensors, context.name: ((rows, -1, dim), context.dtype)})
+    with TrtEngine(unet, bundle / unet.file, bundle=bundle, cuda_graph=cuda_graph) as engine:
+        calls = engine._context.shape_calls
+        assert calls == [(context.name, (rows, 3 * seq, dim))]  # bound at the maximum
+        for chunks in (1, 2, 2, 1):
+            feed = {**unet_feed(replace(unet, inputs=tuple(t for t in unet.inputs if t.name != context.name)), chunks)}
+            feed[context.name] = np.ones((rows, chunks * seq, dim), np.float32)
+            np.testing.assert_array_equal(engine(feed)["out_sample"], expected_unet(feed))
+            assert calls[-1] == (context.name, (rows, chunks * seq, dim))
+        assert len(calls) == 4  # the maximum, then 1, 2 and 1 chunks: an unchanged length is not set again
+        with pytest.raises(runtime.errors.FeedError, match=r"encoder_hidden_states: shape \(2, 100, 32\) but the bundle takes"):
+            engine({**feed, context.name: np.ones((rows, 100, dim), np.float32)})

@@ -4,7 +4,8 @@ Only the calls export/tensorrt/builder.py and runtime/backends/tensorrt.py make,
 shapes of their results (cudart: (error, *values) tuples). "Device memory" is host memory here;
 a stream records nothing and runs at once, except while capturing, when copies and engine runs
 are recorded into the "graph" and replayed by cudaGraphLaunch, as CUDA does. The fake engine
-computes out = 2 * sample + timestep (per batch item) for a UNet-shaped component.
+computes out = 2 * sample + timestep (per batch item) for a UNet-shaped component. As `tensorrt_rtx`
+it also has TensorRT for RTX's engine validity, runtime config and runtime cache.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class cudaError_t(enum.IntEnum):
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
     cudaErrorStreamCaptureInvalidated = 901
 
 
@@ -50,6 +52,9 @@ class Gpu:
     capturing: list[Callable[[], None]] | None = None
     fail_malloc_after: int | None = None
     launches: int = 0
+    count_error: cudaError_t = cudaError_t.cudaSuccess  # what cudaGetDeviceCount says (no driver: an error)
+    invalid: tuple[str, ...] = ()  # TensorRT for RTX's engine-validity diagnostics for this GPU (empty: valid)
+    runtime_configs: list[Any] = field(default_factory=list)  # TensorRT for RTX: every runtime config made
 
     def alloc(self, size: int) -> tuple[cudaError_t, int]:
         if self.fail_malloc_after is not None and len(self.memory) >= self.fail_malloc_after:
@@ -78,7 +83,7 @@ def make_cudart(gpu: Gpu) -> types.ModuleType:
     m = types.ModuleType("cuda.bindings.runtime")
     m.cudaError_t, m.cudaMemcpyKind, m.cudaStreamCaptureMode = cudaError_t, cudaMemcpyKind, cudaStreamCaptureMode
     m.cudaGetErrorName = lambda err: (ok, cudaError_t(err).name.encode())
-    m.cudaGetDeviceCount = lambda: (ok, 1)
+    m.cudaGetDeviceCount = lambda: (gpu.count_error, 1 if gpu.count_error == ok else None)
     m.cudaSetDevice = lambda index: (ok,)
     m.cudaGetDeviceProperties = lambda index: (ok, types.SimpleNamespace(name=gpu.name, major=gpu.major, minor=gpu.minor))
     m.cudaStreamCreate = lambda: (ok, Stream())
@@ -141,18 +146,57 @@ class FakeEngine:
     def get_tensor_dtype(self, name: str) -> DataType:
         return DataType(DTYPE_NAMES[self.tensors[name][1]])
 
-    def create_execution_context(self) -> FakeContext:
+    def create_execution_context(self, config: Any = None) -> FakeContext:
         return FakeContext(self)
+
+    def create_runtime_config(self) -> RuntimeConfig:  # TensorRT for RTX
+        config = RuntimeConfig()
+        self.gpu.runtime_configs.append(config)
+        return config
+
+
+class RuntimeCache:
+    """TensorRT for RTX's IRuntimeCache: what it was given, and what it hands back (its kernels, here a marker)."""
+
+    def __init__(self) -> None:
+        self.loaded = b""
+
+    def deserialize(self, data: bytes) -> bool:
+        self.loaded = data
+        return data.startswith(b"KERNELS")
+
+    def serialize(self) -> bytes:
+        return b"KERNELS for this GPU"
+
+
+class RuntimeConfig:
+    def __init__(self) -> None:
+        self.cache: RuntimeCache | None = None
+        self.cuda_graph_strategy = "DISABLED"
+
+    def create_runtime_cache(self) -> RuntimeCache:
+        return RuntimeCache()
+
+    def set_runtime_cache(self, cache: RuntimeCache) -> bool:
+        self.cache = cache
+        return True
 
 
 class FakeContext:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine, self.addresses = engine, {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # set_input_shape's, for an engine's dynamic (-1) axes
+        self.shape_calls: list[tuple[str, tuple[int, ...]]] = []
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self.engine.tensors[name][0]
+        return self.shapes.get(name, self.engine.tensors[name][0])
 
     def set_input_shape(self, name: str, shape: Any) -> bool:
+        declared = self.engine.tensors[name][0]
+        if len(shape) != len(declared) or any(d not in (-1, s) for d, s in zip(declared, shape)):
+            return False
+        self.shapes[name] = tuple(shape)
+        self.shape_calls.append((name, tuple(shape)))
         return True
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
@@ -171,8 +215,10 @@ class FakeContext:
         return True
 
 
-def make_tensorrt(gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30") -> types.ModuleType:
-    m = types.ModuleType("tensorrt")
+def make_tensorrt(
+    gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30", name: str = "tensorrt"
+) -> types.ModuleType:
+    m = types.ModuleType(name)
     m.__version__ = version
 
     class Severity(enum.IntEnum):
@@ -197,19 +243,39 @@ def make_tensorrt(gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], ver
                 return None
             return FakeEngine(gpu, tensors)
 
+        def get_engine_validity(self, plan: bytes) -> tuple[EngineValidity, int]:  # TensorRT for RTX
+            flags = 0
+            for why in gpu.invalid:
+                flags |= int(EngineInvalidityDiagnostics[why])
+            return (EngineValidity.INVALID if gpu.invalid else EngineValidity.VALID), flags
+
+    class EngineValidity(enum.IntEnum):
+        VALID = 0
+        SUBOPTIMAL = 1
+        INVALID = 2
+
+    class EngineInvalidityDiagnostics(enum.IntFlag):
+        VERSION_MISMATCH = 1
+        UNSUPPORTED_CC = 2
+        OLD_CUDA_DRIVER = 4
+
     m.ILogger, m.Runtime = ILogger, Runtime
+    m.EngineValidity, m.EngineInvalidityDiagnostics = EngineValidity, EngineInvalidityDiagnostics
+    m.CudaGraphStrategy = types.SimpleNamespace(DISABLED="DISABLED", WHOLE_GRAPH_CAPTURE="WHOLE_GRAPH_CAPTURE")
     m.Dims = tuple
     return m
 
 
-def install(monkeypatch: Any, gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30") -> None:
-    """Make `import tensorrt` and `from cuda.bindings import runtime` return the fakes for one test."""
+def install(
+    monkeypatch: Any, gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30", module: str = "tensorrt"
+) -> None:
+    """Make `import tensorrt` (or `tensorrt_rtx`) and `from cuda.bindings import runtime` return the fakes for one test."""
     cudart = make_cudart(gpu)
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
     cuda = types.ModuleType("cuda")
     cuda.bindings = bindings
-    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(gpu, tensors, version))
+    monkeypatch.setitem(sys.modules, module, make_tensorrt(gpu, tensors, version, module))
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)

@@ -14,22 +14,22 @@ SCRIPTS = ["minimal.py", "progress_and_cancel.py", "batch.py", "edit.py", "draw.
 
 
 def test_minimal_writes_the_runtimes_image_with_its_settings(sample_bundle, sample_pipe, tmp_path):
-    done = run_sample("minimal.py", "a small blue square in the top left on a white background", "--seed", 3, "--steps", 4,
+    done = run_sample("minimal.py", "a small (blue:1.2) square in the top left on a [white] background", "--seed", 3, "--steps", 4,
                       "--bundle", sample_bundle, "--out", tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     path = tmp_path / "minimal.png"
     assert done.stdout.startswith("wrote ") and "minimal.png" in done.stdout
     image, text = png(path)
     assert image.size == (64, 64) and image.mode == "RGB"
-    assert text["prompt"] == "a small blue square in the top left on a white background"
+    assert text["prompt"] == "a small (blue:1.2) square in the top left on a [white] background"
     assert (text["seed"], text["steps"], text["guidance_scale"], text["sampler"]) == ("3", "4", "7.5", "ddim")
     assert text["bundle"] == sample_bundle.name and text["size"] == "64x64"
     # A1111's "parameters": the prompt, then the settings line other SD tools parse
     assert text["parameters"] == (
-        "a small blue square in the top left on a white background\n"
+        "a small (blue:1.2) square in the top left on a [white] background\n"
         "Steps: 4, Sampler: ddim, CFG scale: 7.5, Seed: 3, Size: 64x64, Model: shapes-ldm"
     )
-    expected = sample_pipe.txt2img("a small blue square in the top left on a white background", seed=3, steps=4)[0]
+    expected = sample_pipe.txt2img("a small (blue:1.2) square in the top left on a [white] background", seed=3, steps=4)[0]
     assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 

@@ -112,7 +112,8 @@ SHOWN_PIXELS = """() => {
 
 
 def test_the_page_shows_the_runtimes_image_pixel_for_pixel(page, server, sample_pipe):
-    prompt, negative = "a small blue triangle in the top right on a white background", "red"
+    # as users write them: A1111 emphasis reaches the runtime unchanged, and the PNG keeps the prompt as written
+    prompt, negative = "a small (blue:1.2) triangle in the top right on a [white] background", "(red)"
     page.fill("#prompt", prompt)
     page.fill("#negative_prompt", negative)
     page.fill("#seed", "5")

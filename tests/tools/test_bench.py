@@ -174,3 +174,13 @@ def test_soak_quick_records_memory_threads_and_files(bundle_fp32, tmp_path):
         assert all(r["rss_mib"] > 0 and r["threads"] >= 1 and r["fds"] >= 3 for r in readings)
         assert set(result[phase]["second_half_growth"]) == {"rss_mib", "threads", "fds"}
     assert "| generations | 20 |" in (tmp_path / "soak.md").read_text()
+
+
+def test_prompt_length_quick(tiny_model, tmp_path):
+    """benchmarks.prompt_length --quick: three cases timed, and the short prompt's images identical on both bundles."""
+    run("benchmarks.prompt_length", "--model", str(tiny_model), "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "prompt-length-tiny-sd-64x64.json").read_text())
+    assert result["chunks"] == {"1 chunk": 1, "2 chunks": 2}
+    assert set(result["per_image"]) == {"standard, 1 chunk", "long bundle, 1 chunk", "long bundle, 2 chunks"}
+    assert result["short_prompt_identical"] is True
+    assert "a 2-chunk prompt costs" in (tmp_path / "prompt-length-tiny-sd-64x64.md").read_text()

@@ -1,0 +1,23 @@
+"""TensorRT for RTX engines for the tiny SDXL base (two text encoders, time ids) and refiner (no first encoder,
+aesthetic score), built for real without a GPU from the session's ONNX bundles. The second text encoder is 48 wide
+with 4 heads; a width of 40 (4 heads) stops TensorRT for RTX 1.7's ahead-of-time build with a Myelin error."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.bundle import load_manifest
+from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
+
+pytestmark = needs_rtx
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_sdxl_bundles_build_with_tensorrt_for_rtx(which, sdxl_base_bundle, sdxl_refiner_bundle, tmp_path):
+    source = {"base": sdxl_base_bundle, "refiner": sdxl_refiner_bundle}[which]
+    out = build_rtx(source, tmp_path / which)
+    check_rtx_bundle(out, source)
+    m = load_manifest(out)
+    assert ("text_encoder" in m.components) == (which == "base") and "text_encoder_2" in m.components
+    unet_inputs = {t.name for t in m.components["unet"].inputs}
+    assert {"text_embeds", "time_ids"} <= unet_inputs
