@@ -177,6 +177,14 @@ def add_bundle_flags(p: argparse.ArgumentParser) -> None:
         "weights at SCALE (default 1) before the export; repeat for several; the manifest records file, sha256 and scale",
     )
     p.add_argument(
+        "--controlnet",
+        dest="controlnets",
+        action="append",
+        metavar="FOLDER",
+        help="add a ControlNet (a diffusers ControlNetModel folder) as a component, and give the UNet its residual inputs; "
+        "repeat for several (the runtime's control_image= takes one image per net)",
+    )
+    p.add_argument(
         "--lora-slots",
         type=int,
         metavar="RANK",
@@ -299,6 +307,7 @@ def from_onnx_from_args(args: argparse.Namespace) -> Path:
         ("--checkpoint-config", args.checkpoint_config),
         ("--lora", args.lora),
         ("--lora-slots", args.lora_slots),
+        ("--controlnet", args.controlnets),
         ("--max-prompt-tokens", args.max_prompt_tokens),
         ("--textual-inversion", args.textual_inversion),
         ("--calibration-prompts", args.calibration_prompts),

@@ -10,7 +10,7 @@ from typing import Any
 from runtime.bundle import Component, Manifest
 from runtime.bundle.levers import DeepCacheInfo, Levers
 
-from . import deepcache, lora, onnx_export, preview_map, textual_inversion, tiny_vae
+from . import controlnet, deepcache, lora, onnx_export, preview_map, textual_inversion, tiny_vae
 from .gates import describe, differs
 from .inputs import fixed_inputs
 from .int8 import calibration
@@ -45,7 +45,9 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     adapters = lora.read_adapters(model, options.lora)  # checked against the model before anything is exported
     targets = lora.slot_targets(model, options.lora_slots) if options.lora_slots else ()
     info = lora.lora_info(lora.records(adapters), options.lora_slots, targets)
-    out = out or ENGINES / (default_name(model.name, height, width, batch, precision, BACKEND, guidance) + lora.suffix(info))
+    nets = controlnet.load_controlnets(options.controlnets, model.unet, model.vae_factor, options.allow_pickle)
+    named = default_name(model.name, height, width, batch, precision, BACKEND, guidance) + lora.suffix(info)
+    out = out or ENGINES / (named + "".join(f"-{net.path.resolve().name}" for net in nets))
     what = f"{height}x{width}, batch {batch}, {precision}, {BACKEND}, guidance {guidance}; {', '.join(pipelines)}"
     log(f"building {out} from {model.source} ({what})")
     for line in model.report():
@@ -56,19 +58,29 @@ def export_model(model: SourceModel, out: Path | None, options: BuildOptions, lo
     with staging(out, options.force, model.source, log) as work:
         lora.fuse(model, adapters, log)
         added = textual_inversion.apply(model, options.textual_inversion, options.allow_pickle, log)
-        specs = onnx_export.component_specs(model, height=height, width=width, batch=batch, guidance=guidance, chunks=chunks)
+        f, rows = model.vae_factor, 2 * batch if guidance == "cfg" else batch
+        residuals = controlnet.residual_specs(nets[0], rows, height // f, width // f) if nets else ()
+        specs = onnx_export.component_specs(
+            model, height=height, width=width, batch=batch, guidance=guidance, chunks=chunks, residuals=residuals
+        )
+        unet_spec = next(s for s in specs if s.name == "unet")
+        specs += [controlnet.controlnet_spec(i, net, unet_spec, residuals, f) for i, net in enumerate(nets)]
         roots = {"unet": model.unet, "text_encoder": model.text_encoder}
         specs = [lora.with_slots(s, roots[s.name], targets, options.lora_slots) if s.name in roots else s for s in specs]
         lever_specs, levers = speed_levers(model, options, specs, pipelines, height=height, width=width, batch=batch)
         specs += lever_specs
         exported = "fp32" if precision == "int8" else precision  # int8: the UNet is quantized from its fp32 export
         needed = needed_components(pipelines, tuple(s.name for s in specs if s.name.startswith("text_encoder")))
+        needed |= {s.name for s in specs if s.name.startswith("controlnet_")}
         needed_specs = [s for s in specs if s.name in needed | {s.name for s in lever_specs}]
         shared = shared_weights(needed_specs)
         components = {}
         for s in needed_specs:
             low_memory = options.low_memory and s.name not in shared
             components[s.name] = export_component(s, model, work, exported, log, low_memory=low_memory)
+        for i, net in enumerate(nets):  # where each ControlNet came from, for the manifest and its rebuild command
+            c = components[controlnet.COMPONENT.format(i)]
+            components[c.name] = replace(c, build={**c.build, "controlnet": net.record()})
         for dest, src in model.family.tokenizers(model).items():
             write_tokenizer(src, work / dest)
             textual_inversion.write_added_tokens(work / dest, added.get(dest, {}))

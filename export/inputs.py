@@ -46,6 +46,10 @@ def _value(t: TensorSpec, component_name: str, vae_scaling_factor: float, rng: n
         return rng.standard_normal(t.shape) / vae_scaling_factor
     if t.name == "sample" and component_name.startswith("vae_encoder"):  # an image (the full or the tiny encoder's)
         return rng.uniform(-1, 1, t.shape)
+    if t.name == "controlnet_cond":  # a control image, [0, 1] as diffusers' ControlNet pipelines feed it
+        return rng.uniform(0, 1, t.shape)
+    if t.name == "conditioning_scale":
+        return np.ones(t.shape)
     if t.name.startswith("lora_"):  # LoRA slot matrices: small, as trained adapters' updates are next to the weights
         return 0.02 * rng.standard_normal(t.shape)
     return rng.standard_normal(t.shape)

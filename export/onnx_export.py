@@ -18,6 +18,9 @@ from runtime.bundle import TensorSpec
 OPSET = 17
 # UNet inputs diffusers' UNet2DConditionModel takes inside `added_cond_kwargs` (SDXL's pooled text and micro-conditioning)
 ADDED_CONDITIONS = ("text_embeds", "time_ids")
+# The UNet inputs that take ControlNet residuals (export.controlnet), as diffusers' down/mid_block_additional_residual(s)
+DOWN_RESIDUAL = "down_block_residual_{}"
+MID_RESIDUAL = "mid_block_residual"
 PROTOBUF_LIMIT = 2**31 - 1
 
 
@@ -47,12 +50,15 @@ def wrap(module: Any, fn: Callable[..., Any]) -> Any:
     return Wrapper().eval()
 
 
-def component_specs(model: Any, *, height: int, width: int, batch: int, guidance: str = "cfg", chunks: int = 1) -> list[ComponentSpec]:
+def component_specs(
+    model: Any, *, height: int, width: int, batch: int, guidance: str = "cfg", chunks: int = 1, residuals: tuple[TensorSpec, ...] = ()
+) -> list[ComponentSpec]:
     """The four components with the bundle's static shapes (CFG: batch 2B for text encoder and UNet).
 
     height, width: the output image's; the UNet works at 1/f of it, as does the upscaler's input image.
     chunks: prompt chunks the UNet's context takes; past one, its length is an ONNX dynamic axis in whole chunks
     (the TensorRT build gives it a profile), so a prompt of fewer chunks runs at its own length.
+    residuals: ControlNet residual inputs for the UNet (export.controlnet), none without ControlNets.
     """
     unet, vae = model.unet, model.vae
     f = model.vae_factor
@@ -66,13 +72,14 @@ def component_specs(model: Any, *, height: int, width: int, batch: int, guidance
         conditioning += (TensorSpec("timestep_cond", (b2, unet.config.time_cond_proj_dim), "float32"),)
     if model.kind == "upscaler":  # the noise level added to the low-resolution image, as diffusers feeds it (torch.long)
         conditioning += (TensorSpec("class_labels", (b2,), "int64"),)
-    unet_inputs += conditioning
-    keywords = [t.name for t in (*text, *conditioning)]
+    unet_inputs += (*conditioning, *residuals)
+    keywords = [t.name for t in (*text, *conditioning, *residuals)]
 
     def unet_fn(m: Any, x: Any, t: Any, *more: Any) -> Any:
         given = dict(zip(keywords, more))
         added = {k: given.pop(k) for k in ADDED_CONDITIONS if k in given}  # SDXL's, which diffusers takes as one dict
-        return m(x, t, **given, **({"added_cond_kwargs": added} if added else {}), return_dict=False)[0]
+        control = residual_keywords(given)
+        return m(x, t, **given, **control, **({"added_cond_kwargs": added} if added else {}), return_dict=False)[0]
 
     denoiser = ComponentSpec(
         "unet", wrap(unet, unet_fn), unet_inputs, (TensorSpec("out_sample", (b2, unet.config.out_channels, h, w), "float32"),)
@@ -91,6 +98,15 @@ def component_specs(model: Any, *, height: int, width: int, batch: int, guidance
         (TensorSpec("latent_parameters", (batch, 2 * lc, h, w), "float32"),),
     )
     return [*model.family.text_specs(model, b2), denoiser, decoder, encoder]
+
+
+def residual_keywords(given: dict[str, Any]) -> dict[str, Any]:
+    """Take the ControlNet residual inputs out of a UNet call's keywords, as diffusers' UNet2DConditionModel takes them."""
+    count = sum(1 for k in given if k.startswith(DOWN_RESIDUAL[:-2]))
+    if not count:
+        return {}
+    down = tuple(given.pop(DOWN_RESIDUAL.format(i)) for i in range(count))
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": given.pop(MID_RESIDUAL)}
 
 
 def chunked(t: TensorSpec, chunks: int) -> TensorSpec:

@@ -37,6 +37,7 @@ class BuildOptions:
     compute_capability: str | None = None  # TensorRT for RTX's targets, comma-separated; None: its portable default
     lora: tuple[str, ...] = ()  # FILE[:SCALE] adapters fused into the weights before the export
     lora_slots: int = 0  # rank of the LoRA slots the UNet and text encoder take as inputs (0: none)
+    controlnets: tuple[str, ...] = ()  # diffusers ControlNetModel folders: a controlnet_<i> component each
     # int8 (the UNet as calibrated QDQ): prompts file (None: the model's own or the shipped set), generations
     # recorded for calibration, and the most sensitive convs kept float (found by a cached sweep; 0: no sweep)
     # prompts: how many CLIP tokens a prompt may take (None: one chunk, the text encoder's context less bos and eos;
@@ -71,6 +72,9 @@ class BuildOptions:
         self.check_lora()
         self.check_levers()
         self.check_prompts()
+        object.__setattr__(self, "controlnets", tuple(str(c) for c in self.controlnets))
+        if self.controlnets and self.precision == "int8":  # calibration samples without control images
+            raise ValueError("--controlnet with --precision int8 is not supported yet: build ControlNet bundles in fp16 or fp32")
         self.tensorrt_builder()  # raises on an unknown preset, an out-of-range level or workspace
         if self.compute_capability is not None and self.backend != "tensorrt-rtx":
             raise ValueError("--compute-capability is for TensorRT for RTX engines: add --backend tensorrt-rtx")
@@ -110,6 +114,10 @@ class BuildOptions:
             raise ValueError("--deepcache with --precision int8 is not supported (calibration covers the full UNet only): use fp16 or fp32")
         if self.lora_slots:
             raise ValueError("--deepcache with --lora-slots is not supported (the caching UNets take no slots): fuse adapters with --lora")
+        if self.controlnets:
+            raise ValueError(
+                "--deepcache with --controlnet is not supported (the caching UNets take no ControlNet residuals): build two bundles"
+            )
 
     def check_prompts(self) -> None:
         """--max-prompt-tokens is a whole number in range; every --textual-inversion file exists (before any model loads)."""

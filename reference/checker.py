@@ -114,6 +114,28 @@ def _position_name(x: float, y: float) -> str:
     return names[int(np.argmin(np.linalg.norm(centres - (x, y), axis=1)))]
 
 
+def _object_region(distance: np.ndarray, level: float) -> np.ndarray:
+    """Pixels at least half as far from the background as the object's colour is: the object's extent."""
+    return _largest_component(distance > level / 2)
+
+
+def object_mask(image) -> np.ndarray:
+    """(64, 64) bool: the pixels ``check`` takes for the object (all False where it finds none)."""
+    image = _as_rgb255(image)
+    distance = np.linalg.norm(image - _background_rgb(image), axis=-1)
+    level = float(np.percentile(distance, 99.5))
+    if level < MIN_CONTRAST:
+        return np.zeros(distance.shape, dtype=bool)
+    return _object_region(distance, level)
+
+
+def iou(image, control) -> float:
+    """Intersection over union of the object found in ``image`` with a white-on-black silhouette."""
+    found, wanted = object_mask(image), _as_rgb255(control).mean(axis=-1) >= 127.5
+    union = np.count_nonzero(found | wanted)
+    return np.count_nonzero(found & wanted) / union if union else 1.0
+
+
 def check(image) -> Attributes:
     """Best guess of the image's attributes; color, shape, size and position are None without an object."""
     image = _as_rgb255(image)
@@ -125,7 +147,7 @@ def check(image) -> Attributes:
     if level < MIN_CONTRAST:
         return Attributes(background=background, color=None, shape=None, size=None, position=None)
 
-    hard = _largest_component(distance > level / 2)
+    hard = _object_region(distance, level)
     core = hard & (distance > 0.75 * level)
     fg = np.median(image[core if core.any() else hard], axis=0)
     color = _nearest(fg, COLORS)

@@ -174,25 +174,91 @@ def _shape_outline(shape: str, cx: float, cy: float, side: float) -> list[tuple[
 def render(a: Attributes, rng: np.random.Generator) -> np.ndarray:
     """Draw one (64, 64, 3) uint8 image of ``a``, with colour, size and position jitter from ``rng``."""
     _validate(a)
-    color = np.clip(np.array(COLORS[a.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
+    color = _jittered_color(a.color, rng)
     side = SIZES[a.size] + int(rng.integers(-SIZE_JITTER, SIZE_JITTER + 1))
     x, y = POSITIONS[a.position]
     cx = x + int(rng.integers(-POSITION_JITTER, POSITION_JITTER + 1))
     cy = y + int(rng.integers(-POSITION_JITTER, POSITION_JITTER + 1))
+    return _draw(a.shape, Placement(cx, cy, side), color, BACKGROUNDS[a.background])
 
+
+def _jittered_color(name: str, rng: np.random.Generator) -> tuple[int, ...]:
+    color = np.clip(np.array(COLORS[name]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
+    return tuple(int(c) for c in color)
+
+
+def _draw(shape: str, at: Placement, fill: tuple[int, ...], background: tuple[int, ...]) -> np.ndarray:
+    """One anti-aliased (64, 64, 3) uint8 image: ``shape`` filled with ``fill`` on ``background``."""
     big = IMAGE_SIZE * SUPERSAMPLE
-    canvas = Image.new("RGB", (big, big), BACKGROUNDS[a.background])
+    canvas = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(canvas)
-    fill = tuple(int(c) for c in color)
-    outline = _shape_outline(a.shape, cx, cy, side)
-    if a.shape == "circle":
+    outline = _shape_outline(shape, at.cx, at.cy, at.side)
+    if shape == "circle":
         draw.ellipse(outline, fill=fill)
-    elif a.shape == "square":
+    elif shape == "square":
         draw.rectangle(outline, fill=fill)
     else:
         draw.polygon(outline, fill=fill)
     small = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.uint8)
+
+
+# --- free placement: the ControlNet's data -------------------------------------------------------
+# The five named positions and two sizes are all a caption can say; a control image can put the
+# object anywhere. Sides are drawn from a continuous range and centres anywhere the bounding box
+# stays inside the image, so a placement drawn for evaluation is (almost surely) one training
+# never saw.
+FREE_SIDE = (10.0, 40.0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an object's bounding box sits: centre (cx, cy) and side, in pixels (continuous)."""
+
+    cx: float
+    cy: float
+    side: float
+
+
+def sample_placement(rng: np.random.Generator) -> Placement:
+    """A uniformly random side in ``FREE_SIDE`` and a centre keeping the bounding box in the image."""
+    side = float(rng.uniform(*FREE_SIDE))
+    cx, cy = rng.uniform(side / 2, IMAGE_SIZE - side / 2, 2)
+    return Placement(float(cx), float(cy), side)
+
+
+def control_caption(a: Attributes) -> str:
+    """What a control image leaves to the prompt: colour, shape and background."""
+    return _sentence_caption(a, size=False, position=False, background=True)
+
+
+def silhouette(shape: str, at: Placement) -> np.ndarray:
+    """The control image: the object white on black, (64, 64, 3) uint8, anti-aliased like the images."""
+    return _draw(shape, at, (255, 255, 255), (0, 0, 0))
+
+
+def render_placed(a: Attributes, at: Placement, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``a``'s colour, shape and background at ``at`` (its size and position are ignored)."""
+    _validate(a)
+    return _draw(a.shape, at, _jittered_color(a.color, rng), BACKGROUNDS[a.background])
+
+
+def make_control_dataset(
+    n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[Attributes], list[Placement]]:
+    """``n`` freely placed images, their silhouettes (both (n, 64, 64, 3) uint8), attributes and placements."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1 << 20,)))
+    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    controls = np.empty_like(images)
+    attributes, placements = [], []
+    for i in range(n):
+        a, at = sample_attributes(rng), sample_placement(rng)
+        images[i], controls[i] = render_placed(a, at, rng), silhouette(a.shape, at)
+        attributes.append(a)
+        placements.append(at)
+    return images, controls, attributes, placements
 
 
 def _make_chunk(seed: int, index: int, n: int) -> tuple[np.ndarray, list[Attributes]]:

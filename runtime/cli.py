@@ -133,7 +133,42 @@ def parser(command: str = "txt2img") -> argparse.ArgumentParser:
         for name, (metavar, what) in SDXL_FLAGS.items():
             kind = {"nargs": 2, "type": int} if isinstance(metavar, tuple) else {"type": float}
             sdxl.add_argument("--" + name.replace("_", "-"), metavar=metavar, help=what, **kind)
+    add_control_flags(p)
     return p
+
+
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    """ControlNet's keywords as flags (bundles built with --controlnet)."""
+    control = p.add_argument_group("ControlNet (bundles built with export.build --controlnet; defaults as diffusers')")
+    control.add_argument(
+        "--control-image", type=Path, action="append", metavar="FILE",
+        help="control image (e.g. a white-on-black silhouette for the reference ControlNet); repeat once per net, in the "
+        "bundle's --controlnet order",
+    )  # fmt: skip
+    control.add_argument("--controlnet-scale", type=float, nargs="+", metavar="S", help="conditioning scale, one or one per net")
+    control.add_argument("--control-start", type=float, nargs="+", metavar="F", help="share of the steps before a net starts (default 0)")
+    control.add_argument("--control-end", type=float, nargs="+", metavar="F", help="share of the steps after which it stops (default 1)")
+    control.add_argument("--guess-mode", action="store_true", help="the nets see only the prompt's half of the CFG batch")
+    control.add_argument(
+        "--control-resize", action="store_true", help="resize control images to the bundle's size instead of refusing them"
+    )
+
+
+def control_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ControlNet flags given, as the tasks' keywords (a bundle without ControlNet refuses them by name)."""
+    given: dict[str, Any] = {}
+    if args.control_image:
+        from .image_files import open_image
+
+        images = [open_image(path, "--control-image") for path in args.control_image]
+        given["control_image"] = images[0] if len(images) == 1 else images
+    for flag, key in (("controlnet_scale", "controlnet_conditioning_scale"), ("control_start", "control_guidance_start"),
+                      ("control_end", "control_guidance_end")):  # fmt: skip
+        values = getattr(args, flag)
+        if values is not None:
+            given[key] = values[0] if len(values) == 1 else values
+    given.update({k: True for k in ("guess_mode", "control_resize") if getattr(args, k)})
+    return given
 
 
 # SDXL's conditioning keywords as flags: (metavar, help)
@@ -211,7 +246,7 @@ def generate(command: str, args: argparse.Namespace, seed: int) -> list[Any]:
     }  # fmt: skip
     # the SDXL flags given, as the tasks' keywords (an SD bundle refuses them by name)
     given = {name: tuple(v) if isinstance(v, list) else v for name in SDXL_FLAGS if (v := getattr(args, name, None)) is not None}
-    options = {**options, **given}  # type: ignore[typeddict-item]
+    options = {**options, **given, **control_options(args)}  # type: ignore[typeddict-item]
     if args.steps is not None:
         options["steps"] = args.steps
     if args.no_prompt_weighting:

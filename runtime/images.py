@@ -34,7 +34,8 @@ def to_pil(images: np.ndarray) -> list[Any]:
 
 
 def _as_arrays(
-    image: ImageLike, mode: str, size: tuple[int, int], resize: bool, what: str, scale: int = 1, rebuild: Rebuild | None = None
+    image: ImageLike, mode: str, size: tuple[int, int], resize: bool, what: str, scale: int = 1, rebuild: Rebuild | None = None,
+    option: str = "resize=True (CLI: --resize)",
 ) -> list[np.ndarray]:
     """Each image as float32 (H, W, C) in [0, 1], at `size` (height, width): resized only when asked.
 
@@ -53,7 +54,7 @@ def _as_arrays(
                 command = rebuild(**sized) if rebuild else f"python -m export.build --height {sized['height']} --width {sized['width']}"
                 raise ValueError(
                     f"{what} is {pil.width}x{pil.height} (width x height) but this bundle's engines are built for "
-                    f"{size[1]}x{size[0]}; pass resize=True (CLI: --resize) to resize it, or rebuild the bundle with `{command}`"
+                    f"{size[1]}x{size[0]}; pass {option} to resize it, or rebuild the bundle with `{command}`"
                 )
             from PIL import Image
 
@@ -136,6 +137,12 @@ def image_tensor(
 ) -> np.ndarray:
     """RGB image(s) -> float32 (B, 3, H, W) in [-1, 1], the VAE encoder's (or the upscaler's) input."""
     return _batch(_as_arrays(image, "RGB", size, resize, what, scale, rebuild), batch, what) * 2.0 - 1.0
+
+
+def control_tensor(image: ImageLike, size: tuple[int, int], batch: int, *, resize: bool = False, what: str = "control_image") -> np.ndarray:
+    """A ControlNet's control image(s) -> float32 (B, 3, H, W) in [0, 1]: RGB, not normalised (diffusers' control_image_processor)."""
+    arrays = _as_arrays(image, "RGB", size, resize, what, option="control_resize=True (CLI: --control-resize)")
+    return _batch(arrays, batch, what)
 
 
 def mask_tensor(

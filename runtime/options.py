@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
+from . import control as ctl
 from .bundle import SchedulerInfo
 from .decoders import check_decoder
 from .deepcache import check_interval
@@ -66,8 +67,8 @@ class PromptReading(TypedDict, total=False):
     prompt_weighting: bool
 
 
-class TaskOptions(Sampling, SdxlConditioning, PromptReading, total=False):
-    """Every keyword a task takes beyond its own arguments: the sampling options and a family's conditioning."""
+class TaskOptions(Sampling, SdxlConditioning, PromptReading, ctl.ControlOptions, total=False):
+    """Every keyword a task takes beyond its own arguments: the sampling options, a family's conditioning, ControlNet's."""
 
 
 DEFAULTS: Sampling = {
@@ -76,7 +77,9 @@ DEFAULTS: Sampling = {
 }  # fmt: skip
 
 
-def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence[str] = (), **task_defaults: Any) -> Sampling:
+def sampling_options(
+    task: str, given: Mapping[str, Any], conditioning: Sequence[str] = (), control: Sequence[str] = (), **task_defaults: Any
+) -> Sampling:
     """The caller's options over the task's defaults over DEFAULTS; an unknown keyword is a TypeError, as Python's.
 
     conditioning: the bundle family's own keywords (taken out of `given` by task_options), named in that error.
@@ -84,6 +87,7 @@ def sampling_options(task: str, given: Mapping[str, Any], conditioning: Sequence
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         more = f"; this bundle's conditioning options: {', '.join(conditioning)}" if conditioning else ""
+        more += f"; ControlNet options (bundles built with --controlnet): {', '.join(control)}" if control else ""
         raise TypeError(f"{task}() got an unexpected keyword argument {unknown[0]!r} (sampling options: {', '.join(DEFAULTS)}{more})")
     options: Sampling = {**DEFAULTS, **task_defaults, **given}  # type: ignore[typeddict-item]
     seed = options["seed"]
@@ -136,13 +140,16 @@ def check_prompts(prompt: Any, what: str) -> list[str]:
 def task_options(
     task: str, given: Mapping[str, Any], family: Family, scheduler: SchedulerInfo, **task_defaults: Any
 ) -> tuple[Sampling, Mapping[str, Any]]:
-    """The sampling options (sampling_options) and the family's conditioning keywords (SDXL's original_size, ...),
-    both checked before any work; a keyword that is neither is a TypeError naming both lists."""
+    """The sampling options (sampling_options) and the family's conditioning keywords (SDXL's original_size, ...)
+    with ControlNet's (runtime.control), checked before any work; a keyword that is none of them is a TypeError
+    naming the lists."""
     keywords = family.keywords
     conditioning = {k: v for k, v in given.items() if k in keywords}
-    rest = {k: v for k, v in given.items() if k not in keywords}
-    options = sampling_options(task, rest, tuple(keywords), **{**step_defaults(scheduler, rest.get("scheduler")), **task_defaults})
-    return options, family.conditioning(conditioning)
+    control = ctl.task_options(task, given)  # ControlNet's keywords, checked when the run's UNet is made
+    rest = {k: v for k, v in given.items() if k not in keywords and k not in ctl.KEYWORDS}
+    defaults = {**step_defaults(scheduler, rest.get("scheduler")), **task_defaults}
+    options = sampling_options(task, rest, tuple(keywords), ctl.KEYWORDS, **defaults)
+    return options, {**family.conditioning(conditioning), **control}
 
 
 def batch_prompts(prompt: Prompt, what: str, batch_size: int) -> list[str]:

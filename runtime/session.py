@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import control as ctl
 from . import decoders
 from . import images as img
 from .bundle import BundleState, Component, Manifest, read_bundle, rebuild_hint
@@ -227,16 +228,24 @@ class Session:
         """The UNet wrapped for the bundle's guidance mode, conditioned on the prompts by the model's family.
 
         image: per-image UNet conditioning beyond latents and text (see guidance.unet_call), batch B.
-        conditioning: the family's keywords, as runtime.options.task_options split them off.
+        conditioning: the family's keywords and ControlNet's (runtime.control), as runtime.options.task_options split them off.
         """
         prompts = batch_prompts(prompt, "prompt", self.batch_size)  # checked before the negatives: the likelier mistake
         negatives = batch_prompts(negative_prompt, "negative_prompt", self.batch_size)
-        unet: Engine | CachedUNet = self.engines["unet"]
+        family = {k: v for k, v in (conditioning or {}).items() if k not in ctl.KEYWORDS}
+        control = {k: v for k, v in (conditioning or {}).items() if k in ctl.KEYWORDS}
+        schedule = lambda: self.timesteps(options)  # noqa: E731  (only a ControlNet bundle asks)
+        unet: Engine | CachedUNet = ctl.controlled_unet(self.engines["unet"], self.engine, self.manifest, control, schedule, self.rebuild())
         if options["cache_interval"] > 1:
+            if ctl.residual_inputs(self.manifest):  # export refuses --deepcache with --controlnet; an edited manifest lands here
+                raise BundleError(
+                    f"cache_interval={options['cache_interval']}: bundle {self.bundle} has ControlNets, and DeepCache's UNets take no "
+                    "ControlNet residuals; use cache_interval=1"
+                )
             unet = self.cached_unet(options["cache_interval"])
         model = guided(
             unet, self.family, self.manifest.guidance_info, prompts, negatives,
-            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, conditioning,
+            options["guidance_scale"], options["guidance_rescale"], image, self.rebuild, family,
         )  # fmt: skip
         return StepAware(model, unet) if isinstance(unet, CachedUNet) else model
 

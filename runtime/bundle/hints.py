@@ -82,6 +82,9 @@ def _from_fields(manifest: Manifest) -> list[str]:
         words += ["--textual-inversion", spec]
     if any(PurePosixPath(s.rsplit(":", 1)[0]).suffix in PICKLE_SUFFIXES for s in manifest.tokenizer.textual_inversion):
         words.append("--allow-pickle")  # the build read a pickle embedding only because it was allowed
+    for name in sorted((n for n in manifest.components if n.startswith("controlnet_")), key=lambda n: int(n.rsplit("_", 1)[1])):
+        onnx = manifest.components[name].source_onnx or manifest.components[name]  # a plan keeps its ONNX's record
+        words += ["--controlnet", str(onnx.build.get("controlnet", {}).get("source", "CONTROLNET_FOLDER"))]
     return words
 
 

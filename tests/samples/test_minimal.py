@@ -10,7 +10,7 @@ import pytest
 from tests.helpers.close import assert_same_image
 from tests.samples.common import SAMPLES, one_error_line, png, run_sample
 
-SCRIPTS = ["minimal.py", "progress_and_cancel.py", "batch.py", "edit.py", "web/server.py"]
+SCRIPTS = ["minimal.py", "progress_and_cancel.py", "batch.py", "edit.py", "draw.py", "web/server.py"]
 
 
 def test_minimal_writes_the_runtimes_image_with_its_settings(sample_bundle, sample_pipe, tmp_path):
