@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import control as ctl
-from . import decoders
-from . import images as img
 from .bundle import BundleState, Component, Manifest, read_bundle, rebuild_hint
 from .bundle.levers import DEEP_UNET, SHALLOW_UNET, TINY_DECODER
 from .deepcache import CachedUNet, StepAware
@@ -26,19 +24,19 @@ from .errors import BundleError, Cancelled, NonFiniteError
 from .families import Family, open_family
 from .guidance import Extra, guided
 from .handoff import Stopped
+
+# the VAE side (decode, encode_image, finish, draw) is Latents'; Images is named here too, where the tasks import it
+from .latents import Images as Images
+from .latents import Latents
 from .options import Progress, Prompt, Sampling, batch_prompts
 from .pinned import PinnedFolder
 from .preview import Recorder, linear_preview
-from .protocol import Engine, cast_feed, check_finite
+from .protocol import Engine
 from .sampling import CLASS_DEFAULTS, DEFAULT_FOR_CLASS, Known, Model, default_sampler, get_sampler, noise_schedule, sampler_grid
 from .slots import LoraSpec, Slots
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
     from typing_extensions import Self
-
-# output_type 'pil': a list of PIL images; 'np': float32 (B, H, W, 3) in [0, 1]; 'latent': the final latents
-Images = list["Image"] | np.ndarray
 
 # Components every generation needs; the VAE encoder opens on first use.
 NEEDED = ("unet", "vae_decoder")
@@ -53,7 +51,7 @@ def initial_latents(shape: Sequence[int], seed: int | None) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
 
 
-class Session:
+class Session(Latents):
     """A loaded bundle: its manifest, engines and model family, ready to generate."""
 
     def __init__(
@@ -258,54 +256,6 @@ class Session:
             )
         return CachedUNet(self.engines["unet"].component, self.engine(DEEP_UNET), self.engine(SHALLOW_UNET), interval)
 
-    def decode(self, latents: np.ndarray, decoder: str | None = None) -> np.ndarray:
-        """Latents -> float32 images (B, H, W, 3) in [0, 1]; NaN (fp16 overflow) is an error, not a black image.
-
-        decoder: 'full' or 'tiny' (see decoders.resolve for the default)."""
-        self.check_latents(latents, "the latents given to the VAE decoder")
-        name, scaling = decoders.decoder_component(self.bundle, self.manifest, decoder)
-        vae = self.engine(name)
-        feed = cast_feed(vae.component, {"latent_sample": latents / scaling})
-        out = np.asarray(vae(feed)["sample"])
-        try:
-            check_finite(vae.component, feed, out)
-        except NonFiniteError as e:
-            raise self._with_hint(e) from None
-        return img.to_images(out)
-
-    def check_latents(self, latents: np.ndarray, what: str) -> None:
-        """NaN/inf latents are refused where they are found, named, never decoded into a black image."""
-        if not np.isfinite(latents).all():
-            raise NonFiniteError(f"{what} hold NaN/inf; nothing downstream can recover an image from them")
-
-    def _with_hint(self, e: NonFiniteError, where: str = "") -> NonFiniteError:
-        """An engine's NonFiniteError with the step it happened at, and for fp16 overflow the fp32 rebuild."""
-        hint = ""
-        if e.fp16_overflow:
-            hint = f"; rebuild in fp32 with `{rebuild_hint(self.bundle, self.manifest, precision='fp32')}`"
-        return NonFiniteError(f"{where}{e}{hint}", fp16_overflow=e.fp16_overflow, upstream=e.upstream)
-
-    def encode_image(self, image: np.ndarray, noise: np.ndarray, decoder: str | None = None) -> np.ndarray:
-        """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents: a sample of the VAE posterior, mean + std * noise; with
-        decoder='tiny' and a tiny encoder in the bundle, its latents (deterministic: `noise` is not used)."""
-        name = decoders.encoder_component(self.manifest, decoder)
-        enc = self.engine(name)
-        feed = cast_feed(enc.component, {"sample": image})
-        if name != decoders.FULL_ENCODER:
-            out = np.asarray(enc(feed)["latents"], dtype=np.float64)
-            check_finite(enc.component, feed, out)
-            tiny = self.manifest.levers.tiny_vae
-            return (out * (tiny.scaling_factor if tiny else 1.0)).astype(np.float32)
-        params = np.asarray(enc(feed)["latent_parameters"], dtype=np.float64)
-        try:
-            check_finite(enc.component, feed, params)
-        except NonFiniteError as e:
-            raise self._with_hint(e) from None
-        mean, logvar = np.split(params, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution clamps the same
-        latents: np.ndarray = ((mean + std * noise) * self.manifest.vae.scaling_factor).astype(np.float32)
-        return latents
-
     def denoise(
         self,
         model: Model,
@@ -392,31 +342,6 @@ class Session:
     def timesteps(self, options: Sampling) -> list[float]:
         """The timestep of each step the sampler will run: its grid, computed from the schedule (the sampler table)."""
         return sampler_grid(options["scheduler"] or self._default_sampler(), self.schedule, options["steps"])
-
-    def finish(
-        self, latents: np.ndarray, output_type: str, keep: tuple[np.ndarray, np.ndarray] | None = None, decoder: str | None = None
-    ) -> Images:
-        """Latents -> the asked output type; keep=(original pixels, pixel mask) composites the result over the original."""
-        if output_type == "latent":
-            self.check_latents(latents, "the final latents")
-            return latents
-        images = self.decode(latents, decoder)
-        if keep is not None:
-            images = img.composite(images, *keep)
-        return images if output_type == "np" else img.to_pil(images)
-
-    def draw(self, given: np.ndarray | None, rng: np.random.Generator, shape: Sequence[int], what: str) -> np.ndarray:
-        """A caller's noise, checked, or the generator's next draw."""
-        if given is None:
-            return rng.standard_normal(tuple(shape), dtype=np.float32)
-        if not isinstance(given, np.ndarray):
-            raise TypeError(f"{what} must be a numpy array, got {type(given).__name__}")
-        if tuple(given.shape) != tuple(shape):
-            raise ValueError(f"{what}: shape {tuple(given.shape)} but this bundle needs {tuple(shape)}")
-        out = np.asarray(given, dtype=np.float32)
-        if not np.isfinite(out).all():
-            raise NonFiniteError(f"{what} given by the caller hold NaN/inf (or values too large for float32)")
-        return out
 
     def _default_sampler(self) -> str:
         class_name = self.manifest.scheduler.class_name

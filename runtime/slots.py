@@ -1,6 +1,6 @@
 """A loaded bundle's LoRA slots: which adapters feed them, switched by set_lora without a rebuild.
 
-The slot inputs (runtime.lora.SlotState) are fed with every call of a slotted component's engine (SlotFed).
+The slot inputs (runtime.lora_slots.SlotState) are fed with every call of a slotted component's engine (SlotFed).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import numpy as np
 
 from .bundle import Manifest
 from .errors import BundleError
-from .lora import MAX_SCALE, LoraError, SlotFed, SlotState, file_rank, rank_needed, read_adapter
+from .lora import MAX_SCALE, LoraError, file_rank, read_adapter
+from .lora_slots import SlotFed, SlotState, rank_needed
 from .protocol import Engine
 
 # set_lora's adapters: None, a file, or a list of files and (file, scale) pairs
@@ -29,7 +30,7 @@ class Slots:
         self._slots = _slot_state(manifest)  # LoRA slot inputs, fed with every UNet and text encoder call
 
     def pinned(self) -> AbstractContextManager[None]:
-        """One generation's scope: its calls are fed the adapters set when it began (runtime.lora.SlotState.pinned)."""
+        """One generation's scope: its calls are fed the adapters set when it began (runtime.lora_slots.SlotState.pinned)."""
         return self._slots.pinned() if self._slots is not None else nullcontext()
 
     def fed(self, engine: Engine) -> Engine:

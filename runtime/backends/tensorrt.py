@@ -11,25 +11,28 @@ and replayed with one `cudaGraphLaunch` (TensorRT for RTX: its own whole-graph c
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..bundle import Component, TensorSpec, load_manifest, rebuild_command, rebuild_hint
-from ..bundle.fit import Device, check_compatible, device_from_properties
+from ..bundle.fit import Device, check_compatible
 from ..errors import BundleError
 from ..protocol import check_feed
 from . import runtime_cache
+from .cuda import CudaError, NoGpu, current_device, done, gpu_count, gpu_index, pinned_array, value
 from .libraries import TENSORRT, Library, TensorRTMissing, _installed, library, require
 
-__all__ = ["TensorRTMissing", "TrtEngine", "current_device", "require_tensorrt", "tensorrt_available"]
+# the CUDA helpers (runtime.backends.cuda) are named here too: export/ and the tests import them from this module
+__all__ = [
+    "CudaError", "NoGpu", "TensorRTMissing", "TrtEngine", "current_device", "gpu_count", "gpu_index", "require_tensorrt",
+    "tensorrt_available",
+]  # fmt: skip
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -37,7 +40,6 @@ if TYPE_CHECKING:
 
 # numpy dtype name of each TensorRT DataType the bundles use (by member name, stable across 10.x and 11.x).
 DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
-T = TypeVar("T")
 
 
 def tensorrt_available(lib: Library = TENSORRT) -> bool:
@@ -51,74 +53,6 @@ def require_tensorrt(what: str, instead: str = "", lib: Library = TENSORRT) -> N
     what: the task, as the message's subject ("building TensorRT engines"); instead: an alternative to offer.
     """
     require(lib, what, instead=instead)
-
-
-class CudaError(BundleError):
-    """A CUDA runtime call failed."""
-
-
-def _raise_for(err: cudart.cudaError_t, what: str) -> None:
-    from cuda.bindings import runtime as cudart
-
-    if err != cudart.cudaError_t.cudaSuccess:
-        name = cudart.cudaGetErrorName(err)[1].decode(errors="replace")
-        oom = err == cudart.cudaError_t.cudaErrorMemoryAllocation
-        raise CudaError(f"{what} failed: {name}" + ("; free GPU memory (close other GPU programs) or use a smaller bundle" if oom else ""))
-
-
-def value(result: tuple[cudart.cudaError_t, T], what: str) -> T:
-    """The one output of a cudart call that returns (error, output), or a CudaError."""
-    _raise_for(result[0], what)
-    return result[1]
-
-
-def done(result: tuple[cudart.cudaError_t], what: str) -> None:
-    """Check a cudart call that returns only (error,)."""
-    _raise_for(result[0], what)
-
-
-class NoGpu(CudaError):
-    """This machine has no CUDA GPU the driver can reach (none, or no NVIDIA driver)."""
-
-
-def gpu_count() -> tuple[int, str]:
-    """How many CUDA GPUs cudart sees, and why none when there are none (cudart's error name, or "")."""
-    from cuda.bindings import runtime as cudart
-
-    err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess:
-        return 0, cudart.cudaGetErrorName(err)[1].decode(errors="replace")
-    return int(count), ""
-
-
-def current_device(index: int = 0, lib: Library = TENSORRT) -> Device:
-    """This machine's library version and GPU `index`, as a bundle records them."""
-    require(lib, f"reading this machine's GPU and {lib.title} version")
-    from cuda.bindings import runtime as cudart
-
-    count, why = gpu_count()
-    if count == 0:
-        raise NoGpu(f"this machine has no CUDA GPU ({why or 'cudaGetDeviceCount found none'})")
-    if index >= count:
-        raise BundleError(f"GPU {index} asked for, but this machine has {count} CUDA GPU(s)")
-    props = value(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
-    version = str(lib.load().__version__)
-    return device_from_properties(version, {"name": props.name, "major": props.major, "minor": props.minor}, lib.key)
-
-
-def gpu_index(device: str | int | None) -> int:
-    """None, 'cuda', 'tensorrt', 'cuda:N' or N -> a GPU index; 'cpu' is refused (plans run on the GPU only)."""
-    if device is None or device in ("cuda", "tensorrt"):
-        return 0
-    if isinstance(device, int) and device >= 0:
-        return device
-    match = re.fullmatch(r"cuda:(\d+)", str(device))
-    if match:
-        return int(match.group(1))
-    raise BundleError(
-        f"device {device!r}: a TensorRT bundle runs on an NVIDIA GPU ('cuda' or 'cuda:N'); "
-        "to run on the CPU, build an ONNX Runtime bundle with `python -m export.build --backend onnxruntime`"
-    )
 
 
 def capturing_logger(lib: Library = TENSORRT) -> tuple[Any, list[str]]:
@@ -147,14 +81,6 @@ class _Binding:
     @property
     def nbytes(self) -> int:
         return int(self.host.nbytes)
-
-
-def pinned_array(ptr: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """A numpy array over `ptr` (page-locked memory from cudaMallocHost), without copying."""
-    dt = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = memoryview((ctypes.c_uint8 * (count * dt.itemsize)).from_address(ptr)).cast("B")
-    return np.frombuffer(raw, dtype=dt, count=count).reshape(shape)
 
 
 def dims(d: trt.Dims) -> tuple[int, ...]:
