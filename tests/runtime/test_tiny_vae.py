@@ -78,13 +78,13 @@ def test_a_bundle_with_only_the_tiny_decoder_decodes_with_it(tiny_bundle, tmp_pa
     import json
     import shutil
 
-    from runtime.bundle import MANIFEST
+    from runtime.bundle import MANIFEST, sealed
 
     stripped = tmp_path / "stripped"
     shutil.copytree(tiny_bundle, stripped)
     raw = json.loads((stripped / MANIFEST).read_text())
     del raw["components"]["vae_decoder"]
-    (stripped / MANIFEST).write_text(json.dumps(raw))
+    (stripped / MANIFEST).write_text(json.dumps(sealed(raw)))  # a consistent edit: the manifest digest recomputed
     both, only = runtime.Pipeline.load(tiny_bundle), runtime.Pipeline.load(stripped, verify=False)
     a = only.txt2img(PROMPT, steps=2, seed=0, output_type="np")
     b = both.txt2img(PROMPT, steps=2, seed=0, output_type="np", decoder="tiny")
