@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except _common.USER_ERRORS as e:
         return _common.fail(e)
 
+    if args.out.is_dir():  # a run killed mid-write (kill -9, power loss) leaves its temporary files: ours, by name
+        for stale in args.out.glob(".[0-9][0-9][0-9][0-9]-*.png*.tmp"):
+            stale.unlink(missing_ok=True)
     written = skipped = failed = 0
     try:
         for row in rows:

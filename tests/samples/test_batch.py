@@ -73,7 +73,7 @@ def test_a_rerun_skips_finished_rows_and_redraws_only_what_is_missing(sample_bun
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
     pixels = np.asarray(png(removed)[0])
     removed.unlink()
-    (out / f".{removed.name}.tmp").write_bytes(b"\x89PNG half a file")  # what an interrupted write leaves
+    (out / f".{removed.name}.k3j9x2qa.tmp").write_bytes(b"\x89PNG half a file")  # what a write killed half-way leaves
 
     again = run_sample("batch.py", *args)
     assert again.returncode == 0, again.stderr

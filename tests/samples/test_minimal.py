@@ -99,8 +99,9 @@ def test_png_text_holds_any_prompt_and_the_write_is_atomic(sample, tmp_path, mon
     # A write that fails half-way leaves the finished file as it was, and no temporary file behind.
     before = path.read_bytes()
 
-    def broken_save(self, fp, *args, **kwargs):
-        fp.write(b"\x89PNG half")
+    def broken_save(self, fp, *args, **kwargs):  # handed the temporary file's path, as PIL's save is
+        with open(fp, "wb") as half:
+            half.write(b"\x89PNG half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
