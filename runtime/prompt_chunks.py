@@ -92,7 +92,8 @@ def _warn_dropped(
     tokenizer: ClipTokenizer, chunks: list[list[tuple[int, float]]], max_chunks: int, size: int, rebuild: Callable[[int], str] | None
 ) -> None:
     dropped = [t for chunk in chunks[max_chunks:] for t, _ in chunk]
-    text = tokenizer.decode(dropped)
+    # every token is at least a character, so EXCERPT tokens cover the excerpt; a 10 MB prompt is not decoded whole
+    text = tokenizer.decode(dropped[:EXCERPT])
     excerpt = text if len(text) <= EXCERPT else text[:EXCERPT].rstrip() + "..."
     needed = sum(len(c) for c in chunks)
     fix = f"; to keep them, rebuild the bundle for longer prompts: `{rebuild(needed)}`" if rebuild else ""

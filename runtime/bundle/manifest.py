@@ -124,8 +124,8 @@ class Manifest:
             out["lora"] = self.lora.to_json()
         if self.sdxl is not None:
             out["sdxl"] = self.sdxl.to_json()
-        if self.levers.to_json():
-            out["levers"] = self.levers.to_json()
+        if levers := self.levers.to_json():
+            out["levers"] = levers
         if self.command:
             out["command"] = list(self.command)
         out["files"] = dict(self.files)
