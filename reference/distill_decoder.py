@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, dest="n_images", help="dataset images to train on (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="images per optimizer step (default: the preset's)")
     p.add_argument("--seed", type=int, help="data and initialisation seed (default 0)")
+    p.add_argument("--channels", type=int, help="width of every stage (default 32; the time of a decode goes as its square)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
     p.add_argument("--init", type=Path, metavar="DIR", help="start from this AutoencoderTiny folder (one this command wrote)")
     return p
 
@@ -84,11 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     recipe = PRESETS["quick" if args.quick else "cpu"]
-    given = ("time_limit", "steps", "seed", "n_images", "batch_size")
+    given = ("time_limit", "steps", "seed", "n_images", "batch_size", "channels", "threads")
     overrides = {k: getattr(args, k) for k in given if getattr(args, k) is not None}
     recipe = replace(recipe, **overrides)
-    if min(recipe.steps, recipe.n_images, recipe.batch_size) < 1 or (recipe.time_limit is not None and recipe.time_limit <= 0):
-        parser.error("--steps, --images, --batch-size and --time-limit must be positive")
+    if min(recipe.steps, recipe.n_images, recipe.batch_size, recipe.channels, recipe.threads) < 1 or (recipe.time_limit is not None and recipe.time_limit <= 0):
+        parser.error("--steps, --images, --batch-size, --channels, --threads and --time-limit must be positive")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {args.out} exists and is not empty; pick a new folder (nothing of yours is overwritten)")
     if not (args.teacher / "vae" / "config.json").is_file():

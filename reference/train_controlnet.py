@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, help="generated training images")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
     p.add_argument("--seed", type=int, help="seed for data and training (default 0)")
+    p.add_argument("--init", type=Path, metavar="DIR", help="go on training this ControlNet (a folder this command wrote)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared machine two threads waiting on each "
         "other ran a step 20x slower than one)",
@@ -105,15 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         recipe = resolve(args)
         check_folders(args.out, args.base)
+        if args.init is not None and not (args.init / LOG_NAME).is_file():
+            raise FileNotFoundError(f"--init {args.init} has no {LOG_NAME}: give a folder this command wrote")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    train(recipe, args.base, args.out, started, command=["python", "-m", "reference.train_controlnet", *(argv or sys.argv[1:])])
+    command = ["python", "-m", "reference.train_controlnet", *(argv or sys.argv[1:])]
+    train(recipe, args.base, args.out, started, command, args.init)
 
 
-def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[str]) -> dict:
+def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[str], init: Path | None = None) -> dict:
     """Train on generated control data and save the ControlNet (safetensors) and its log into ``out``."""
     import diffusers
     import torch
@@ -154,7 +158,13 @@ def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[s
     seconds = time.perf_counter() - started
     say(f"[data] {len(images)} images, {len(distinct) - 1} captions, latents {tuple(mean.shape[1:])} in {seconds:.0f}s")
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS).train()
+    earlier: list[dict] = []
+    if init is None:
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS).train()
+    else:  # each earlier run's command and steps stay in the log, the first first
+        controlnet = ControlNetModel.from_pretrained(init).train()
+        before = json.loads((init / LOG_NAME).read_text())
+        earlier = [*before.get("earlier_runs", []), {k: before.get(k) for k in ("command", "steps", "seconds", "recipe")}]
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=recipe.lr, weight_decay=0.01)
     deadline = None if recipe.time_limit is None else max(0.0, recipe.time_limit - (time.perf_counter() - started) - 15.0)
     clock = PhaseClock(recipe.steps, deadline)
@@ -163,6 +173,7 @@ def train(recipe: Recipe, base: Path, out: Path, started: float, command: list[s
     saver = Ticker(recipe.checkpoint_every_s) if recipe.checkpoint_every_s else None
     log = {
         "command": shlex.join(command),
+        "earlier_runs": earlier,
         "base": str(base),
         "recipe": asdict(recipe),
         "conditioning_embedding_out_channels": list(CONDITIONING_CHANNELS),
