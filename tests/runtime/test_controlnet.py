@@ -225,3 +225,29 @@ def test_tensorrt_road_builds_and_verifies_the_nets_and_the_residual_unet(bundle
         component = manifest.components[name]
         assert component.format == "plan" and component.verification["passed"]
     assert [t.name for t in manifest.components["controlnet_0"].outputs][-1] == "mid_block_residual"
+
+
+def test_the_tensorrt_path_feeds_the_nets_and_the_residual_unet(bundle, tmp_path, monkeypatch):
+    """The runtime's TensorRT path (pinned buffers, copies, every net's inputs, the residual inputs) on a TensorRT-for-RTX
+    bundle of this one, on a machine with `tensorrt_rtx` and not `tensorrt`: stand-in engines that compute what their
+    ONNX does give the ONNX bundle's image, two nets with scales and windows included."""
+    import sys
+
+    from export.tensorrt import from_onnx
+    from runtime.backends import runtime_cache
+    from runtime.backends.libraries import TENSORRT_RTX
+    from tests.helpers import fake_tensorrt
+    from tests.runtime.test_tensorrt_rtx_runtime import BUILT, fake_plan
+
+    monkeypatch.setattr(from_onnx, "engines_can_run", lambda library: False)
+    rtx = from_onnx.build_from_onnx(bundle, tmp_path / "rtx", build=fake_plan, device=BUILT, library=TENSORRT_RTX, **QUIET)
+    gpu = fake_tensorrt.Gpu(name=b"NVIDIA GeForce RTX 4090", major=8, minor=9)
+    fake_tensorrt.install(monkeypatch, gpu, {}, BUILT.tensorrt, "tensorrt_rtx", plans=fake_tensorrt.onnx_backed_plans(rtx))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails, as where only TensorRT for RTX is installed
+    monkeypatch.setenv(runtime_cache.ENV, str(tmp_path / "cache"))
+    keywords = {**CASES["two nets, scales and windows"][0], "steps": 3, "seed": 1, "output_type": "np"}
+    with runtime.Pipeline.load(rtx, cuda_graph=True) as engines, runtime.Pipeline.load(bundle) as onnx:
+        assert {type(e).__name__ for e in engines.engines.values()} == {"TrtEngine"}
+        ours, ref = engines.txt2img(PROMPT, **keywords), onnx.txt2img(PROMPT, **keywords)
+        assert {"controlnet_0", "controlnet_1"} <= set(engines.engines)
+    assert np.abs(ours - ref).max() <= 1e-5
