@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib
 import io
 import json
 import re
@@ -16,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -278,23 +280,85 @@ def get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def test_one_generation_at_a_time_and_only_json(server):
-    api = server.url + "api/"
-    status, started = post(api + "generate", {"prompt": "a large red circle", "steps": 80, "seed": 1})
+class HeldPipeline:
+    """The real pipeline, whose txt2img waits after its first step until the test lets it go on: a generation that is
+    still running when the next request comes, whatever the machine's load (a long run would only make it likely)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.at_first_step, self.go_on = pipe, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def txt2img(self, *args, callback, **kwargs):
+        def held(step, total, t):
+            callback(step, total, t)
+            if step == 1:
+                self.at_first_step.set()
+                assert self.go_on.wait(60), "the test never let the generation go on"
+
+        return self.pipe.txt2img(*args, callback=held, **kwargs)
+
+
+@dataclass
+class HeldServer:
+    url: str
+    pipe: HeldPipeline
+
+
+@pytest.fixture
+def held_server(sample_pipe, tmp_path, monkeypatch):
+    """samples/web/server.py's own Studio and HTTP server, run in this process (port 0) on a HeldPipeline."""
+    monkeypatch.syspath_prepend(str(SAMPLES / "web"))
+    web = importlib.import_module("server")  # samples/web/server.py, as test_the_host_rule imports it
+    pipe = HeldPipeline(sample_pipe)
+    studio = web.Studio(pipe, tmp_path)
+    httpd = web.serve(studio, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield HeldServer(f"http://127.0.0.1:{httpd.server_address[1]}/", pipe)
+    finally:
+        pipe.go_on.set()  # a failed test must not leave a generation waiting, nor running on the shared pipeline
+        assert studio.lock.acquire(timeout=60), "a generation was still running 60 s after the test"
+        studio.lock.release()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+def test_one_generation_at_a_time(held_server):
+    api, pipe = held_server.url + "api/", held_server.pipe
+    status, started = post(api + "generate", {"prompt": "a large red circle", "steps": 8, "seed": 1})
     assert status == 202, started
+    assert pipe.at_first_step.wait(60), "the generation did not reach its first step within 60 s"
+    job = json.loads(get(api + "jobs/" + started["job"])[1])
+    assert (job["state"], job["step"], job["total"]) == ("running", 1, 8), job  # the page's poll sees the step
     status, refused = post(api + "generate", {"prompt": "a small blue square", "steps": 2})
     assert (status, refused["error"]) == (409, "busy: one generation at a time; wait for the current one to finish")
-    deadline = time.monotonic() + 60
-    while (job := json.loads(get(api + "jobs/" + started["job"])[1]))["state"] == "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert job["state"] == "done" and (job["step"], job["total"]) == (80, 80), job
-    status, png = get(server.url + job["image"].lstrip("/"))
+    pipe.go_on.set()
+    job = finished(api, started["job"])
+    assert job["state"] == "done" and (job["step"], job["total"]) == (8, 8), job
+    status, png = get(held_server.url + job["image"].lstrip("/"))
     assert status == 200 and Image.open(io.BytesIO(png)).size == (64, 64)
     assert job["preview"].startswith("data:image/png;base64,")  # the image forming, as the page shows it while running
     preview = Image.open(io.BytesIO(base64.b64decode(job["preview"].split(",", 1)[1])))
     assert preview.size == (16, 16)  # the reference bundle has no tiny decoder: the latent-to-RGB map, at the latents' size
+    status, next_one = post(api + "generate", {"prompt": "a small blue square", "steps": 2})  # the lock was let go
+    assert status == 202 and finished(api, next_one["job"])["state"] == "done", next_one
 
+
+def finished(api: str, job_id: str) -> dict:
+    """The job once it is no longer running (60 s: a hang guard)."""
+    deadline = time.monotonic() + 60
+    while (job := json.loads(get(api + "jobs/" + job_id)[1]))["state"] == "running":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
+
+
+def test_only_json_and_only_our_files(server):
+    api = server.url + "api/"
     assert post(api + "generate", {"prompt": "x"}, content_type="text/plain")[0] == 415  # another site's form cannot post
     assert post(api + "generate", {"prompt": "x", "steps": 0})[1]["error"] == "steps must be between 1 and 500, got 0"
     assert post(api + "generate", {"prompt": "x", "sampler": "nope"})[1]["error"] == "unknown sampler 'nope'"
