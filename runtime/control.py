@@ -48,11 +48,15 @@ KEYWORDS = tuple(ControlOptions.__annotations__)
 DEFAULT_SCALE = {"img2img": 0.8, "inpaint": 0.5}
 
 
+class TaskDefault(float):
+    """A keyword's value that the task chose, not the caller: left out of what a refusal says was given."""
+
+
 def task_options(task: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """The caller's ControlNet keywords, with the task's default conditioning scale where a control image is given."""
     control = {k: v for k, v in given.items() if k in KEYWORDS}
     if control.get("control_image") is not None:
-        control.setdefault("controlnet_conditioning_scale", DEFAULT_SCALE.get(task, 1.0))
+        control.setdefault("controlnet_conditioning_scale", TaskDefault(DEFAULT_SCALE.get(task, 1.0)))
     return control
 
 
@@ -182,7 +186,7 @@ def controlled_unet(
     residuals = residual_inputs(manifest)
     if not residuals:
         if given:
-            raise without_controlnet(given, rebuild)
+            raise without_controlnet([k for k, v in given.items() if not isinstance(v, TaskDefault)], rebuild)
         return unet
     n = len(names)
     scales = _per_net(given.get("controlnet_conditioning_scale", 1.0), n, "controlnet_conditioning_scale")
@@ -195,6 +199,11 @@ def controlled_unet(
     # a net trained with pooled conditions (global_pool_conditions, e.g. shuffle) always runs in guess mode, as in diffusers
     records = [(manifest.components[n].source_onnx or manifest.components[n]).build.get("controlnet", {}) for n in names]
     guess = guess or any(r.get("global_pool_conditions") for r in records)
+    if given.get("control_image") is None and (unused := sorted(k for k in given if k != "control_image")):
+        raise ValueError(  # diffusers' ControlNet pipelines require an image; here they would silently do nothing
+            f"{', '.join(unused)}: given without control_image, so no ControlNet runs; pass control_image= (CLI: --control-image) "
+            "or leave them out"
+        )
     images = control_images(given.get("control_image"), n) if given.get("control_image") is not None else [None] * n
     rows = manifest.components["unet"].input("sample").shape[0]
     cfg = manifest.guidance == "cfg"

@@ -3,6 +3,9 @@ and their refusals: wrong control image size, a net count that does not fit, a b
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,8 @@ from PIL import Image, ImageDraw
 
 import runtime
 from runtime.errors import BundleError
+from tests.helpers import REPO
+from tests.helpers.close import assert_same_image
 from tests.helpers.tiny_controlnet import make_tiny_controlnet
 from tests.helpers.tiny_models import make_tiny_sd
 
@@ -162,7 +167,11 @@ def test_lcm_student_takes_a_controlnet(tmp_path, monkeypatch):
 def test_control_image_of_another_size_is_refused_with_the_resize_option(bundle):
     pipe = runtime.Pipeline.load(bundle)
     big = A.resize((96, 80))
-    with pytest.raises(ValueError, match=r"control_image\[0\] is 96x80 \(width x height\).*pass control_resize=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"control_image\[0\] is 96x80 \(width x height\) but this bundle's engines are built for "
+        r"64x64; pass control_resize=True \(CLI: --control-resize\) to resize it, or rebuild",
+    ):
         pipe.txt2img(PROMPT, steps=2, seed=0, control_image=[big, None])
     resized = pipe.txt2img(PROMPT, steps=2, seed=0, control_image=[big, None], control_resize=True, output_type="np")
     assert resized.shape == (1, 64, 64, 3)
@@ -176,6 +185,12 @@ def test_control_settings_that_do_not_fit_are_refused(bundle):
         pipe.txt2img(PROMPT, steps=2, control_image=[A, B], controlnet_conditioning_scale=[1, 1, 1])
     with pytest.raises(ValueError, match=r"need 0 <= start < end <= 1"):
         pipe.txt2img(PROMPT, steps=2, control_image=[A, B], control_guidance_start=0.8, control_guidance_end=0.2)
+    with pytest.raises(
+        ValueError,
+        match=r"^controlnet_conditioning_scale, guess_mode: given without control_image, so no ControlNet "
+        r"runs; pass control_image= \(CLI: --control-image\) or leave them out$",
+    ):
+        pipe.txt2img(PROMPT, steps=2, controlnet_conditioning_scale=0.5, guess_mode=True)
 
 
 def test_a_bundle_without_controlnet_says_how_to_build_one(bundle_fp32):
@@ -211,6 +226,31 @@ def test_a_controlnet_for_another_unet_is_refused(tiny_model, nets, tmp_path):
     with pytest.raises(ModelError, match=r"was made for another UNet: its cross_attention_dim is 48, the model's UNet has 32"):
         build(tiny_model, tmp_path / "b", precision="fp32", controlnets=(str(other),), **QUIET)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"precision": "int8"}, r"^--controlnet with --precision int8 is not supported yet: build ControlNet bundles in fp16 or fp32$"),
+        ({"precision": "fp32", "deepcache": 0}, r"^--deepcache with --controlnet is not supported \(the caching UNets take no ControlNet"),
+    ],
+    ids=["int8", "deepcache"],
+)
+def test_what_a_controlnet_bundle_cannot_have_is_refused_before_any_export(tiny_model, nets, tmp_path, options, message):
+    from export.build import build
+
+    with pytest.raises(ValueError, match=message):
+        build(tiny_model, tmp_path / "b", controlnets=(str(nets[0]),), **options, **QUIET)
+    assert not (tmp_path / "b").exists()
+
+
+def test_deepcache_at_run_time_is_refused_on_a_controlnet_bundle(bundle):
+    """An edited manifest could pair the two; the runtime refuses cache_interval > 1 rather than drop the residuals."""
+    pipe = runtime.Pipeline.load(bundle)
+    with pytest.raises(
+        BundleError, match=r"cache_interval=2: bundle .* has ControlNets, and DeepCache's UNets take no ControlNet residuals"
+    ):
+        pipe.txt2img(PROMPT, steps=2, control_image=[A, None], cache_interval=2)
 
 
 def test_tensorrt_road_builds_and_verifies_the_nets_and_the_residual_unet(bundle, tmp_path):
@@ -305,3 +345,45 @@ def test_guidance_none_matches_diffusers_without_cfg(unguided, guess):
     ).images
     assert np.abs(ours - plain).max() > 0.02, "the ControlNet did not change the image: the test would prove nothing"
     assert np.abs(ours - ref).max() <= 1e-3
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_the_cli_flags_are_the_keywords(bundle, tmp_path):
+    """python -m runtime's ControlNet flags against the API's keywords on the same seed: two nets, per-net scales and
+    windows, guess mode; a wrong-size control image is one line naming both sizes and --control-resize."""
+    A.save(tmp_path / "a.png")
+    B.save(tmp_path / "b.png")
+    flags = ["--control-image", tmp_path / "a.png", "--control-image", tmp_path / "b.png", "--controlnet-scale", 0.7, 1.3,
+             "--control-start", 0, 0.3, "--control-end", 0.5, 1, "--guess-mode"]  # fmt: skip
+    done = run_cli(PROMPT, "--bundle", bundle, "--steps", 3, "--seed", 1, "--quiet", "-o", tmp_path / "cli.png", *flags)
+    assert done.returncode == 0, done.stderr
+    keywords = {**CASES["two nets, scales and windows"][0], "guess_mode": True}
+    with runtime.Pipeline.load(bundle) as pipe:
+        api = pipe.txt2img(PROMPT, steps=3, seed=1, **keywords)[0]
+        plain = pipe.txt2img(PROMPT, steps=3, seed=1)[0]
+    cli = Image.open(tmp_path / "cli.png")
+    assert np.abs(np.asarray(api, np.int16) - np.asarray(plain, np.int16)).max() > 5, "the nets did not change the image"
+    assert_same_image(cli, api, "the CLI's flags vs the API's keywords")  # another process
+
+    A.resize((96, 80)).save(tmp_path / "big.png")
+    done = run_cli(PROMPT, "--bundle", bundle, "--steps", 2, "--control-image", tmp_path / "big.png", "--control-image", tmp_path / "b.png")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(
+        "error: control_image[0] is 96x80 (width x height) but this bundle's engines are built for 64x64; "
+        "pass control_resize=True (CLI: --control-resize) to resize it"
+    ), done.stderr
+
+
+def test_the_cli_on_a_bundle_without_controlnet_names_the_build_flag(bundle_fp32, tmp_path):
+    A.save(tmp_path / "a.png")
+    done = run_cli(PROMPT, "--bundle", bundle_fp32, "--steps", 2, "--control-image", tmp_path / "a.png", "-o", tmp_path / "x.png")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert re.fullmatch(
+        r"error: control_image: this bundle has no ControlNet; rebuild it with one: `python -m export\.build .* --controlnet "
+        r"CONTROLNET_FOLDER` \(a diffusers ControlNetModel folder; repeat --controlnet for several\)\n",
+        done.stderr,
+    ), done.stderr
+    assert not (tmp_path / "x.png").exists()
