@@ -87,13 +87,16 @@ def keep(i: int, total: int, start: float, end: float) -> float:
 
 @dataclass
 class Net:
-    """One ControlNet as a run uses it: its engine, control image (rows, C, H, W) and settings."""
+    """One ControlNet as a run uses it: its engine, control image (rows, C, H, W) and settings.
+
+    pooled: made with global_pool_conditions (its residuals averaged over space), which guess mode does not rescale."""
 
     engine: Engine
     image: np.ndarray
     scale: float
     start: float
     end: float
+    pooled: bool = False
 
 
 class Control:
@@ -126,7 +129,7 @@ class Control:
             if scale == 0.0:  # diffusers runs the net and multiplies by 0: the same zeros
                 continue
             n = len(self.zeros)
-            scales = np.logspace(-1, 0, n) * scale if self.guess else np.full(n, scale)
+            scales = np.logspace(-1, 0, n) * scale if self.guess and not net.pooled else np.full(n, scale)
             given = {**feed, "sample": np.asarray(feed["sample"])[:, : self.channels]}  # an inpainting UNet's extra channels: not the net's
             inputs = {t.name: given[t.name] for t in net.engine.component.inputs if t.name in given}
             inputs.update(controlnet_cond=net.image, conditioning_scale=scales)
@@ -196,9 +199,11 @@ def controlled_unet(
         if not 0.0 <= s < e <= 1.0:
             raise ValueError(f"control_guidance_start {s} and control_guidance_end {e}: need 0 <= start < end <= 1")
     guess = bool(given.get("guess_mode", False))
-    # a net trained with pooled conditions (global_pool_conditions, e.g. shuffle) always runs in guess mode, as in diffusers
+    # a net with pooled conditions (global_pool_conditions, e.g. shuffle) puts the run in guess mode, as in diffusers (which
+    # asks only its first net; any one does here), but its residuals keep their scale (diffusers: no per-block ramp for it)
     records = [(manifest.components[n].source_onnx or manifest.components[n]).build.get("controlnet", {}) for n in names]
-    guess = guess or any(r.get("global_pool_conditions") for r in records)
+    pooled = [bool(r.get("global_pool_conditions")) for r in records]
+    guess = guess or any(pooled)
     if given.get("control_image") is None and (unused := sorted(k for k in given if k != "control_image")):
         raise ValueError(  # diffusers' ControlNet pipelines require an image; here they would silently do nothing
             f"{', '.join(unused)}: given without control_image, so no ControlNet runs; pass control_image= (CLI: --control-image) "
@@ -208,7 +213,7 @@ def controlled_unet(
     rows = manifest.components["unet"].input("sample").shape[0]
     cfg = manifest.guidance == "cfg"
     nets = []
-    for name, image, scale, start, end in zip(names, images, scales, starts, ends):
+    for name, image, scale, start, end, flat in zip(names, images, scales, starts, ends, pooled):
         if image is None:
             continue
         engine = open_engine(name)
@@ -218,6 +223,6 @@ def controlled_unet(
         cond = img.control_tensor(image, size, manifest.batch_size, resize=resize, what=what)
         if rows != len(cond):  # CFG: both halves see the control image
             cond = np.concatenate([cond] * (rows // len(cond)))
-        nets.append(Net(engine, cond, scale, start, end))
+        nets.append(Net(engine, cond, scale, start, end, flat))
     control = Control(nets, residuals, timesteps(), guess, cfg, manifest.vae.latent_channels)
     return Controlled(unet, control)

@@ -387,3 +387,28 @@ def test_the_cli_on_a_bundle_without_controlnet_names_the_build_flag(bundle_fp32
         done.stderr,
     ), done.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_net_with_pooled_conditions_always_runs_in_guess_mode(tiny_model, nets, tmp_path):
+    """A net with global_pool_conditions (as ControlNet 1.1's shuffle): its residuals are averaged over space and diffusers
+    runs it in guess mode whatever guess_mode says; the runtime reads that from the manifest and does the same."""
+    import json
+    import shutil
+
+    import torch
+
+    from export.build import build
+
+    pooled = shutil.copytree(nets[0], tmp_path / "pooled")
+    config = json.loads((pooled / "config.json").read_text())
+    (pooled / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    bundle = build(tiny_model, tmp_path / "b", precision="fp32", pipelines="txt2img", controlnets=(str(pooled),), **QUIET)
+    pipe = runtime.Pipeline.load(bundle)
+    latents = noises(pipe.manifest.latent_shape, seed=6)[0]
+    ours = pipe.txt2img(PROMPT, steps=STEPS, guidance_scale=6.0, latents=latents, output_type="np", control_image=A)
+    plain = pipe.txt2img(PROMPT, steps=STEPS, guidance_scale=6.0, latents=latents, output_type="np")
+    ref = diffusers_pipe("StableDiffusionControlNetPipeline", tiny_model, [pooled])(
+        PROMPT, image=A, num_inference_steps=STEPS, guidance_scale=6.0, latents=torch.from_numpy(latents), output_type="np"
+    ).images
+    assert np.abs(ours - plain).max() > 0.02, "the ControlNet did not change the image: the test would prove nothing"
+    assert np.abs(ours - ref).max() <= 1e-3
