@@ -104,6 +104,16 @@ def test_txt2img_matches_diffusers_controlnet_pipeline(tiny_model, nets, bundle,
     assert np.abs(ours - ref).max() <= 1e-3
 
 
+def test_the_control_image_decides_the_image(bundle):
+    """The tiny nets respond to what is drawn, not only to the latents: else the parity tests could not tell a control
+    image that was ignored, swapped between nets or scaled wrongly from the right one."""
+    pipe = runtime.Pipeline.load(bundle)
+    run = lambda images: pipe.txt2img(PROMPT, steps=STEPS, seed=0, output_type="np", control_image=images)  # noqa: E731
+    assert np.abs(run([A, None]) - run([B, None])).max() > 0.005
+    assert np.abs(run([A, B]) - run([B, A])).max() > 0.005
+    assert np.abs(run([A, None]) - run([A.point(lambda v: v // 2), None])).max() > 0.005  # the same shape, half as bright
+
+
 def test_img2img_matches_diffusers_with_its_default_scale(tiny_model, nets, bundle, monkeypatch):
     """Over the steps that run (strength 0.6), with StableDiffusionControlNetImg2ImgPipeline's default scale 0.8."""
     from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as module
@@ -412,3 +422,26 @@ def test_a_net_with_pooled_conditions_always_runs_in_guess_mode(tiny_model, nets
     ).images
     assert np.abs(ours - plain).max() > 0.02, "the ControlNet did not change the image: the test would prove nothing"
     assert np.abs(ours - ref).max() <= 1e-3
+
+
+def test_a_batch_takes_one_control_image_per_image_or_one_for_all(tiny_model, nets, tmp_path):
+    """A batch-2 bundle: control_image=[A, B] on a one-net bundle is one control image per image of the batch (diffusers'
+    prompt list with an image list), a single image is repeated over the batch; both as StableDiffusionControlNetPipeline."""
+    import torch
+
+    from export.build import build
+
+    bundle = build(tiny_model, tmp_path / "b", precision="fp32", pipelines="txt2img", batch_size=2, controlnets=(str(nets[0]),), **QUIET)
+    pipe = runtime.Pipeline.load(bundle)
+    latents = noises(pipe.manifest.latent_shape, seed=7)[0]
+    reference = diffusers_pipe("StableDiffusionControlNetPipeline", tiny_model, nets[:1])
+    common = {"guidance_scale": 6.0, "output_type": "np"}
+    each = pipe.txt2img(PROMPT, steps=STEPS, latents=latents, control_image=[A, B], **common)
+    ref = reference([PROMPT] * 2, image=[A, B], num_inference_steps=STEPS, latents=torch.from_numpy(latents), **common).images
+    assert np.abs(each[0] - each[1]).max() > 0.02 and np.abs(each - ref).max() <= 1e-3
+    one = pipe.txt2img(PROMPT, steps=STEPS, latents=latents, control_image=A, **common)
+    ref = reference([PROMPT] * 2, image=A, num_inference_steps=STEPS, latents=torch.from_numpy(latents), **common).images
+    assert np.abs(one[0] - each[0]).max() <= 1e-5 and np.abs(one[1] - each[1]).max() > 0.005  # B's image changed, A's did not
+    assert np.abs(one - ref).max() <= 1e-3
+    with pytest.raises(ValueError, match=r"control_image: 3 images for a bundle built with batch size 2; pass one, or exactly 2"):
+        pipe.txt2img(PROMPT, steps=2, control_image=[A, B, A])
