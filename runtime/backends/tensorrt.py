@@ -242,8 +242,9 @@ class TrtEngine:
 
     def _bind(self) -> None:
         """Check the engine's I/O against the manifest, allocate device + pinned host buffers, set addresses."""
-        import tensorrt as trt
         from cuda.bindings import runtime as cudart
+
+        trt = self._lib.load()  # the engine's own library: a TensorRT for RTX machine need not have `tensorrt`
 
         engine, context = self._engine, self._context
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -334,8 +335,7 @@ class TrtEngine:
         b = self._bindings[name]
         if b.host.shape == shape:
             return
-        import tensorrt as trt
-
+        trt = self._lib.load()
         if not self._context.set_input_shape(name, trt.Dims(list(shape))):
             raise BundleError(f"{self.component.name}: TensorRT refused shape {shape} for {name}: {self._log_tail()}")
         self._bindings[name] = _Binding(b.spec, b.device, pinned_array(b.host_ptr, shape, b.spec.dtype), b.host_ptr)

@@ -4,8 +4,11 @@ Only the calls export/tensorrt/builder.py and runtime/backends/tensorrt.py make,
 shapes of their results (cudart: (error, *values) tuples). "Device memory" is host memory here;
 a stream records nothing and runs at once, except while capturing, when copies and engine runs
 are recorded into the "graph" and replayed by cudaGraphLaunch, as CUDA does. The fake engine
-computes out = 2 * sample + timestep (per batch item) for a UNet-shaped component. As `tensorrt_rtx`
-it also has TensorRT for RTX's engine validity, runtime config and runtime cache.
+computes out = 2 * sample + timestep (per batch item) for a UNet-shaped component; a plan named for
+DeepCache's full UNet (FAKE_PLAN + b"unet_deepcache") also returns deep_feature = 3 * the sum of sample's
+channels, and the shallow UNet's (b"unet_shallow") adds its deep_feature input's first channels to out. With
+`plans`, a plan FAKE_PLAN + NAME has the tensors plans[NAME]. As `tensorrt_rtx` it also has TensorRT for RTX's
+engine validity, runtime config and runtime cache.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 FAKE_PLAN = b"FAKEPLAN"
 DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64"}
+Tensors = dict[str, tuple[tuple[int, ...], str]]  # an engine's tensors: name -> (shape, -1 where dynamic; dtype)
 
 
 class cudaError_t(enum.IntEnum):
@@ -131,10 +135,11 @@ class DataType:
 
 
 class FakeEngine:
-    """A UNet-shaped engine over the manifest's tensors: out_sample = 2 * sample + timestep."""
+    """A UNet-shaped engine over the manifest's tensors: out_sample = 2 * sample + timestep (see the module's
+    docstring for DeepCache's pair, told apart by `name`)."""
 
-    def __init__(self, gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
-        self.gpu, self.tensors = gpu, tensors
+    def __init__(self, gpu: Gpu, tensors: Tensors, name: str = "") -> None:
+        self.gpu, self.tensors, self.name = gpu, tensors, name
         self.num_io_tensors = len(tensors)
 
     def get_tensor_name(self, i: int) -> str:
@@ -209,14 +214,19 @@ class FakeContext:
         def compute() -> None:
             sample = view(a["sample"], *t["sample"])
             timestep = view(a["timestep"], *t["timestep"])
-            view(a["out_sample"], *t["out_sample"])[...] = 2 * sample + timestep[:, None, None, None]
+            out = view(a["out_sample"], *t["out_sample"])
+            out[...] = 2 * sample + timestep[:, None, None, None]
+            if self.engine.name == "unet_deepcache":
+                view(a["deep_feature"], *t["deep_feature"])[...] = 3 * sample.sum(axis=1, keepdims=True)
+            elif self.engine.name == "unet_shallow":
+                out += view(a["deep_feature"], *t["deep_feature"])[:, : out.shape[1]]
 
         self.engine.gpu.run(compute)
         return True
 
 
 def make_tensorrt(
-    gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30", name: str = "tensorrt"
+    gpu: Gpu, tensors: Tensors, version: str = "10.3.0.30", name: str = "tensorrt", plans: dict[str, Tensors] | None = None
 ) -> types.ModuleType:
     m = types.ModuleType(name)
     m.__version__ = version
@@ -241,7 +251,8 @@ def make_tensorrt(
             if not plan.startswith(FAKE_PLAN):
                 self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (magic tag does not match)")
                 return None
-            return FakeEngine(gpu, tensors)
+            named = plan[len(FAKE_PLAN) :].decode()
+            return FakeEngine(gpu, (plans or {}).get(named, tensors), named)
 
         def get_engine_validity(self, plan: bytes) -> tuple[EngineValidity, int]:  # TensorRT for RTX
             flags = 0
@@ -267,15 +278,16 @@ def make_tensorrt(
 
 
 def install(
-    monkeypatch: Any, gpu: Gpu, tensors: dict[str, tuple[tuple[int, ...], str]], version: str = "10.3.0.30", module: str = "tensorrt"
-) -> None:
+    monkeypatch: Any, gpu: Gpu, tensors: Tensors, version: str = "10.3.0.30", module: str = "tensorrt",
+    plans: dict[str, Tensors] | None = None,
+) -> None:  # fmt: skip
     """Make `import tensorrt` (or `tensorrt_rtx`) and `from cuda.bindings import runtime` return the fakes for one test."""
     cudart = make_cudart(gpu)
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
     cuda = types.ModuleType("cuda")
     cuda.bindings = bindings
-    monkeypatch.setitem(sys.modules, module, make_tensorrt(gpu, tensors, version, module))
+    monkeypatch.setitem(sys.modules, module, make_tensorrt(gpu, tensors, version, module, plans))
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
