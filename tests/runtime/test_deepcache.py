@@ -120,6 +120,40 @@ def test_guidance_embedded_and_none_match_deepcache_on_diffusers(tmp_path, monke
     assert np.abs(ours - ref).max() <= 1e-3
 
 
+def test_a_two_chunk_prompt_matches_deepcache_on_diffusers(tiny_model, tmp_path):
+    """A long-prompt bundle (--max-prompt-tokens 150): DeepCache's UNets take the UNet's stepped context, and a 2-chunk
+    prompt cached every other step equals DeepCacheSDHelper on diffusers fed compel's chunked embeddings (as
+    test_long_prompts does)."""
+    import torch
+    from compel import Compel
+    from compel.embeddings_provider import SplitLongTextMode
+
+    from tests.runtime.test_long_prompts import LONG
+
+    pipe = runtime.Pipeline.load(build_cached(tiny_model, tmp_path / "long", max_prompt_tokens=150, pipelines="txt2img"))
+    for name in ("unet_deepcache", "unet_shallow"):
+        assert pipe.manifest.components[name].input("encoder_hidden_states").steps == (0, 77, 0)
+    latents = initial_latents(pipe.manifest.latent_shape, seed=11)
+    ours = pipe.txt2img(LONG, steps=STEPS, guidance_scale=7.5, latents=latents, output_type="np", cache_interval=2)
+    ref = diffusers_pipe("StableDiffusionPipeline", tiny_model, "DDIMScheduler")
+    compel = Compel(
+        tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, truncate_long_prompts=False, split_long_text_mode=SplitLongTextMode.BRUTAL
+    )
+    with torch.no_grad():
+        positive, negative = compel.pad_conditioning_tensors_to_same_length([compel(LONG), compel("")])
+    assert positive.shape == (1, 154, 32)
+    ref = deepcached(ref, 2)(
+        prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=STEPS, guidance_scale=7.5,
+        latents=torch.from_numpy(latents), output_type="np",
+    ).images  # fmt: skip
+    assert ref.std() > 0.01
+    assert np.abs(ours - ref).max() <= 1e-3
+    plain = pipe.txt2img(LONG, steps=STEPS, guidance_scale=7.5, latents=latents, output_type="np")
+    assert np.abs(plain - ours).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
+    short = pipe.txt2img(PROMPT, steps=STEPS, guidance_scale=7.5, latents=latents, output_type="np", cache_interval=2)
+    assert np.abs(short - ours).max() > 0.01, "the second chunk made no difference: the comparison would prove nothing"
+
+
 def test_every_sampler_runs_cached_and_counts_its_calls(cached_bundle):
     from runtime.sampling import SAMPLERS
 
