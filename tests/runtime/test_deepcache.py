@@ -174,12 +174,32 @@ def test_a_bundle_without_deepcache_says_how_to_build_it(bundle_fp32):
     assert pipe.txt2img(PROMPT, steps=1, cache_interval=1, output_type="np").shape == (1, 64, 64, 3)
 
 
-def test_tensorrt_engines_are_built_for_the_deepcache_unets_too(cached_bundle, tmp_path):
-    """--from-onnx builds every component the bundle has (the TensorRT builder stood in for, as in test_tensorrt_offline)."""
+def test_tensorrt_engines_are_built_for_the_deepcache_unets_too(cached_bundle, tmp_path, monkeypatch):
+    """--from-onnx builds every component the bundle has (the TensorRT builder stood in for, as in test_tensorrt_offline);
+    loaded with cuda_graph=True on the stand-in GPU (tests/helpers/fake_tensorrt.py), the pair replays CUDA graphs too."""
     from runtime.bundle import load_manifest
     from tests.export.test_tensorrt_offline import offline_build
+    from tests.helpers import fake_tensorrt
 
-    manifest = load_manifest(offline_build(cached_bundle, tmp_path / "trt"))
+    bundle = offline_build(cached_bundle, tmp_path / "trt")
+    manifest = load_manifest(bundle)
     assert {"unet_deepcache", "unet_shallow"} <= set(manifest.components)
     assert all(c.format == "plan" and c.verification["passed"] for c in manifest.components.values())
     assert manifest.levers.deepcache is not None and manifest.levers.deepcache.branch == 0
+    plans = {}
+    for name, c in manifest.components.items():
+        (bundle / c.file).write_bytes(fake_tensorrt.FAKE_PLAN + name.encode())
+        plans[name] = {t.name: (t.shape, t.dtype) for t in (*c.inputs, *c.outputs)}
+    gpu = fake_tensorrt.Gpu()  # the Orin offline_build recorded
+    fake_tensorrt.install(monkeypatch, gpu, {}, plans=plans)
+    pipe = runtime.Pipeline.load(bundle, verify=False, cuda_graph=True)  # verify=False: the plans were swapped for the stand-in's
+    cached = pipe.cached_unet(2)
+    assert cached.deep.uses_cuda_graph and cached.shallow.uses_cuda_graph
+    rng = np.random.default_rng(0)
+    launches = gpu.launches
+    for _ in range(3):
+        feed = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in manifest.components["unet"].inputs}
+        cached(feed)
+        cached.step_done()
+    assert cached.calls == {"full": 2, "shallow": 1} and gpu.launches == launches + 3
+    pipe.close()
