@@ -73,6 +73,80 @@ def test_txt2img_matches_deepcache_on_diffusers(tiny_model, cached_bundle, sampl
     assert np.abs(plain - ours).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
 
 
+@pytest.mark.parametrize(
+    "sampler, interval, eta", [("ddpm", 2, None), ("euler_a", 3, None), ("dpmpp_2m_karras", 2, None), ("unipc", 3, None), ("tcd", 2, 0.3)]
+)
+def test_the_other_one_call_samplers_match_deepcache_on_diffusers(tiny_model, cached_bundle, sampler, interval, eta, monkeypatch):
+    """The samplers with one UNet call per step and no repeated timestep, those DeepCacheSDHelper counts as we do;
+    the noise-drawing ones get our rng's draws in diffusers' scheduler (TCD at gamma 0.3, which draws). (Heun and PNDM
+    repeat timesteps, which the helper counts by their first index, so its schedule is not the paper's per-step one:
+    see the test below.)"""
+    import sys
+
+    import diffusers
+    import torch
+
+    from tests.helpers.sampler_checks import REFERENCE
+
+    pipe = runtime.Pipeline.load(cached_bundle)
+    latents = initial_latents(pipe.manifest.latent_shape, seed=11)
+    options = {} if eta is None else {"eta": eta}
+    ours = pipe.txt2img(
+        PROMPT, steps=STEPS, scheduler=sampler, seed=3, latents=latents, output_type="np", cache_interval=interval, **options
+    )
+    ref = diffusers_pipe("StableDiffusionPipeline", tiny_model, "DDIMScheduler")
+    class_name, fixed = REFERENCE[sampler]
+    ref.scheduler = getattr(diffusers, class_name).from_config(ref.scheduler.config, **fixed)
+    rng = np.random.default_rng(3)  # the steps' noise: what our sampler drew, in order
+    draw = lambda shape, **k: torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(k["dtype"])  # noqa: E731
+    monkeypatch.setattr(sys.modules[type(ref.scheduler).__module__], "randn_tensor", draw, raising=False)
+    ref = deepcached(ref, interval)(
+        PROMPT, num_inference_steps=STEPS, latents=torch.from_numpy(latents), output_type="np", **options
+    ).images
+    assert ref.std() > 0.01
+    assert np.abs(ours - ref).max() <= 1e-3
+    plain = pipe.txt2img(PROMPT, steps=STEPS, scheduler=sampler, seed=3, latents=latents, output_type="np", **options)
+    assert np.abs(plain - ours).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
+
+
+# the step each UNet call belongs to: Heun's two calls a step; PNDM's Runge-Kutta warm-up (skip_prk_steps is off in
+# the tiny model's config, as in diffusers' PNDMScheduler defaults) of 3 steps of 4 calls, then one call a step
+STEP_OF_CALL = {"heun": lambda call: call // 2, "pndm": lambda call: call // 4 if call < 12 else call - 9}
+
+
+@pytest.mark.parametrize("sampler", sorted(STEP_OF_CALL))
+def test_samplers_with_repeated_timesteps_match_deepcache_counting_our_steps(tiny_model, cached_bundle, sampler):
+    """Samplers that call the UNet more than once in a step list a timestep more than once, and DeepCacheSDHelper
+    numbers a call by the first index of its timestep in the scheduler's list, which is no step count there; with its
+    step counted as ours (every call of a full step full), its block caching gives our image."""
+    import torch
+    from DeepCache import DeepCacheSDHelper
+
+    class PerStep(DeepCacheSDHelper):
+        def wrap_unet_forward(self):
+            forward, calls = self.pipe.unet.forward, [0]
+            self.function_dict["unet_forward"] = forward
+
+            def counted(*args, **kwargs):
+                self.cur_timestep, calls[0] = STEP_OF_CALL[sampler](calls[0]), calls[0] + 1
+                return forward(*args, **kwargs)
+
+            self.pipe.unet.forward = counted
+
+    pipe = runtime.Pipeline.load(cached_bundle)
+    latents = initial_latents(pipe.manifest.latent_shape, seed=11)
+    ours = pipe.txt2img(PROMPT, steps=STEPS, scheduler=sampler, latents=latents, output_type="np", cache_interval=2)
+    ref = diffusers_pipe("StableDiffusionPipeline", tiny_model, {"heun": "HeunDiscreteScheduler", "pndm": "PNDMScheduler"}[sampler])
+    helper = PerStep(pipe=ref)
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    helper.enable()
+    ref = ref(PROMPT, num_inference_steps=STEPS, latents=torch.from_numpy(latents), output_type="np").images
+    assert ref.std() > 0.01
+    assert np.abs(ours - ref).max() <= 1e-3
+    plain = pipe.txt2img(PROMPT, steps=STEPS, scheduler=sampler, latents=latents, output_type="np")
+    assert np.abs(plain - ours).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
+
+
 def test_img2img_and_inpaint_match_deepcache_on_diffusers(tiny_model, cached_bundle, monkeypatch):
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_module
