@@ -75,6 +75,29 @@ SCHEDULER = dict(
 )
 
 
+# TAESD's published architecture (diffusers' AutoencoderTiny defaults, as madebyollin/taesd ships it): a decoder
+# of 64-wide stages with 3, 3, 3 and 1 blocks, reading and writing SD's scaled latents.
+TAESD = dict(
+    latent_channels=4,
+    encoder_block_out_channels=(64, 64, 64, 64),
+    decoder_block_out_channels=(64, 64, 64, 64),
+    num_encoder_blocks=(1, 3, 3, 3),
+    num_decoder_blocks=(3, 3, 3, 1),
+    scaling_factor=1.0,
+)
+
+
+def write_tiny_vae(out: Path, seed: int = 0) -> int:
+    """A TAESD-architecture AutoencoderTiny with random weights at OUT; returns its parameter count."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    tiny = AutoencoderTiny(**TAESD)
+    tiny.save_pretrained(out, safe_serialization=True)
+    return sum(p.numel() for p in tiny.parameters())
+
+
 def build_pipeline(seed: int = 0):
     """SD 1.5's components at full size, randomly initialised (torch's default init, seeded)."""
     import torch
@@ -115,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model folder to write (default %(default)s, gitignored)")
     p.add_argument("--seed", type=int, default=0, help="torch seed for the random weights (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument(
+        "--tiny-vae", type=Path, metavar="DIR", help="also write a TAESD-architecture AutoencoderTiny (random) to DIR, for --tiny-vae"
+    )
     args = p.parse_args(argv)
+    if args.tiny_vae is not None and args.tiny_vae.exists() and any(args.tiny_vae.iterdir()) and not args.force:
+        print(f"error: {args.tiny_vae} exists; pass --force to replace it", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         counts = write_model(args.out, args.seed, args.force)
@@ -124,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     total = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in counts.items())
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f} s: {total} parameters")
+    if args.tiny_vae is not None:
+        if args.tiny_vae.exists():
+            shutil.rmtree(args.tiny_vae)
+        count = write_tiny_vae(args.tiny_vae, args.seed)
+        print(f"wrote {args.tiny_vae}: AutoencoderTiny (TAESD architecture), {count / 1e6:.2f} M parameters")
     return 0
 
 

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     given = ("time_limit", "steps", "seed", "n_images", "batch_size", "channels", "threads")
     overrides = {k: getattr(args, k) for k in given if getattr(args, k) is not None}
     recipe = replace(recipe, **overrides)
-    if min(recipe.steps, recipe.n_images, recipe.batch_size, recipe.channels, recipe.threads) < 1 or (recipe.time_limit is not None and recipe.time_limit <= 0):
+    sizes = (recipe.steps, recipe.n_images, recipe.batch_size, recipe.channels, recipe.threads)
+    if min(sizes) < 1 or (recipe.time_limit is not None and recipe.time_limit <= 0):
         parser.error("--steps, --images, --batch-size, --channels, --threads and --time-limit must be positive")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {args.out} exists and is not empty; pick a new folder (nothing of yours is overwritten)")

@@ -144,6 +144,19 @@ def test_sd15_configs_have_sd15_sizes():
     assert round(counts["vae"] / 1e6) == 84
 
 
+def test_sd15_tiny_vae_has_taesds_size():
+    """The random stand-in for TAESD has its published size: 1.22 M parameters in each of the decoder and encoder."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from benchmarks import sd15
+
+    with torch.device("meta"):
+        tiny = AutoencoderTiny(**sd15.TAESD)
+    assert round(sum(p.numel() for p in tiny.decoder.parameters()) / 1e4) == 122
+    assert round(sum(p.numel() for p in tiny.encoder.parameters()) / 1e4) == 122
+
+
 def test_footprint_follows_requirements():
     from benchmarks.footprint import closure, footprint
 
