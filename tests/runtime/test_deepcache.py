@@ -202,11 +202,17 @@ def test_a_two_chunk_prompt_matches_deepcache_on_diffusers(tiny_model, tmp_path)
     from compel import Compel
     from compel.embeddings_provider import SplitLongTextMode
 
+    from export.tensorrt.trtexec import bundle_commands
     from tests.runtime.test_long_prompts import LONG
 
-    pipe = runtime.Pipeline.load(build_cached(tiny_model, tmp_path / "long", max_prompt_tokens=150, pipelines="txt2img"))
-    for name in ("unet_deepcache", "unet_shallow"):
+    bundle = build_cached(tiny_model, tmp_path / "long", max_prompt_tokens=150, pipelines="txt2img")
+    pipe = runtime.Pipeline.load(bundle)
+    lines = {c.component: c.build for c in bundle_commands(bundle, engine_dir=tmp_path / "e")}
+    for name in ("unet", "unet_deepcache", "unet_shallow"):
         assert pipe.manifest.components[name].input("encoder_hidden_states").steps == (0, 77, 0)
+        # trtexec's profile as the Python builder's: from one chunk, tuned there, up to two
+        least, most = "encoder_hidden_states:2x77x32", "encoder_hidden_states:2x154x32"
+        assert [f"--minShapes={least}", f"--optShapes={least}", f"--maxShapes={most}"] == lines[name][3:6], name
     latents = initial_latents(pipe.manifest.latent_shape, seed=11)
     ours = pipe.txt2img(LONG, steps=STEPS, guidance_scale=7.5, latents=latents, output_type="np", cache_interval=2)
     ref = diffusers_pipe("StableDiffusionPipeline", tiny_model, "DDIMScheduler")
