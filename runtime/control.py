@@ -9,7 +9,7 @@ runs only on the steps inside its [control_guidance_start, control_guidance_end]
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -157,6 +157,14 @@ def control_images(given: Any, n: int) -> list[Any]:
     return list(given)
 
 
+def without_controlnet(keywords: Iterable[str], rebuild: str) -> BundleError:
+    """The refusal of ControlNet keywords by a bundle built without --controlnet: names them and the rebuild line."""
+    return BundleError(
+        f"{', '.join(sorted(keywords))}: this bundle has no ControlNet; rebuild it with one: `{rebuild} {BUILD_FLAG}` "
+        "(a diffusers ControlNetModel folder; repeat --controlnet for several)"
+    )
+
+
 def controlled_unet(
     unet: Engine,
     open_engine: Callable[[str], Engine],
@@ -174,10 +182,7 @@ def controlled_unet(
     residuals = residual_inputs(manifest)
     if not residuals:
         if given:
-            raise BundleError(
-                f"{', '.join(sorted(given))}: this bundle has no ControlNet; rebuild it with one: `{rebuild} {BUILD_FLAG}` "
-                "(a diffusers ControlNetModel folder; repeat --controlnet for several)"
-            )
+            raise without_controlnet(given, rebuild)
         return unet
     n = len(names)
     scales = _per_net(given.get("controlnet_conditioning_scale", 1.0), n, "controlnet_conditioning_scale")

@@ -244,8 +244,7 @@ class TrtEngine:
         """Check the engine's I/O against the manifest, allocate device + pinned host buffers, set addresses."""
         from cuda.bindings import runtime as cudart
 
-        trt = self._lib.load()  # the engine's own library: a TensorRT for RTX machine need not have `tensorrt`
-
+        trt = self._lib.load()  # TensorRT for RTX's Dims are its own: `tensorrt` may not be installed beside it
         engine, context = self._engine, self._context
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         specs = {t.name: t for t in (*self.component.inputs, *self.component.outputs)}

@@ -5,6 +5,8 @@ The page posts a generation to /api/generate, then polls /api/jobs/ID for the st
 progress callback last reported and the image forming (the runtime's preview of each step), and shows the PNG
 when it is written. One generation runs at a
 time (a second one asked meanwhile is refused with "busy"); the bundle is loaded once at start.
+A bundle built with a ControlNet (export.build --controlnet) gets a canvas on the page: what is drawn
+there (white on black, the bundle's size) is sent as the control image of its first net.
 Images are written, with their settings in PNG text chunks, to --out; the strip under the image
 shows the latest of them.
 
@@ -20,6 +22,7 @@ examples:
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import ipaddress
 import json
@@ -42,6 +45,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import runtime  # noqa: E402
+from runtime import control  # noqa: E402
 from runtime.bounds import port_argument  # noqa: E402
 from runtime.bundle import strict_json  # noqa: E402
 from runtime.sampling import SAMPLERS, default_sampler  # noqa: E402
@@ -49,7 +53,9 @@ from runtime.sampling import SAMPLERS, default_sampler  # noqa: E402
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 IMAGE_NAME = re.compile(r"[A-Za-z0-9][\w.-]*\.png")  # what /images/ serves: our own file names, never a path
-MAX_STEPS, MAX_GUIDANCE, MAX_PROMPT, MAX_BODY = 500, 50.0, 2000, 64 * 1024
+# a body carries a drawing: a PNG of white strokes on black, some kB even at SDXL's 1024x1024
+MAX_STEPS, MAX_GUIDANCE, MAX_PROMPT, MAX_BODY = 500, 50.0, 2000, 1024 * 1024
+PNG_URL = "data:image/png;base64,"  # how the page's canvas sends its drawing (toDataURL)
 MAX_DEPTH = 4  # the request is one flat object: anything nested deeper is refused before it is parsed
 SOCKET_TIMEOUT = 30.0  # seconds a connection may stall (a slow client's thread is freed, not kept forever)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -84,6 +90,7 @@ class Studio:
         self.lock = threading.Lock()  # one generation at a time: they would only share the same cores (or GPU)
         self.jobs: dict[str, Job] = {}
         self.default_sampler = default_sampler(pipe.manifest.scheduler.class_name, pipe.manifest.scheduler.config)
+        self.controlnets = len(control.controlnets(pipe.manifest))  # 0: the page shows no canvas
 
     def info(self) -> dict[str, Any]:
         m = self.pipe.manifest
@@ -91,11 +98,22 @@ class Studio:
             "bundle": Path(self.pipe.bundle).name, "model": m.model.name, "width": self.pipe.width, "height": self.pipe.height,
             "samplers": sorted(SAMPLERS), "default_sampler": self.default_sampler,
             "defaults": {"steps": 20, "guidance": 7.5}, "limits": {"steps": MAX_STEPS, "guidance": MAX_GUIDANCE},
+            "controlnets": self.controlnets,
         }  # fmt: skip
+
+    def control_image(self, data: str) -> Any:
+        """The page's drawing as the control image of the bundle's first net (any others left out); refused, with the
+        runtime's rebuild line, by a bundle without a ControlNet."""
+        if not self.controlnets:
+            raise ValueError(str(control.without_controlnet(["control_image"], self.pipe.rebuild())))
+        image = drawing(data, (self.pipe.width, self.pipe.height))
+        return image if self.controlnets == 1 else [image] + [None] * (self.controlnets - 1)
 
     def start(self, request: Any) -> Job:
         """Check the request, take the lock, start the generation in a thread; ValueError / Busy otherwise."""
         options = checked(request)
+        if "control_image" in options:
+            options["control_image"] = self.control_image(options["control_image"])
         if not self.lock.acquire(blocking=False):
             raise Busy("busy: one generation at a time; wait for the current one to finish")
         job = Job(id=secrets.token_hex(8), seed=options["seed"], total=options["steps"])
@@ -116,8 +134,11 @@ class Studio:
                 job.preview = png_data_url(images[0])
 
             prompt, negative = options.pop("prompt"), options.pop("negative_prompt")
-            image = self.pipe.txt2img(prompt, negative, **options, callback=on_step, preview=on_preview)[0]
+            drawn = {"control_image": options.pop("control_image")} if "control_image" in options else {}
+            image = self.pipe.txt2img(prompt, negative, **options, **drawn, callback=on_step, preview=on_preview)[0]
             settings = _common.settings(self.pipe, prompt, negative_prompt=negative, **options)
+            if drawn:
+                settings["control"] = "the region drawn on the page"
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id[:6]}-seed{job.seed}.png"
             _common.save_png(image, self.out / name, settings)
             job.settings, job.image, job.state = settings, f"/images/{name}", "done"
@@ -150,11 +171,30 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def drawing(data: str, size: tuple[int, int]) -> Image.Image:
+    """A PNG data URL of the bundle's size (width, height) -> an RGB image; a message for anything else."""
+    if not data.startswith(PNG_URL):
+        raise ValueError(f"control_image must be a PNG data URL ({PNG_URL}...), as the page's canvas sends it")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data[len(PNG_URL) :], validate=True)), formats=["PNG"])
+    except (binascii.Error, OSError):
+        raise ValueError("control_image is not a readable PNG (its data URL's base64 or its PNG is damaged)") from None
+    if image.size != size:  # asked before its pixels are read: a PNG header can claim any size
+        raise ValueError(
+            f"control_image is {image.width}x{image.height} (width x height) and this bundle makes {size[0]}x{size[1]} images: "
+            "draw on the page's canvas, which has the bundle's size"
+        )
+    try:
+        return image.convert("RGB")
+    except OSError:
+        raise ValueError("control_image is not a readable PNG (its pixel data is damaged)") from None
+
+
 def checked(request: Any) -> dict[str, Any]:
     """The page's form -> txt2img's arguments, checked here so a bad field is a message, not a stack trace."""
     if not isinstance(request, dict):
         raise ValueError("expected a JSON object")
-    for key in ("prompt", "negative_prompt", "sampler"):
+    for key in ("prompt", "negative_prompt", "sampler", "control_image"):
         if request.get(key) is not None and not isinstance(request[key], str):
             raise ValueError(f"{key} must be a string, got {type(request[key]).__name__}")
     prompt, negative = str(request.get("prompt") or "").strip(), str(request.get("negative_prompt") or "").strip()
@@ -168,7 +208,11 @@ def checked(request: Any) -> dict[str, Any]:
     sampler = request.get("sampler") or None
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}")
-    return {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance_scale": guidance, "scheduler": sampler}
+    options = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance_scale": guidance}
+    options["scheduler"] = sampler
+    if request.get("control_image"):  # checked against the bundle by Studio.control_image
+        options["control_image"] = request["control_image"]
+    return options
 
 
 def parse_body(body: bytes) -> Any:

@@ -4,10 +4,9 @@ Only the calls export/tensorrt/builder.py and runtime/backends/tensorrt.py make,
 shapes of their results (cudart: (error, *values) tuples). "Device memory" is host memory here;
 a stream records nothing and runs at once, except while capturing, when copies and engine runs
 are recorded into the "graph" and replayed by cudaGraphLaunch, as CUDA does. The fake engine
-computes out = 2 * sample + timestep (per batch item) for a UNet-shaped component; a plan named for
-DeepCache's full UNet (FAKE_PLAN + b"unet_deepcache") also returns deep_feature = 3 * the sum of sample's
-channels, and the shallow UNet's (b"unet_shallow") adds its deep_feature input's first channels to out. With
-`plans`, a plan FAKE_PLAN + NAME has the tensors plans[NAME]. As `tensorrt_rtx` it also has TensorRT for RTX's
+computes out = 2 * sample + timestep (per batch item) for a UNet-shaped component, or, given `plans`
+(each plan's tensors and a function of its inputs), what that function computes: a whole bundle can
+run through the runtime's TensorRT path that way. As `tensorrt_rtx` it also has TensorRT for RTX's
 engine validity, runtime config and runtime cache.
 """
 
@@ -25,7 +24,8 @@ import numpy as np
 
 FAKE_PLAN = b"FAKEPLAN"
 DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64"}
-Tensors = dict[str, tuple[tuple[int, ...], str]]  # an engine's tensors: name -> (shape, -1 where dynamic; dtype)
+Tensors = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype), inputs and outputs
+Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # every bound tensor -> the outputs
 
 
 class cudaError_t(enum.IntEnum):
@@ -135,11 +135,10 @@ class DataType:
 
 
 class FakeEngine:
-    """A UNet-shaped engine over the manifest's tensors: out_sample = 2 * sample + timestep (see the module's
-    docstring for DeepCache's pair, told apart by `name`)."""
+    """An engine over the manifest's tensors: `compute`'s outputs, else (UNet-shaped) out_sample = 2 * sample + timestep."""
 
-    def __init__(self, gpu: Gpu, tensors: Tensors, name: str = "") -> None:
-        self.gpu, self.tensors, self.name = gpu, tensors, name
+    def __init__(self, gpu: Gpu, tensors: Tensors, compute: Compute | None = None) -> None:
+        self.gpu, self.tensors, self.compute = gpu, tensors, compute
         self.num_io_tensors = len(tensors)
 
     def get_tensor_name(self, i: int) -> str:
@@ -210,23 +209,29 @@ class FakeContext:
 
     def execute_async_v3(self, stream: int) -> bool:
         t, a = self.engine.tensors, self.addresses
+        given = self.engine.compute
+
+        def run_given() -> None:
+            assert given is not None
+            bound = {name: view(a[name], self.get_tensor_shape(name), t[name][1]) for name in t}
+            for name, value in given(bound).items():
+                bound[name][...] = value
 
         def compute() -> None:
             sample = view(a["sample"], *t["sample"])
             timestep = view(a["timestep"], *t["timestep"])
-            out = view(a["out_sample"], *t["out_sample"])
-            out[...] = 2 * sample + timestep[:, None, None, None]
-            if self.engine.name == "unet_deepcache":
-                view(a["deep_feature"], *t["deep_feature"])[...] = 3 * sample.sum(axis=1, keepdims=True)
-            elif self.engine.name == "unet_shallow":
-                out += view(a["deep_feature"], *t["deep_feature"])[:, : out.shape[1]]
+            view(a["out_sample"], *t["out_sample"])[...] = 2 * sample + timestep[:, None, None, None]
 
-        self.engine.gpu.run(compute)
+        self.engine.gpu.run(compute if given is None else run_given)
         return True
 
 
 def make_tensorrt(
-    gpu: Gpu, tensors: Tensors, version: str = "10.3.0.30", name: str = "tensorrt", plans: dict[str, Tensors] | None = None
+    gpu: Gpu,
+    tensors: Tensors,
+    version: str = "10.3.0.30",
+    name: str = "tensorrt",
+    plans: dict[bytes, tuple[Tensors, Compute]] | None = None,
 ) -> types.ModuleType:
     m = types.ModuleType(name)
     m.__version__ = version
@@ -251,8 +256,9 @@ def make_tensorrt(
             if not plan.startswith(FAKE_PLAN):
                 self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization (magic tag does not match)")
                 return None
-            named = plan[len(FAKE_PLAN) :].decode()
-            return FakeEngine(gpu, (plans or {}).get(named, tensors), named)
+            if plans is not None:
+                return FakeEngine(gpu, *plans[plan])
+            return FakeEngine(gpu, tensors)
 
         def get_engine_validity(self, plan: bytes) -> tuple[EngineValidity, int]:  # TensorRT for RTX
             flags = 0
@@ -278,10 +284,17 @@ def make_tensorrt(
 
 
 def install(
-    monkeypatch: Any, gpu: Gpu, tensors: Tensors, version: str = "10.3.0.30", module: str = "tensorrt",
-    plans: dict[str, Tensors] | None = None,
-) -> None:  # fmt: skip
-    """Make `import tensorrt` (or `tensorrt_rtx`) and `from cuda.bindings import runtime` return the fakes for one test."""
+    monkeypatch: Any,
+    gpu: Gpu,
+    tensors: Tensors,
+    version: str = "10.3.0.30",
+    module: str = "tensorrt",
+    plans: dict[bytes, tuple[Tensors, Compute]] | None = None,
+) -> None:
+    """Make `import tensorrt` (or `tensorrt_rtx`) and `from cuda.bindings import runtime` return the fakes for one test.
+
+    plans: each plan file's bytes -> its engine's tensors and what it computes (else every plan is the UNet-shaped
+    engine over `tensors`)."""
     cudart = make_cudart(gpu)
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
@@ -291,3 +304,25 @@ def install(
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
+
+
+def onnx_backed_plans(bundle: Any) -> dict[bytes, tuple[Tensors, Compute]]:
+    """For a TensorRT bundle whose plans are FAKE_PLAN + the component's name: each engine computes what the ONNX it was
+    built from computes (ONNX Runtime, CPU), so a whole run through the runtime's TensorRT path can be compared with
+    the ONNX bundle's."""
+    from pathlib import Path
+
+    from export.tensorrt.from_onnx import onnx_component
+    from runtime.bundle import load_manifest
+    from runtime.dispatch import load_engine
+
+    plans: dict[bytes, tuple[Tensors, Compute]] = {}
+    for name, c in load_manifest(Path(bundle)).components.items():
+        ort = load_engine(onnx_component(c), Path(bundle), backend="onnxruntime", device="cpu")
+        inputs = [t.name for t in c.inputs]
+
+        def compute(bound: dict[str, np.ndarray], ort: Any = ort, inputs: list[str] = inputs) -> dict[str, np.ndarray]:
+            return dict(ort({n: bound[n].copy() for n in inputs}))
+
+        plans[FAKE_PLAN + name.encode()] = ({t.name: (t.shape, t.dtype) for t in (*c.inputs, *c.outputs)}, compute)
+    return plans

@@ -225,3 +225,83 @@ def test_tensorrt_road_builds_and_verifies_the_nets_and_the_residual_unet(bundle
         component = manifest.components[name]
         assert component.format == "plan" and component.verification["passed"]
     assert [t.name for t in manifest.components["controlnet_0"].outputs][-1] == "mid_block_residual"
+
+
+def test_the_tensorrt_path_feeds_the_nets_and_the_residual_unet(bundle, tmp_path, monkeypatch):
+    """The runtime's TensorRT path (pinned buffers, copies, every net's inputs, the residual inputs) on a TensorRT-for-RTX
+    bundle of this one, on a machine with `tensorrt_rtx` and not `tensorrt`: stand-in engines that compute what their
+    ONNX does give the ONNX bundle's image, two nets with scales and windows included."""
+    import sys
+
+    from export.tensorrt import from_onnx
+    from runtime.backends import runtime_cache
+    from runtime.backends.libraries import TENSORRT_RTX
+    from tests.helpers import fake_tensorrt
+    from tests.runtime.test_tensorrt_rtx_runtime import BUILT, fake_plan
+
+    monkeypatch.setattr(from_onnx, "engines_can_run", lambda library: False)
+    rtx = from_onnx.build_from_onnx(bundle, tmp_path / "rtx", build=fake_plan, device=BUILT, library=TENSORRT_RTX, **QUIET)
+    gpu = fake_tensorrt.Gpu(name=b"NVIDIA GeForce RTX 4090", major=8, minor=9)
+    fake_tensorrt.install(monkeypatch, gpu, {}, BUILT.tensorrt, "tensorrt_rtx", plans=fake_tensorrt.onnx_backed_plans(rtx))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` fails, as where only TensorRT for RTX is installed
+    monkeypatch.setenv(runtime_cache.ENV, str(tmp_path / "cache"))
+    keywords = {**CASES["two nets, scales and windows"][0], "steps": 3, "seed": 1, "output_type": "np"}
+    with runtime.Pipeline.load(rtx, cuda_graph=True) as engines, runtime.Pipeline.load(bundle) as onnx:
+        assert {type(e).__name__ for e in engines.engines.values()} == {"TrtEngine"}
+        ours, ref = engines.txt2img(PROMPT, **keywords), onnx.txt2img(PROMPT, **keywords)
+        assert {"controlnet_0", "controlnet_1"} <= set(engines.engines)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+def controlled_bundle(root: Path, kind: str, **options) -> tuple[Path, Path, Path]:
+    """A tiny model of `kind`, a random net for it, and their fp32 txt2img bundle: (model, net, bundle)."""
+    from export.build import build
+
+    model = make_tiny_sd(root / kind, kind=kind)
+    net = make_tiny_controlnet(model, root / f"{kind}-net")
+    return model, net, build(model, root / f"{kind}-bundle", precision="fp32", pipelines="txt2img", controlnets=(str(net),),
+                             **options, **QUIET)  # fmt: skip
+
+
+def test_sd2_v_prediction_matches_diffusers_controlnet_pipeline(tmp_path):
+    """SD 2.x: linear-projection attention in the net and the UNet, v-prediction, the '!'-padding tokenizer."""
+    import torch
+
+    model, net, bundle = controlled_bundle(tmp_path, "sd2")
+    pipe = runtime.Pipeline.load(bundle)
+    assert pipe.schedule.prediction_type == "v_prediction"
+    latents = noises(pipe.manifest.latent_shape, seed=4)[0]
+    ours = pipe.txt2img(PROMPT, steps=STEPS, guidance_scale=6.0, latents=latents, output_type="np", control_image=A,
+                        controlnet_conditioning_scale=1.2, control_guidance_start=0.2)  # fmt: skip
+    plain = pipe.txt2img(PROMPT, steps=STEPS, guidance_scale=6.0, latents=latents, output_type="np")
+    ref = diffusers_pipe("StableDiffusionControlNetPipeline", model, [net])(
+        PROMPT, image=A, num_inference_steps=STEPS, guidance_scale=6.0, latents=torch.from_numpy(latents), output_type="np",
+        controlnet_conditioning_scale=1.2, control_guidance_start=0.2,
+    ).images  # fmt: skip
+    assert np.abs(ours - plain).max() > 0.02, "the ControlNet did not change the image: the test would prove nothing"
+    assert np.abs(ours - ref).max() <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def unguided(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """SD-Turbo's shape exported with --guidance none: UNet and net at batch B, no negative half."""
+    return controlled_bundle(tmp_path_factory.mktemp("unguided"), "turbo", guidance="none")
+
+
+@pytest.mark.parametrize("guess", [False, True])
+def test_guidance_none_matches_diffusers_without_cfg(unguided, guess):
+    """diffusers runs no CFG at guidance_scale <= 1; guess mode then only scales the residuals (no negative half to leave out)."""
+    import torch
+
+    model, net, bundle = unguided
+    pipe = runtime.Pipeline.load(bundle)
+    assert pipe.manifest.guidance == "none" and pipe.manifest.components["controlnet_0"].input("sample").shape[0] == 1
+    latents = noises(pipe.manifest.latent_shape, seed=5)[0]
+    keywords = {"guess_mode": guess, "controlnet_conditioning_scale": 1.5}
+    ours = pipe.txt2img(PROMPT, steps=2, guidance_scale=0.0, latents=latents, output_type="np", control_image=A, **keywords)
+    plain = pipe.txt2img(PROMPT, steps=2, guidance_scale=0.0, latents=latents, output_type="np")
+    ref = diffusers_pipe("StableDiffusionControlNetPipeline", model, [net], "EulerDiscreteScheduler")(
+        PROMPT, image=A, num_inference_steps=2, guidance_scale=0.0, latents=torch.from_numpy(latents), output_type="np", **keywords
+    ).images
+    assert np.abs(ours - plain).max() > 0.02, "the ControlNet did not change the image: the test would prove nothing"
+    assert np.abs(ours - ref).max() <= 1e-3

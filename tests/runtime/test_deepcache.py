@@ -259,16 +259,19 @@ def test_tensorrt_engines_are_built_for_the_deepcache_unets_too(cached_bundle, t
     from runtime.bundle import load_manifest
     from tests.export.test_tensorrt_offline import offline_build
     from tests.helpers import fake_tensorrt
+    from tests.runtime.test_tensorrt_rtx_runtime import deep_unet, shallow_unet
 
     bundle = offline_build(cached_bundle, tmp_path / "trt")
     manifest = load_manifest(bundle)
     assert {"unet_deepcache", "unet_shallow"} <= set(manifest.components)
     assert all(c.format == "plan" and c.verification["passed"] for c in manifest.components.values())
     assert manifest.levers.deepcache is not None and manifest.levers.deepcache.branch == 0
+    computes = {"unet_deepcache": deep_unet, "unet_shallow": shallow_unet}
     plans = {}
     for name, c in manifest.components.items():
         (bundle / c.file).write_bytes(fake_tensorrt.FAKE_PLAN + name.encode())
-        plans[name] = {t.name: (t.shape, t.dtype) for t in (*c.inputs, *c.outputs)}
+        tensors = {t.name: (t.shape, t.dtype) for t in (*c.inputs, *c.outputs)}
+        plans[fake_tensorrt.FAKE_PLAN + name.encode()] = (tensors, computes.get(name, lambda bound: {}))  # others: loaded, not run
     gpu = fake_tensorrt.Gpu()  # the Orin offline_build recorded
     fake_tensorrt.install(monkeypatch, gpu, {}, plans=plans)
     pipe = runtime.Pipeline.load(bundle, verify=False, cuda_graph=True)  # verify=False: the plans were swapped for the stand-in's

@@ -1,4 +1,5 @@
-"""samples/web/: the page in a real headless browser (Chromium, driven by Playwright) makes the runtime's image, pixel for pixel.
+"""samples/web/: the page in a real headless browser (Chromium, driven by Playwright) makes the runtime's image, pixel for pixel,
+and, for a ControlNet bundle, takes a drawn region as the control image.
 
 Needs Debian's chromium and the playwright package (scripts/setup.sh installs both; never `playwright install`):
 where either is missing the browser tests skip, naming it. The HTTP checks need neither.
@@ -7,6 +8,7 @@ where either is missing the browser tests skip, naming it. The HTTP checks need 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
@@ -38,12 +40,11 @@ class Server:
     log: Path
 
 
-@pytest.fixture(scope="module")
-def server(sample_bundle, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(bundle: Path, tmp: Path):
     """samples/web/server.py on a free loopback port (--port 0: the server picks one and prints its URL)."""
-    tmp = tmp_path_factory.mktemp("web")
     out, log = tmp / "images", tmp / "server.log"
-    cmd = [sys.executable, str(SAMPLES / "web" / "server.py"), "--bundle", str(sample_bundle), "--port", "0", "--out", str(out)]
+    cmd = [sys.executable, str(SAMPLES / "web" / "server.py"), "--bundle", str(bundle), "--port", "0", "--out", str(out)]
     cmd += ["--socket-timeout", "2"]  # a stalled connection is answered after 2 s (test_a_stalled_body_is_answered_408)
     with open(tmp / "stdout", "w") as stdout, open(log, "w") as stderr:  # files: a pipe nobody reads would fill and block it
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=stderr, text=True)
@@ -61,6 +62,25 @@ def server(sample_bundle, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(sample_bundle, tmp_path_factory):
+    with running_server(sample_bundle, tmp_path_factory.mktemp("web")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def drawing_server(tiny_model, tmp_path_factory):
+    """The server on a bundle with a ControlNet (the tiny random model and net: what a drawing does, not a good image)."""
+    from export.build import build
+    from tests.helpers.tiny_controlnet import make_tiny_controlnet
+
+    tmp = tmp_path_factory.mktemp("web-controlnet")
+    net = make_tiny_controlnet(tiny_model, tmp / "net")
+    bundle = build(tiny_model, tmp / "bundle", precision="fp32", pipelines="txt2img", controlnets=(str(net),), log=lambda _: None)
+    with running_server(bundle, tmp) as running:
+        yield running, bundle
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +103,8 @@ def browser():
             browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@contextlib.contextmanager
+def open_page(browser, server):
     page = browser.new_page()
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
@@ -94,6 +114,12 @@ def page(browser, server):
     yield page
     page.close()
     assert errors == []
+
+
+@pytest.fixture
+def page(browser, server):
+    with open_page(browser, server) as opened:
+        yield opened
 
 
 def generate(page) -> str:
@@ -145,6 +171,87 @@ def test_the_page_shows_the_runtimes_image_pixel_for_pixel(page, server, sample_
     page.wait_for_function("document.querySelectorAll('#recent img').length > 0")
     assert page.get_attribute("#recent img", "src") == src
     assert "seed 5" in page.inner_text("#caption")
+
+
+CANVAS_PIXELS = """() => {
+  const canvas = document.getElementById("canvas");
+  return {width: canvas.width, height: canvas.height,
+          rgba: Array.from(canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data)};
+}"""
+
+
+def shown(page, script: str) -> np.ndarray:
+    """An image the page holds (SHOWN_PIXELS, CANVAS_PIXELS) as (h, w, 3) uint8, checked opaque."""
+    got = page.evaluate(script)
+    pixels = np.array(got["rgba"], np.uint8).reshape(got["height"], got["width"], 4)
+    assert (pixels[..., 3] == 255).all()
+    return pixels[..., :3]
+
+
+def test_the_drawn_region_is_the_control_image(browser, drawing_server):
+    """A stroke on the canvas (the bundle's size, white on black) reaches the runtime as control_image; cleared, none is sent."""
+    import runtime
+
+    server, bundle = drawing_server
+    pipe = runtime.Pipeline.load(bundle)
+    prompt, settings = "a small red circle in the top left on a black background", {"seed": 3, "steps": 4}
+    with open_page(browser, server) as page:
+        assert page.is_visible("#canvas")
+        box = page.locator("#canvas").bounding_box()
+        assert box["width"] > 64  # shown larger than its pixels: the pointer is scaled to them
+        page.mouse.move(box["x"] + 0.25 * box["width"], box["y"] + 0.3 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.7 * box["width"], box["y"] + 0.6 * box["height"], steps=8)
+        page.mouse.up()
+        drawing = shown(page, CANVAS_PIXELS)
+        assert drawing.shape == (64, 64, 3) and drawing[19, 16].min() == 255 and drawing[38, 44].min() == 255
+        assert drawing[0, 0].max() == drawing[63, 63].max() == 0 and (drawing.max(axis=2) == 255).mean() < 0.4
+
+        page.fill("#prompt", prompt)
+        page.fill("#seed", "3")
+        page.fill("#steps", "4")
+        guidance = float(page.input_value("#guidance"))
+        assert generate(page) == "done", page.inner_text("#error")
+        expected = pipe.txt2img(prompt, guidance_scale=guidance, control_image=Image.fromarray(drawing), **settings)[0]
+        plain = pipe.txt2img(prompt, guidance_scale=guidance, **settings)[0]
+        assert_same_image(shown(page, SHOWN_PIXELS), expected, "the page's image vs the runtime's with the drawing")
+        assert np.abs(np.asarray(expected, np.int16) - np.asarray(plain, np.int16)).max() > 10, "the drawing changed nothing"
+        with Image.open(server.out / page.get_attribute("#result", "src").removeprefix("/images/")) as im:
+            assert im.text["control"] == "the region drawn on the page"
+
+        page.click("#clear")
+        assert shown(page, CANVAS_PIXELS).max() == 0
+        assert generate(page) == "done", page.inner_text("#error")
+        assert_same_image(shown(page, SHOWN_PIXELS), plain, "after Clear: no control image")
+
+
+def png_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_a_drawing_that_does_not_fit_is_a_400_with_its_reason(drawing_server):
+    server, _ = drawing_server
+    api, black = server.url + "api/generate", Image.new("RGB", (64, 64))
+    status, info = get(server.url + "api/info")
+    assert status == 200 and json.loads(info)["controlnets"] == 1
+    for drawing, message in [
+        (png_url(Image.new("RGB", (96, 80))), "control_image is 96x80 (width x height) and this bundle makes 64x64 images"),
+        (png_url(black).replace("image/png", "image/jpeg"), "control_image must be a PNG data URL (data:image/png;base64,...)"),
+        (png_url(black)[:-8] + "!!", "control_image is not a readable PNG"),
+        (["x"], "control_image must be a string, got list"),
+    ]:
+        status, answer = post(api, {"prompt": "x", "steps": 1, "control_image": drawing})
+        assert status == 400 and answer["error"].startswith(message), answer
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_without_a_controlnet_there_is_no_canvas_and_a_drawing_is_refused(page, server):
+    assert page.is_hidden("#control")
+    status, answer = post(server.url + "api/generate", {"prompt": "x", "control_image": png_url(Image.new("RGB", (64, 64)))})
+    assert status == 400 and answer["error"].startswith("control_image: this bundle has no ControlNet; rebuild it with one: ")
+    assert "`python -m export.build" in answer["error"] and "--controlnet CONTROLNET_FOLDER`" in answer["error"]
 
 
 def test_the_page_shows_errors(page):
@@ -231,7 +338,7 @@ def request(body: bytes, headers: str = "", host: str = "127.0.0.1") -> bytes:
         ("", 411, "a Content-Length header is required"),
         ("Content-Length: -1\r\n", 400, "Content-Length must be a whole number of bytes"),
         ("Content-Length: abc\r\n", 400, "Content-Length must be a whole number of bytes"),
-        ("Content-Length: 300000000\r\n", 413, "request too large (at most 65536 bytes)"),
+        ("Content-Length: 300000000\r\n", 413, "request too large (at most 1048576 bytes)"),
         ("Transfer-Encoding: chunked\r\n", 411, "send the body with a Content-Length, not chunked"),
     ],
     ids=["missing", "negative", "not-a-number", "too-large", "chunked"],

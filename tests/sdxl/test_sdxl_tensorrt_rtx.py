@@ -40,3 +40,20 @@ def test_sdxl_speed_levers_build_with_tensorrt_for_rtx(sdxl_models, tmp_path):
     shallow = [t.name for t in c["unet_shallow"].inputs]
     assert shallow == ["sample", "timestep", "text_embeds", "time_ids", DEEP_FEATURE]
     assert c["unet_shallow"].input(DEEP_FEATURE) == c["unet_deepcache"].outputs[1]
+
+
+def test_an_sdxl_controlnet_bundle_builds_with_tensorrt_for_rtx(sdxl_models, tmp_path):
+    """The net takes the UNet's text_embeds and time_ids too; its residuals are the UNet's inputs."""
+    from export.build import build
+    from runtime.control import residual_inputs
+    from tests.helpers.tiny_controlnet import make_tiny_controlnet
+
+    net = make_tiny_controlnet(sdxl_models["base"], tmp_path / "net")
+    source = build(sdxl_models["base"], tmp_path / "onnx", precision="fp32", pipelines="txt2img", controlnets=(str(net),),
+                   log=lambda _: None)  # fmt: skip
+    out = build_rtx(source, tmp_path / "rtx")
+    check_rtx_bundle(out, source)
+    m = load_manifest(out)
+    names = [t.name for t in m.components["controlnet_0"].inputs]
+    assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "controlnet_cond", "conditioning_scale"]
+    assert m.components["controlnet_0"].outputs == residual_inputs(m)

@@ -1,10 +1,11 @@
-// The page's whole logic: post the form, poll the job for progress, show the image, keep a strip of recent ones.
-// Plain browser JavaScript: no framework, no build step.
+// The page's whole logic: post the form, poll the job for progress, show the image, keep a strip of recent ones;
+// for a bundle with a ControlNet, a canvas to draw the control image on. Plain browser JavaScript: no framework, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 150;        // how often to ask for progress while a generation runs
 const GIVE_UP_MS = 600000;  // a generation that reports nothing for this long is shown as an error
+let drawn = false;          // has anything been drawn since the canvas was cleared (an empty one is not sent)
 
 async function getJSON(url, options) {
   const response = await fetch(url, options);
@@ -38,6 +39,53 @@ async function loadInfo() {
   $("steps").max = info.limits.steps;
   $("guidance").value = info.defaults.guidance;
   $("guidance").max = info.limits.guidance;
+  if (info.controlnets > 0) setUpDrawing(info.width, info.height);
+}
+
+function clearDrawing() {
+  const canvas = $("canvas");
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  drawn = false;
+}
+
+// The canvas has the bundle's size (the control image's) and is shown larger: pointer positions are scaled to it.
+function setUpDrawing(width, height) {
+  const canvas = $("canvas");
+  const context = canvas.getContext("2d");
+  canvas.width = width;
+  canvas.height = height;
+  clearDrawing();
+  let last = null;
+  const at = (event) => {
+    const box = canvas.getBoundingClientRect();
+    return [(event.clientX - box.left) * width / box.width, (event.clientY - box.top) * height / box.height];
+  };
+  const stroke = (from, to) => {
+    context.strokeStyle = "#fff";
+    context.lineWidth = Math.max(2, Math.round(width / 10));
+    context.lineCap = context.lineJoin = "round";
+    context.beginPath();
+    context.moveTo(...from);
+    context.lineTo(...to);
+    context.stroke();
+    drawn = true;
+  };
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    last = at(event);
+    stroke(last, last);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const point = at(event);
+    stroke(last, point);
+    last = point;
+  });
+  for (const end of ["pointerup", "pointercancel"]) canvas.addEventListener(end, () => { last = null; });
+  $("clear").addEventListener("click", clearDrawing);
+  $("control").hidden = false;
 }
 
 async function loadRecent() {
@@ -78,6 +126,7 @@ async function generate(event) {
       prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, seed: $("seed").value,
       steps: $("steps").value, guidance: $("guidance").value, sampler: $("sampler").value,
     };
+    if (drawn) settings.control_image = $("canvas").toDataURL("image/png");
     const started = await getJSON("/api/generate", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(settings),
     });
