@@ -63,6 +63,7 @@ class Session(Latents):
         self._root = pinned.root if pinned is not None else bundle
         self.height, self.width, self.batch_size = manifest.height, manifest.width, manifest.batch_size  # static shapes
         self._options = dict(options or {})
+        self._every_step: dict[str, Any] = {}  # load options of the UNets called every step (cuda_graph=True), opened lazily
         self._state: BundleState | None = None  # what Session.load read, to check lazily opened engines against
         self._slots = Slots(bundle, manifest, self.rebuild)
         self.engines = {name: self._slots.fed(e) for name, e in engines.items()}
@@ -76,7 +77,8 @@ class Session(Latents):
 
         device: for ONNX bundles, 'cpu' | 'cuda' | 'tensorrt' execution provider (default: CUDA where
         onnxruntime-gpu is installed, else CPU). verify: check every file's sha256 first.
-        cuda_graph: capture the TensorRT UNet call once and replay it every step (static shapes allow it).
+        cuda_graph: capture the TensorRT UNet call once and replay it every step (static shapes allow it); DeepCache's
+        full and shallow UNets too.
         """
         bundle = Path(bundle)
         for _ in range(LOAD_ATTEMPTS):
@@ -120,7 +122,9 @@ class Session(Latents):
             for name in wanted:
                 c = components[name]
                 engines[name] = load_engine(c, pinned.root, **_engine_options(c, options), **(graph if name == "unet" else {}))
-            return cls(bundle, manifest, engines, options, pinned)
+            session = cls(bundle, manifest, engines, options, pinned)
+            session._every_step = graph  # DeepCache's pair stands in for the UNet's calls: captured the same way
+            return session
         except BaseException:
             for engine in engines.values():
                 getattr(engine, "close", lambda: None)()
@@ -136,7 +140,8 @@ class Session(Latents):
                 f"bundle {self.bundle} was rebuilt since it was loaded, so its {name} would come from another build; load the bundle again"
             )
             try:
-                engine = load_engine(component, self._root, **_engine_options(component, self._options))
+                every_step = self._every_step if name in (DEEP_UNET, SHALLOW_UNET) else {}
+                engine = load_engine(component, self._root, **_engine_options(component, self._options), **every_step)
             except (BundleError, OSError):
                 if self._state is not None and self._state.files and not self._state.current():
                     raise rebuilt from None  # the loaded build's folder was deleted by the rebuild

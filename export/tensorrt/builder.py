@@ -308,7 +308,7 @@ def build_engine(
             fixed = trt.Dims(list(spec.shape))
             # a stepped axis (the UNet's context in prompt chunks) runs from one step to the bundle's maximum, tuned at
             # one step: most prompts fit one chunk
-            low = trt.Dims([s or d for d, s in zip(spec.shape, spec.steps)]) if spec.steps else fixed
+            low = trt.Dims(list(spec.smallest))
             profile.set_shape(spec.name, low, low, fixed)
         config.add_optimization_profile(profile)
     if timing_cache is not None:
@@ -363,4 +363,3 @@ def _config(
 
 def _dims(d: trt.Dims) -> tuple[int, ...]:
     return tuple(int(d[i]) for i in range(len(d)))
-

@@ -53,9 +53,9 @@ class EngineCommands:
     time: list[str]
 
 
-def shape_spec(specs: Sequence[TensorSpec]) -> str:
-    """trtexec's shape syntax: name:AxBxC,name2:D."""
-    return ",".join(f"{t.name}:{'x'.join(str(d) for d in t.shape)}" for t in specs)
+def shape_spec(specs: Sequence[TensorSpec], smallest: bool = False) -> str:
+    """trtexec's shape syntax: name:AxBxC,name2:D (with `smallest`, each tensor's least shape: TensorSpec.smallest)."""
+    return ",".join(f"{t.name}:{'x'.join(str(d) for d in (t.smallest if smallest else t.shape))}" for t in specs)
 
 
 def precision_flags(precision: Precision) -> list[str]:
@@ -111,9 +111,11 @@ def commands_for(
         settings = recorded_settings(component) if component.format == "plan" else BuilderSettings()
     if timing_cache is None:
         timing_cache = _default_timing_cache(bundle, component)
-    # trtexec refuses shape flags for a static ONNX ("Static model does not take explicit shapes"): profiles only for dynamic inputs
+    # trtexec refuses shape flags for a static ONNX ("Static model does not take explicit shapes"): profiles only for dynamic
+    # inputs, as the Python builder makes them (a stepped axis from one step, tuned there, up to the bundle's maximum)
     dynamic = [t for t in src.inputs if t.name in set(dynamic_inputs(onnx))]
-    profile = [f"--{which}Shapes={shape_spec(dynamic)}" for which in ("min", "opt", "max")] if dynamic else []
+    least = shape_spec(dynamic, smallest=True)
+    profile = [f"--minShapes={least}", f"--optShapes={least}", f"--maxShapes={shape_spec(dynamic)}"] if dynamic else []
     build = [
         trtexec, f"--onnx={onnx}", f"--saveEngine={rebuilt}", *profile,
         *precision_flags(engine_precision), *builder_flags(settings, timing_cache), "--skipInference",

@@ -28,6 +28,11 @@ class TensorSpec:
         out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
         return {**out, "steps": list(self.steps)} if self.steps else out
 
+    @property
+    def smallest(self) -> tuple[int, ...]:
+        """The least shape it takes: one step on a stepped axis (one prompt chunk), the shape elsewhere."""
+        return tuple(s or d for d, s in zip(self.shape, self.steps)) if self.steps else self.shape
+
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Whether an array of `shape` fits: the static axes equal, a stepped axis a multiple of its step up to the maximum."""
         if not self.steps:

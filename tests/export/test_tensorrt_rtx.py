@@ -24,7 +24,7 @@ from runtime.bundle import TensorSpec, load_manifest
 from tests.helpers import REPO
 from tests.helpers.qdq import qdq_onnx
 from tests.helpers.rtx import build_rtx, check_rtx_bundle, needs_rtx
-from tests.helpers.tiny_models import make_tiny_sd
+from tests.helpers.tiny_models import make_tiny_sd, make_tiny_taesd
 
 pytestmark = needs_rtx
 QUIET = {"log": lambda _: None}
@@ -79,6 +79,25 @@ def test_every_bundle_kind_builds(kinds, kind, tmp_path):
     if kind in ("inpaint", "upscaler"):
         sample = next(t for t in load_manifest(out).components["unet"].inputs if t.name == "sample")
         assert sample.shape[1] == {"inpaint": 9, "upscaler": 7}[kind]
+
+
+def test_speed_lever_components_build(tiny_model, tmp_path):
+    """--tiny-vae and --deepcache on a long-prompt bundle: the tiny VAE's encoder and decoder, DeepCache's full UNet
+    (its deep feature a float32 output beside out_sample) and shallow UNet (that feature an input) build as engines,
+    the DeepCache pair with the UNet's stepped context axis (one profile: one chunk up to the maximum)."""
+    from runtime.bundle.levers import DEEP_FEATURE
+
+    taesd = make_tiny_taesd(tmp_path / "taesd")
+    source = build(tiny_model, tmp_path / "onnx", precision="fp16", tiny_vae=taesd, deepcache=0, max_prompt_tokens=150,
+                   pipelines="txt2img,img2img", **QUIET)  # fmt: skip
+    out = build_rtx(source, tmp_path / "rtx")
+    check_rtx_bundle(out, source)
+    c = load_manifest(out).components
+    assert {"vae_decoder_tiny", "vae_encoder_tiny", "unet_deepcache", "unet_shallow"} <= set(c)
+    [feature] = [t for t in c["unet_deepcache"].outputs if t.name == DEEP_FEATURE]
+    assert feature in c["unet_shallow"].inputs and feature.dtype == "float32" and feature.shape[0] == 2
+    for name in ("unet", "unet_deepcache", "unet_shallow"):
+        assert c[name].input("encoder_hidden_states").steps == (0, 77, 0), name
 
 
 def test_the_reference_model_builds_through_the_cli(tmp_path):

@@ -110,3 +110,63 @@ def test_no_driver_is_one_line_naming_what_is_needed(rtx):
     assert msg.startswith(f"{bundle} holds TensorRT for RTX engines, which run on an NVIDIA GPU of compute capability 8.0, 8.6")
     assert "this machine has no CUDA GPU (cudaErrorInsufficientDriver)" in msg and "--backend onnxruntime`" in msg
     assert "\n" not in msg
+
+
+def unet_out(bound):
+    return 2 * bound["sample"] + bound["timestep"][:, None, None, None]
+
+
+def deep_unet(bound):
+    """The stand-in full UNet: the plain stand-in's out_sample, and a deep feature made from the sample."""
+    return {"out_sample": unet_out(bound), "deep_feature": 3 * bound["sample"].sum(axis=1, keepdims=True)}
+
+
+def shallow_unet(bound):
+    """The stand-in shallow UNet: the plain stand-in's out_sample plus the fed feature's first channels."""
+    out = unet_out(bound)
+    return {"out_sample": out + bound["deep_feature"][:, : out.shape[1]]}
+
+
+def test_deepcache_pair_takes_the_cached_feature_and_each_prompts_length(rtx, monkeypatch):
+    """DeepCache on TensorRT-for-RTX engines of a long-prompt bundle: the full UNet's deep feature reaches the shallow
+    UNet on the steps between, and each engine is told the context length of each call (TensorRT for RTX's own Dims:
+    `tensorrt` is not installed beside it)."""
+    from dataclasses import replace
+
+    from runtime.bundle import TensorSpec
+    from runtime.bundle.levers import DEEP_FEATURE, DEEP_UNET, SHALLOW_UNET
+    from runtime.deepcache import CachedUNet
+
+    gpu, unet, bundle, _ = rtx
+    sample, timestep, context = unet.inputs
+    rows, seq, dim = context.shape
+    stepped = TensorSpec(context.name, (rows, 2 * seq, dim), context.dtype, (0, seq, 0))
+    feature = TensorSpec(DEEP_FEATURE, (rows, 8, *sample.shape[2:]), "float32")
+    plain = replace(unet, inputs=(sample, timestep, stepped))
+    deep = replace(plain, name=DEEP_UNET, file=f"{DEEP_UNET}/model.plan", outputs=(*unet.outputs, feature))
+    shallow = replace(plain, name=SHALLOW_UNET, file=f"{SHALLOW_UNET}/model.plan", inputs=(*plain.inputs, feature))
+    plans = {}
+    for c, compute in ((deep, deep_unet), (shallow, shallow_unet)):
+        (bundle / c.file).parent.mkdir()
+        (bundle / c.file).write_bytes(fake_tensorrt.FAKE_PLAN + c.name.encode())
+        tensors = {t.name: ((rows, -1, dim) if t is stepped else t.shape, t.dtype) for t in (*c.inputs, *c.outputs)}
+        plans[fake_tensorrt.FAKE_PLAN + c.name.encode()] = (tensors, compute)
+    fake_tensorrt.install(monkeypatch, gpu, {}, "1.7.1.116", "tensorrt_rtx", plans)
+    with load_engine(deep, bundle) as full, load_engine(shallow, bundle) as part:
+        cached = CachedUNet(plain, full, part, interval=2)
+        rng = np.random.default_rng(0)
+        cache = None
+        for step, chunks in enumerate((2, 1, 1, 2)):
+            f = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in (sample, timestep)}
+            f[context.name] = rng.standard_normal((rows, chunks * seq, dim)).astype(np.float32)
+            expected = 2 * f["sample"] + f["timestep"][:, None, None, None]
+            if step % 2 == 0:
+                cache = 3 * f["sample"].sum(axis=1, keepdims=True)  # what the stand-in full UNet returns as the feature
+            else:
+                expected = expected + cache[:, : sample.shape[1]]
+            np.testing.assert_allclose(cached(f)["out_sample"], expected, rtol=1e-6)
+            engine = full if step % 2 == 0 else part
+            assert engine._context.shape_calls[-1] == (context.name, (rows, chunks * seq, dim))
+            cached.step_done()
+    assert cached.calls == {"full": 2, "shallow": 2}
+    assert gpu.memory == {}

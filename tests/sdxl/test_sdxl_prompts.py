@@ -35,7 +35,7 @@ def bundle(sdxl_models, embedding, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sdxl-engines") / "base-long"
     ti = (f"{embedding}:<sdxl-tok>",)
-    return build(sdxl_models["base"], out, precision="fp32", max_prompt_tokens=150, textual_inversion=ti, log=lambda _: None)
+    return build(sdxl_models["base"], out, precision="fp32", max_prompt_tokens=150, textual_inversion=ti, deepcache=1, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,15 @@ def ours(bundle, prompt, negative, seed, **options):
     return pipe.txt2img(prompt, negative, steps=STEPS, guidance_scale=5.0, latents=latents, output_type="np", **options), latents
 
 
-def test_long_prompt_matches_diffusers_with_compel(bundle, ref):
+@pytest.mark.parametrize("interval", [1, 2])
+def test_long_prompt_matches_diffusers_with_compel(bundle, ref, interval):
+    """Also with DeepCache (the bundle's --deepcache 1): its full UNet takes the stepped context, its shallow one none."""
     import torch
     from compel import Compel, ReturnedEmbeddingsType
     from compel.embeddings_provider import SplitLongTextMode
+    from DeepCache import DeepCacheSDHelper
 
-    image, latents = ours(bundle, LONG, "blurry", seed=1)
+    image, latents = ours(bundle, LONG, "blurry", seed=1, cache_interval=interval)
     # one Compel per encoder (its multi-encoder padding is broken in 2.5.1), each cutting at token boundaries
     first, second = (
         Compel(
@@ -85,12 +88,21 @@ def test_long_prompt_matches_diffusers_with_compel(bundle, ref):
         positive_2, negative_2 = second.pad_conditioning_tensors_to_same_length([positive_2, negative_2])
         positive, negative = torch.cat([positive_1, positive_2], -1), torch.cat([negative_1, negative_2], -1)
     assert positive.shape == (1, 154, 80)
-    expected = images(
-        ref, latents, prompt_embeds=positive, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
-        negative_pooled_prompt_embeds=negative_pooled,
-    )  # fmt: skip
+    helper = DeepCacheSDHelper(pipe=ref)
+    helper.set_params(cache_interval=interval, cache_branch_id=1)
+    helper.enable()
+    try:
+        expected = images(
+            ref, latents, prompt_embeds=positive, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+            negative_pooled_prompt_embeds=negative_pooled,
+        )  # fmt: skip
+    finally:
+        helper.disable()  # the module's other tests share the pipeline
     assert expected.std() > 0.01
     assert np.abs(image - expected).max() <= 1e-3
+    if interval > 1:
+        plain, _ = ours(bundle, LONG, "blurry", seed=1)
+        assert np.abs(plain - image).max() > 1e-3, "caching changed nothing: the shallow UNet never ran"
 
 
 def test_weighted_prompt_matches_a1111(bundle, ref):

@@ -23,6 +23,25 @@ def test_sdxl_bundles_build_with_tensorrt_for_rtx(which, sdxl_base_bundle, sdxl_
     assert {"text_embeds", "time_ids"} <= unet_inputs
 
 
+def test_sdxl_speed_levers_build_with_tensorrt_for_rtx(sdxl_models, tmp_path):
+    """--tiny-vae (taesdxl's place) and --deepcache 1: the tiny VAE's engines and DeepCache's pair; SDXL's shallow UNet
+    reads no text context, only the pooled embedding and time ids beside the cached feature."""
+    from export.build import build
+    from runtime.bundle.levers import DEEP_FEATURE
+    from tests.helpers.tiny_models import make_tiny_taesd
+
+    taesd = make_tiny_taesd(tmp_path / "taesdxl")
+    source = build(sdxl_models["base"], tmp_path / "onnx", precision="fp32", tiny_vae=taesd, deepcache=1,
+                   pipelines="txt2img,img2img", log=lambda _: None)  # fmt: skip
+    out = build_rtx(source, tmp_path / "rtx")
+    check_rtx_bundle(out, source)
+    c = load_manifest(out).components
+    assert {"vae_decoder_tiny", "vae_encoder_tiny", "unet_deepcache", "unet_shallow"} <= set(c)
+    shallow = [t.name for t in c["unet_shallow"].inputs]
+    assert shallow == ["sample", "timestep", "text_embeds", "time_ids", DEEP_FEATURE]
+    assert c["unet_shallow"].input(DEEP_FEATURE) == c["unet_deepcache"].outputs[1]
+
+
 def test_an_sdxl_controlnet_bundle_builds_with_tensorrt_for_rtx(sdxl_models, tmp_path):
     """The net takes the UNet's text_embeds and time_ids too; its residuals are the UNet's inputs."""
     from export.build import build
