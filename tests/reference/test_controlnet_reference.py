@@ -62,8 +62,8 @@ def test_the_shipped_controlnet_puts_the_students_object_on_the_silhouette(stude
         image = pipe.txt2img(control_caption(a), steps=4, guidance_scale=5.0, seed=i, control_image=control, output_type="np")[0]
         ious.append(checker.iou(image, control))
         colors.append(checker.check(image).color == a.color)
-    assert np.mean(ious) > 0.6, ious
-    assert np.mean(colors) >= 0.75, colors
+    assert np.mean(ious) > 0.85, ious  # 0.947 when shipped (8 cases; 0.93 over 200 in docs/controlnet.md)
+    assert np.mean(colors) >= 0.875, colors  # 8 of 8 when shipped
 
 
 def test_draw_sample_turns_a_drawn_mask_into_an_image(student_bundle, tmp_path):
