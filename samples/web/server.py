@@ -168,7 +168,7 @@ def png_data_url(image: np.ndarray) -> str:
     """A float (h, w, 3) image in [0, 1] as a PNG data URL (a preview is small: the latents' size or the image's)."""
     buffer = io.BytesIO()
     Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return PNG_URL + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def drawing(data: str, size: tuple[int, int]) -> Image.Image:
@@ -208,8 +208,9 @@ def checked(request: Any) -> dict[str, Any]:
     sampler = request.get("sampler") or None
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}")
-    options = {"prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance_scale": guidance}
-    options["scheduler"] = sampler
+    options = {
+        "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance_scale": guidance, "scheduler": sampler
+    }
     if request.get("control_image"):  # checked against the bundle by Studio.control_image
         options["control_image"] = request["control_image"]
     return options
