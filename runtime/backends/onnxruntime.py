@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from ..bundle import Component
 from ..errors import BundleError
 from ..protocol import check_feed
+
+Spin = Literal["always", "in-run", "never"]
+# What the idle intra-op workers do: spin between runs (the next run is this session's), spin only within a run
+# (the next is often another session's, whose workers need the cores), or sleep (one run per image).
+SPIN: tuple[Spin, ...] = ("always", "in-run", "never")
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -56,7 +61,11 @@ class OrtEngine:
     The one-step session stays open; a longer length opens its own session, which the next other length replaces.
     """
 
-    def __init__(self, component: Component, path: Path, device: str | None = None, threads: int | None = None, spin: bool = True):
+    def __init__(
+        self, component: Component, path: Path, device: str | None = None, threads: int | None = None, spin: Spin = "always"
+    ):
+        if spin not in SPIN:
+            raise ValueError(f"spin={spin!r}: choose one of {', '.join(SPIN)}")
         self.component = component
         self.providers = resolve_providers(device)
         self._path, self._threads, self._spin = path, threads, spin
@@ -76,8 +85,10 @@ class OrtEngine:
         options.log_severity_level = 3
         if self._threads:
             options.intra_op_num_threads = self._threads
-        if not self._spin:  # for once-per-image components: idle workers should sleep, not hold a core
+        if self._spin == "never":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif self._spin == "in-run":
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         for name, size in zip(self._axes, sizes):
             options.add_free_dimension_override_by_name(name, size)
         try:

@@ -285,3 +285,26 @@ def test_tensorrt_engines_are_built_for_the_deepcache_unets_too(cached_bundle, t
         cached.step_done()
     assert cached.calls == {"full": 2, "shallow": 1} and gpu.launches == launches + 3
     pipe.close()
+
+
+def test_each_onnxruntime_session_waits_as_its_next_call_comes(cached_bundle):
+    """Idle workers: the UNet's and the deep UNet's spin for their next run, the shallow UNet's stop at the end of each
+    run (the deep one's long run follows), once-per-image components' sleep. Read back from ONNX Runtime's sessions."""
+    from runtime.backends.onnxruntime import OrtEngine
+
+    def entry(name: str, key: str) -> str | None:
+        options = pipe.engine(name).session.get_session_options()
+        try:
+            return options.get_session_config_entry(f"session.{key}")
+        except Exception:  # ORT raises its own untyped error for an unset key
+            return None
+
+    with runtime.Pipeline.load(cached_bundle) as pipe:
+        waits = {n: (entry(n, "intra_op.allow_spinning"), entry(n, "force_spinning_stop")) for n in pipe.manifest.components}
+    assert waits == {
+        "text_encoder": ("0", None), "vae_decoder": ("0", None), "vae_encoder": ("0", None),
+        "unet": (None, None), "unet_deepcache": (None, None), "unet_shallow": (None, "1"),
+    }
+    component = runtime.load_manifest(cached_bundle).components["unet"]
+    with pytest.raises(ValueError, match="spin='sometimes': choose one of always, in-run, never"):
+        OrtEngine(component, cached_bundle / component.file, spin="sometimes")  # type: ignore[arg-type]
