@@ -67,14 +67,16 @@ def time_unets(pipe: Any, rounds: int, warmup: int = 5, seed: int = 0) -> dict[s
     return times
 
 
-def time_generations(pipe: Any, variants: dict[str, dict[str, Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def time_generations(
+    pipe: Any, variants: dict[str, dict[str, Any]], rounds: int, warmup: int = 1, guidance_scale: float = 5.0
+) -> dict[str, list[float]]:
     """Seconds per txt2img call, per variant (its keywords: steps, cache_interval, decoder, scheduler)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     for r in range(warmup + rounds):
         for name in order if r % 2 else reversed(order):
             t0 = time.perf_counter()
-            pipe.txt2img(PROMPT, seed=r, guidance_scale=5.0, output_type="np", **variants[name])
+            pipe.txt2img(PROMPT, seed=r, guidance_scale=guidance_scale, output_type="np", **variants[name])
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-interval", type=int, nargs="+", default=[1], help="--generate: DeepCache intervals (default 1)")
     p.add_argument("--decoder", nargs="+", default=["full"], choices=("full", "tiny"), help="--generate: decoders (default full)")
     p.add_argument("--scheduler", help="--generate: sampler (default: the bundle's)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="--generate: guidance (default 5; <= 1 for a --guidance none bundle)")
     p.add_argument("--out", type=Path, help="write decode.md/.json (generate.md/.json with --generate) here")
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s} steps, cache {c}, {d}": {"steps": s, "cache_interval": c, "decoder": d, **sampler}
                 for s in args.steps for c in args.cache_interval for d in args.decoder
             }
-            times, what, name = time_generations(pipe, variants, args.rounds), "generation", "generate"
+            times, what, name = time_generations(pipe, variants, args.rounds, guidance_scale=args.guidance_scale), "generation", "generate"
         elif args.unet:
             times, what, name = time_unets(pipe, args.rounds), "UNet", "unet"
         else:
@@ -124,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}.md").write_text(report)
         summary = {k: {"median_s": float(np.median(ts)), "times_s": ts} for k, ts in times.items()}
-        (args.out / f"{name}.json").write_text(json.dumps({"bundle": str(args.bundle), "machine": m, what: summary}, indent=1) + "\n")
+        settings = {"guidance_scale": args.guidance_scale} if args.generate else {}
+        record = {"bundle": str(args.bundle), "machine": m, **settings, what: summary}
+        (args.out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -133,10 +133,11 @@ def test_the_decoder_benchmark_times_every_decoder_of_a_bundle(tiny_bundle, tmp_
     assert all(len(d["times_s"]) == 2 for d in report["decoder"].values())
     assert "| tiny |" in (tmp_path / "decode.md").read_text()
     args = ["--bundle", str(tiny_bundle), "--generate", "--steps", "2", "--decoder", "full", "tiny", "--rounds", "1"]
-    args += ["--out", str(tmp_path)]
+    args += ["--guidance-scale", "3", "--out", str(tmp_path)]
     assert main(args) == 0
     report = json.loads((tmp_path / "generate.json").read_text())
     assert sorted(report["generation"]) == ["2 steps, cache 1, full", "2 steps, cache 1, tiny"]
+    assert report["guidance_scale"] == 3.0
 
 
 def test_tensorrt_engines_are_built_for_the_tiny_vae_too(tiny_bundle, tmp_path):
