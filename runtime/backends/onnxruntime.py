@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from ..protocol import check_feed
 Spin = Literal["always", "in-run", "never"]
 # What the idle intra-op workers do: spin between runs (the next run is this session's), spin only within a run
 # (the next is often another session's, whose workers need the cores), or sleep (one run per image).
-SPIN: tuple[Spin, ...] = ("always", "in-run", "never")
+SPIN: tuple[Spin, ...] = get_args(Spin)
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

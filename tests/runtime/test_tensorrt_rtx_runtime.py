@@ -112,18 +112,14 @@ def test_no_driver_is_one_line_naming_what_is_needed(rtx):
     assert "\n" not in msg
 
 
-def unet_out(bound):
-    return 2 * bound["sample"] + bound["timestep"][:, None, None, None]
-
-
 def deep_unet(bound):
     """The stand-in full UNet: the plain stand-in's out_sample, and a deep feature made from the sample."""
-    return {"out_sample": unet_out(bound), "deep_feature": 3 * bound["sample"].sum(axis=1, keepdims=True)}
+    return {**fake_tensorrt.unet_stand_in(bound), "deep_feature": 3 * bound["sample"].sum(axis=1, keepdims=True)}
 
 
 def shallow_unet(bound):
     """The stand-in shallow UNet: the plain stand-in's out_sample plus the fed feature's first channels."""
-    out = unet_out(bound)
+    out = fake_tensorrt.unet_stand_in(bound)["out_sample"]
     return {"out_sample": out + bound["deep_feature"][:, : out.shape[1]]}
 
 
